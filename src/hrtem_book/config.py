@@ -1,0 +1,266 @@
+"""Frozen configuration dataclasses and their stable hashes.
+
+Every artifact of the pipeline (a dataset, a checkpoint, a result record) is produced from one
+frozen config. Its identity is ``config_hash(cfg)``: sha256 of a canonical JSON rendering (sorted
+keys, no whitespace, floats by ``repr``), never Python's ``hash()``, so ids are stable across
+processes, machines and Python versions.
+
+Profiles (``smoke``, ``laptop``, ``paper``, ...) are named presets of these configs and live in
+:mod:`hrtem_book.profiles`; code never branches on a profile's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+HASH_LENGTH = 16  # hex characters of sha256 used in run ids and file names
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON-compatible structure of a (nested) config; tuples become lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise ValueError(f"config value {obj!r} is not finite; configs hold finite numbers only")
+        return obj
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    raise TypeError(f"cannot serialise {type(obj).__name__} value {obj!r} in a config")
+
+
+def stable_json(obj: Any) -> str:
+    """Canonical JSON: sorted keys, compact separators; identical for equal configs."""
+    return json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_hash(obj: Any, length: int = HASH_LENGTH) -> str:
+    """Stable content hash (sha256 hex prefix) of a config."""
+    return hashlib.sha256(stable_json(obj).encode()).hexdigest()[:length]
+
+
+def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """Physics of one simulated image; shared by every series of a profile.
+
+    Lengths carry their unit in the name (``_A`` Ångström, ``_nm`` nanometre).
+    """
+
+    field_nm: float = 12.8  # side of the square field of view [nm]
+    sampling_A: float = 0.1  # multislice grid sampling [Å]
+    pixel_A: float = 0.2  # output image pixel size after downsampling [Å]
+    slice_thickness_A: float = 2.0  # multislice slice thickness [Å]
+    energy_eV: float = 300e3  # beam energy [eV]
+    n_phonons: int = 8  # frozen phonon configurations averaged per image
+    phonon_sigma_A: float = 0.1  # rms thermal displacement per Cartesian axis [Å]
+    parametrization: str = "lobato"  # projected potential parametrization (Lobato & Van Dyck 2014)
+    carbon_thickness_nm: tuple[float, float] = (2.0, 8.0)  # amorphous carbon support, uniform [nm]
+    carbon_density_g_cm3: float = 2.0  # amorphous carbon mass density [g/cm³]
+    carbon_min_distance_A: float = 1.2  # minimum C–C distance of the random packing [Å]
+    particles_per_image: tuple[int, int] = (1, 5)  # inclusive range of particles per image
+    particle_gap_nm: float = 1.0  # minimum surface-to-surface distance between particles [nm]
+    max_stacking_faults: int = 2  # wurtzite particles carry 0..max faults
+    cs_A: float = -1.5e5  # spherical aberration C_s [Å] (−15 µm, aberration-corrected)
+    focal_spread_A: float = 10.0  # focal spread (1/e half-width of the defocus envelope) [Å]
+    defocus_jitter_nm: float = 1.5  # σ of the per-image random defocus offset [nm]
+    label_phase_threshold_rad: float = math.pi / 16  # exit-wave phase threshold of the mask [rad]
+
+    def __post_init__(self) -> None:
+        for name in ("field_nm", "sampling_A", "pixel_A", "slice_thickness_A", "energy_eV"):
+            _check_positive(name, getattr(self, name))
+        _check_positive("focal_spread_A", self.focal_spread_A, allow_zero=True)
+        _check_positive("defocus_jitter_nm", self.defocus_jitter_nm, allow_zero=True)
+        if self.n_phonons < 1:
+            raise ValueError(f"n_phonons={self.n_phonons} is not allowed: it must be >= 1")
+        if self.pixel_A < self.sampling_A:
+            raise ValueError(
+                f"pixel_A={self.pixel_A} is finer than sampling_A={self.sampling_A}; "
+                "output pixels must be at least the simulation sampling"
+            )
+        if self.sampling_A > 0.25:
+            raise ValueError(
+                f"sampling_A={self.sampling_A} Å is too coarse for HRTEM of crystals: "
+                "allowed is <= 0.25 Å (images at 0.4 Å correlate only ~0.5 with a 0.05 Å reference)"
+            )
+        lo, hi = self.particles_per_image
+        if not 1 <= lo <= hi:
+            raise ValueError(f"particles_per_image={self.particles_per_image} must be 1 <= lo <= hi")
+
+    @property
+    def gpts(self) -> int:
+        """Simulation grid points per side."""
+        return int(round(self.field_nm * 10 / self.sampling_A))
+
+    @property
+    def image_px(self) -> int:
+        """Output image pixels per side."""
+        return int(round(self.field_nm * 10 / self.pixel_A))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which images a profile generates: sizes of the three dataset series.
+
+    Domain values: defocus [nm] (negative = overfocus in our sign convention, see
+    :mod:`hrtem_book.simulate`), dose [e⁻/Å²], structure names ``"<lattice>-<small|large>"``.
+    """
+
+    sim: SimulationConfig = field(default_factory=SimulationConfig)
+    n_train: int = 512  # training images per domain
+    n_val: int = 128  # validation images per domain
+    defoci_nm: tuple[float, ...] = tuple(float(d) for d in range(-25, 30, 5))
+    defocus_series_dose: float = 400.0  # [e⁻/Å²]
+    doses: tuple[float, ...] = (30.0, 75.0, 150.0, 300.0, 600.0)  # [e⁻/Å²]
+    dose_series_defocus_nm: float = -10.0
+    lattices: tuple[str, ...] = (
+        "ZnS",
+        "CdSe",
+        "Cu",
+        "Ag",
+        "C",
+        "Si",
+        "Fe3O4",
+        "Co3O4",
+        "Fe",
+    )
+    sizes: tuple[str, ...] = ("small", "large")
+    series_radius_nm: tuple[float, float] = (1.5, 2.5)  # CdSe of the defocus/dose series [nm]
+    small_radius_nm: tuple[float, float] = (1.0, 2.0)  # structure series, "small" [nm]
+    large_radius_nm: tuple[float, float] = (2.5, 3.5)  # structure series, "large" [nm]
+    structure_series_defocus_nm: float = -10.0
+    structure_series_dose: float = 300.0  # [e⁻/Å²]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_train < 1 or self.n_val < 1:
+            raise ValueError(f"n_train={self.n_train}, n_val={self.n_val}: both must be >= 1")
+        for d in self.doses + (self.defocus_series_dose, self.structure_series_dose):
+            if not d > 0:
+                raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A U-Net of the segmentation-models-pytorch family.
+
+    ``encoder="resnet18"`` is smp's own ResNet18 (14.32 M parameters with the default decoder);
+    ``"tu-resnet18"`` is timm's, which accepts ``encoder_channels`` to build a narrower member.
+    """
+
+    encoder: str = "resnet18"
+    encoder_depth: int = 5
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    encoder_channels: tuple[int, ...] | None = None  # timm ResNet stage widths (tu- only)
+    in_channels: int = 1
+    classes: int = 2
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage (pretraining, transfer, or a mixture baseline)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    lr_decay: float = 0.99  # multiplicative learning-rate decay per epoch
+    augment_d4: bool = True  # 8 dihedral copies of every image per epoch
+    n_eval: int | None = None  # validation images per domain used for evaluation (None = all)
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}: both must be >= 1")
+
+
+SERIES = ("defocus", "dose", "structure")
+FREEZE_OPTIONS = ("none", "encoder", "decoder")
+Domain = float | str  # defocus [nm], dose [e⁻/Å²] or structure name "<lattice>-<size>"
+
+
+def normalize_domain(series: str, value: Domain) -> Domain:
+    """Canonical domain value: floats for defocus/dose (so -10 and -10.0 hash alike)."""
+    if series not in SERIES:
+        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
+    if series == "structure":
+        return str(value)
+    return float(value)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage 1: train from scratch on ``n_train`` images of one domain."""
+
+    data: DataConfig
+    series: str
+    domain: Domain
+    lr: float
+    seed: int
+    model: ModelConfig
+    stage: StageConfig
+    n_train: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain", normalize_domain(self.series, self.domain))
+        _check_positive("lr", self.lr)
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Stage 2: continue a pretrained model on ``n_train`` images of another domain.
+
+    The seed is the pretraining's, so every transfer run sharing (domain, lr, seed) of its
+    pretraining reuses one checkpoint.
+    """
+
+    pretrain: PretrainConfig
+    domain: Domain
+    n_train: int
+    lr: float
+    freeze: str
+    stage: StageConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "domain", normalize_domain(self.pretrain.series, self.domain))
+        _check_positive("lr", self.lr)
+        if self.freeze not in FREEZE_OPTIONS:
+            raise ValueError(f"freeze={self.freeze!r}; allowed: {', '.join(FREEZE_OPTIONS)}")
+
+    @property
+    def seed(self) -> int:
+        return self.pretrain.seed
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """Baseline: one stage on a mixture of two domains, ``n_images[i]`` images of ``domains[i]``."""
+
+    data: DataConfig
+    series: str
+    domains: tuple[Domain, Domain]
+    n_images: tuple[int, int]
+    lr: float
+    seed: int
+    model: ModelConfig
+    stage: StageConfig
+
+    def __post_init__(self) -> None:
+        doms = tuple(normalize_domain(self.series, d) for d in self.domains)
+        object.__setattr__(self, "domains", doms)
+        _check_positive("lr", self.lr)
+
+
+RunConfig = PretrainConfig | TransferConfig | MixtureConfig
