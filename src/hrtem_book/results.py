@@ -1,0 +1,397 @@
+"""The results database: one labelled ``xr.Dataset`` per study, stored as netCDF.
+
+Schema (``SCHEMA_VERSION``), for a study with grid axes ``A`` (``studies.STUDIES[study].axes``,
+``seed`` included):
+
+==================  ==========================================  ==============================
+variable            dims                                        meaning
+==================  ==========================================  ==============================
+best_loss           A + (stage, eval_domain)                    lowest validation loss
+final_loss          A + (stage, eval_domain)                    validation loss after the last
+                                                                epoch
+history             A + (stage, eval_domain, epoch)             validation loss per epoch
+train_time_s        A + (stage,)                                wall time of the stage [s]
+trainable_params    A + (stage,)                                parameters updated by the stage
+status              A                                           "ok" | "failed" | "missing" |
+                                                                "excluded"
+config_hash         A                                           run id ("" if no run)
+==================  ==========================================  ==============================
+
+``stage`` is ``("pretrain", "transfer")`` for transfer studies (the pretraining values of a cell
+are those of the checkpoint its transfer started from) and ``("mixture",)`` for the baseline.
+Losses are mean cross-entropy of the 2-class logits; NaN where a run failed, is missing, or the
+cell is excluded (target = pretraining domain), so every reduction skips them. ``epoch`` counts
+from 1. Attrs: ``study``, ``series``, ``profile``, ``package_version``, ``git_commit``,
+``created`` (ISO 8601, UTC), ``schema_version`` and the study's fixed settings.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from .studies import STUDIES, get_study
+
+SCHEMA_VERSION = 1
+STATUS_VALUES = ("ok", "failed", "missing", "excluded")
+LOSS_VARS = ("best_loss", "final_loss")
+REDUCTIONS = ("min", "mean", "median", "max")
+REQUIRED_ATTRS = ("study", "series", "profile", "package_version", "git_commit", "created")
+
+
+def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    return {
+        "best_loss": axes + ("stage", "eval_domain"),
+        "final_loss": axes + ("stage", "eval_domain"),
+        "history": axes + ("stage", "eval_domain", "epoch"),
+        "train_time_s": axes + ("stage",),
+        "trainable_params": axes + ("stage",),
+        "status": axes,
+        "config_hash": axes,
+    }
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """Commit of the working tree ("" outside a git checkout); stored as provenance."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def empty_database(
+    study: str,
+    coords: Mapping[str, Iterable],
+    eval_domains: Iterable,
+    n_epochs: int,
+    *,
+    profile: str,
+    fixed: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """A database of the study's schema with every cell ``missing`` and every value NaN."""
+    spec = get_study(study)
+    unknown = set(coords) - set(spec.axes)
+    lacking = [a for a in spec.axes if a not in coords]
+    if unknown or lacking:
+        raise ValueError(
+            f"study {study!r} needs coords for exactly {list(spec.axes)}; "
+            f"missing {lacking}, unknown {sorted(unknown)}"
+        )
+    if n_epochs < 1:
+        raise ValueError(f"n_epochs={n_epochs} must be >= 1")
+    all_coords: dict[str, Any] = {a: list(coords[a]) for a in spec.axes}
+    all_coords["stage"] = list(spec.stages)
+    all_coords["eval_domain"] = list(eval_domains)
+    all_coords["epoch"] = np.arange(1, n_epochs + 1)
+    sizes = {name: len(values) for name, values in all_coords.items()}
+    data_vars = {}
+    for var, dims in _var_dims(spec.axes).items():
+        shape = tuple(sizes[d] for d in dims)
+        if var == "status":
+            values = np.full(shape, "missing", dtype=object)
+        elif var == "config_hash":
+            values = np.full(shape, "", dtype=object)
+        else:
+            values = np.full(shape, np.nan)
+        data_vars[var] = (dims, values)
+    ds = xr.Dataset(data_vars, coords=all_coords)
+    ds["best_loss"].attrs.update(long_name="best validation loss", units="cross-entropy")
+    ds["final_loss"].attrs.update(long_name="final validation loss", units="cross-entropy")
+    ds["history"].attrs.update(long_name="validation loss per epoch", units="cross-entropy")
+    ds["train_time_s"].attrs.update(long_name="training wall time of the stage", units="s")
+    ds["trainable_params"].attrs.update(long_name="trainable parameters of the stage")
+    ds.attrs.update(
+        study=study,
+        series=spec.series,
+        profile=profile,
+        package_version=__version__,
+        git_commit=git_commit(),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        schema_version=SCHEMA_VERSION,
+    )
+    for key, value in (fixed or {}).items():
+        ds.attrs[key] = value
+    return ds
+
+
+# --- storage --------------------------------------------------------------------------------
+def save_database(ds: xr.Dataset, path: str | Path) -> Path:
+    """Validate and write ``ds`` to netCDF atomically (temporary file, then rename)."""
+    validate_database(ds, source="dataset to save")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_database(path: str | Path, study: str | None = None) -> xr.Dataset:
+    """Load and validate a results database.
+
+    ``path`` is a ``<study>.nc`` file, or a ``results/<profile>`` folder together with ``study``.
+    A missing file raises FileNotFoundError saying how to create it; a corrupt, truncated or
+    mismatched one raises ValueError naming the file and the problem.
+    """
+    path = Path(path)
+    if study is not None:
+        get_study(study)
+    if path.is_dir():
+        if study is None:
+            raise ValueError(
+                f"{path} is a folder: name the study too; allowed: {', '.join(STUDIES)}"
+            )
+        path = path / f"{study}.nc"
+    if not path.is_file():
+        profile = path.parent.name or "NAME"
+        which = study or path.stem
+        raise FileNotFoundError(
+            f"results database {path} not found; create it with `hrtem-book sweep --study "
+            f"{which} --profile {profile}` then `hrtem-book collect --profile {profile}`"
+        )
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as raw:
+            ds = raw.load()
+    except Exception as exc:  # netCDF/HDF5 raise many types for damaged files
+        raise ValueError(
+            f"{path} is not a readable results database (corrupt or truncated netCDF): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    validate_database(ds, source=str(path), study=study)
+    return ds
+
+
+def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None = None) -> None:
+    """Raise ValueError naming ``source`` unless ``ds`` follows the schema of its study."""
+
+    def fail(msg: str) -> None:
+        raise ValueError(f"{source}: {msg}")
+
+    lacking = [a for a in REQUIRED_ATTRS if a not in ds.attrs]
+    if lacking:
+        fail(f"not a results database: attrs {lacking} missing")
+    name = ds.attrs["study"]
+    if name not in STUDIES:
+        fail(f"attr study={name!r} is unknown; allowed: {', '.join(STUDIES)}")
+    if study is not None and name != study:
+        fail(f"holds study {name!r}, expected {study!r}")
+    version = int(ds.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        fail(f"schema_version={version}, this code reads {SCHEMA_VERSION}; re-run collect")
+    spec = STUDIES[name]
+    expected_dims = set(spec.axes) | {"stage", "eval_domain", "epoch"}
+    if set(ds.dims) != expected_dims:
+        fail(
+            f"dims {sorted(ds.dims)} do not match study {name!r}: expected {sorted(expected_dims)}"
+        )
+    for dim in expected_dims:
+        if dim not in ds.coords:
+            fail(f"dim {dim!r} has no coordinate values")
+        if ds.sizes[dim] == 0:
+            fail(f"dim {dim!r} is empty")
+    if tuple(ds["stage"].values.tolist()) != spec.stages:
+        fail(f"stage values {ds['stage'].values.tolist()}, expected {list(spec.stages)}")
+    for var, dims in _var_dims(spec.axes).items():
+        if var not in ds.data_vars:
+            fail(f"variable {var!r} missing")
+        if set(ds[var].dims) != set(dims):
+            fail(f"variable {var!r} has dims {list(ds[var].dims)}, expected {list(dims)}")
+        if var in ("status", "config_hash"):
+            if ds[var].dtype.kind not in "OUS":
+                fail(f"variable {var!r} must hold strings, found dtype {ds[var].dtype}")
+        elif ds[var].dtype.kind != "f":
+            fail(f"variable {var!r} must be floating point, found dtype {ds[var].dtype}")
+    bad = sorted(set(np.unique(ds["status"].values.astype(str)).tolist()) - set(STATUS_VALUES))
+    if bad:
+        fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
+
+
+# --- query ------------------------------------------------------------------------------------
+def _match_indices(coord: xr.DataArray, wanted: Iterable) -> list[int]:
+    values = coord.values
+    out = []
+    for w in wanted:
+        if values.dtype.kind in "fiu" and not isinstance(w, str):
+            try:
+                hits = np.flatnonzero(np.isclose(values.astype(float), float(w), rtol=1e-9, atol=0))
+            except (TypeError, ValueError):
+                hits = np.array([], dtype=int)
+        else:
+            hits = np.flatnonzero(values.astype(str) == str(w))
+        if hits.size == 0:
+            raise ValueError(
+                f"{coord.name}={w!r} is not in the database; allowed: {values.tolist()}"
+            )
+        out.append(int(hits[0]))
+    return out
+
+
+def query(
+    ds: xr.Dataset,
+    var: str,
+    select: Mapping[str, Any] | None = None,
+    reduce: str | None = "min",
+    keep: Iterable[str] = (),
+) -> xr.DataArray:
+    """Select cells by axis values, then reduce every other dim except ``keep``.
+
+    ``select`` maps a dim to one value or a list of values (floats match to 1e-9 relative).
+    ``reduce`` is one of min / mean / median / max (NaN-aware: failed and missing runs are
+    skipped; an all-NaN group gives NaN) or None to return the selection unreduced. The result
+    has the ``keep`` dims, in that order.
+
+    >>> query(ds, "best_loss", {"stage": "transfer", "freeze": "none"}, "mean",
+    ...       keep=["pretrain_domain", "eval_domain"])  # doctest: +SKIP
+    """
+    if var not in ds.data_vars:
+        raise ValueError(f"unknown variable {var!r}; allowed: {', '.join(ds.data_vars)}")
+    da = ds[var]
+    keep = list(keep)
+    for dim in list(select or {}) + keep:
+        if dim not in da.dims:
+            raise ValueError(f"{var} has no axis {dim!r}; allowed: {', '.join(da.dims)}")
+    if len(set(keep)) != len(keep):
+        raise ValueError(f"keep={keep} repeats an axis")
+    if reduce is not None and reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduce!r}; allowed: {', '.join(REDUCTIONS)}, None")
+    for dim, wanted in (select or {}).items():
+        if isinstance(wanted, str) or not isinstance(wanted, Iterable):
+            wanted = [wanted]
+        da = da.isel({dim: _match_indices(ds[dim], wanted)})
+    if reduce is None:
+        return da
+    if da.dtype.kind != "f":
+        raise ValueError(f"{var} holds {da.dtype} values; reduce applies to numeric variables")
+    dims = [d for d in da.dims if d not in keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups → NaN, by design
+        out = getattr(da, reduce)(dim=dims, skipna=True) if dims else da
+    return out.transpose(*keep)
+
+
+# --- synthetic database (tests, widget development) -------------------------------------------
+_SYNTHETIC_COORDS = {
+    "defocus": {
+        "pretrain_domain": [-10.0, 0.0, 10.0],
+        "target_domain": [-10.0, 0.0, 10.0],
+        "n_transfer": [64, 128],
+        "pretrain_lr": [1e-3, 1e-4],
+        "transfer_lr": [1e-4, 1e-5],
+        "freeze": ["none", "encoder", "decoder"],
+        "seed": [0, 1],
+    },
+    "baseline": {
+        "domain_a": [-10.0, 0.0],
+        "domain_b": [-10.0, 0.0, 10.0],
+        "mix": ["128:384", "256:256", "384:128"],
+        "lr": [1e-3, 1e-4],
+        "seed": [0, 1],
+    },
+    "dose": {
+        "pretrain_domain": [30.0, 150.0, 600.0],
+        "target_domain": [30.0, 150.0, 600.0],
+        "freeze": ["none", "encoder", "decoder"],
+        "seed": [0, 1],
+    },
+    "structure": {
+        "pretrain_domain": ["CdSe-small", "CdSe-large", "Cu-small"],
+        "target_domain": ["CdSe-small", "CdSe-large", "Cu-small"],
+        "freeze": ["none", "encoder", "decoder"],
+        "seed": [0, 1],
+    },
+}
+_SYNTHETIC_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
+_SYNTHETIC_PARAMS = {"none": 921_000.0, "encoder": 160_000.0, "decoder": 761_000.0}
+
+
+def _domain_gap(a, b, scale: float) -> float:
+    """Dimensionless distance between two domains (0 = same); drives the synthetic losses."""
+    if isinstance(a, str):
+        lat_a, size_a = a.rsplit("-", 1)
+        lat_b, size_b = b.rsplit("-", 1)
+        return 1.0 * (lat_a != lat_b) + 0.4 * (size_a != size_b)
+    if scale == 0:  # dose: ratios matter
+        return abs(np.log(a / b)) / np.log(20.0)
+    return abs(a - b) / scale
+
+
+def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Dataset:
+    """A small database of ``study`` with plausible, deterministic values (for tests and widgets).
+
+    Loss grows with the distance between training and evaluation domain; transfer brings the
+    target domain down (more with more data, less with a frozen encoder); seeds add noise. The
+    cell with every axis at its first value that is not excluded is marked ``failed`` (NaN), as a
+    real sweep would record a diverged run.
+    """
+    spec = get_study(study)
+    rng = np.random.default_rng(seed)
+    coords = _SYNTHETIC_COORDS[study]
+    eval_domains = list(dict.fromkeys(coords[spec.domain_axes[0]] + coords[spec.domain_axes[1]]))
+    fixed = {} if study in ("defocus", "baseline") else dict(_SYNTHETIC_FIXED)
+    ds = empty_database(study, coords, eval_domains, n_epochs, profile="synthetic", fixed=fixed)
+    scale = {"defocus": 10.0, "baseline": 10.0, "dose": 0.0, "structure": 1.0}[study]
+    epochs = np.arange(1, n_epochs + 1)
+    status = ds["status"].values
+    hashes = ds["config_hash"].values
+    history = ds["history"].values
+    times = ds["train_time_s"].values
+    params = ds["trainable_params"].values
+    failed_marked = False
+    for idx in np.ndindex(status.shape):
+        cell = {a: coords[a][i] for a, i in zip(spec.axes, idx, strict=True)}
+        a, b = cell[spec.domain_axes[0]], cell[spec.domain_axes[1]]
+        if a == b:
+            status[idx] = "excluded"
+            continue
+        hashes[idx] = f"{rng.integers(0, 2**63):016x}"[:16]
+        if not failed_marked:
+            status[idx] = "failed"
+            failed_marked = True
+            continue
+        status[idx] = "ok"
+        for s, stage in enumerate(spec.stages):
+            for e, dom in enumerate(eval_domains):
+                if stage == "mixture":
+                    n_a, n_b = (int(p) for p in cell["mix"].split(":"))
+                    w = n_a / (n_a + n_b)
+                    gap = w * _domain_gap(a, dom, scale) + (1 - w) * _domain_gap(b, dom, scale)
+                    floor = 0.08
+                elif stage == "pretrain":
+                    gap, floor = _domain_gap(a, dom, scale), 0.10
+                else:
+                    gap = min(_domain_gap(b, dom, scale), _domain_gap(a, dom, scale) + 0.3)
+                    n = cell.get("n_transfer", 128)
+                    floor = 0.07 + 0.02 * np.log2(512 / n)
+                    floor += {"none": 0.0, "encoder": 0.03, "decoder": 0.015}[cell["freeze"]]
+                end = floor + 0.25 * gap + 0.01 * rng.standard_normal()
+                curve = end + (0.7 - end) * np.exp(-(epochs - 1) / 1.5)
+                history[idx + (s, e)] = curve + 0.005 * rng.standard_normal(n_epochs)
+            times[idx + (s,)] = 20.0 + 5.0 * rng.random()
+            freeze = cell.get("freeze", "none") if stage == "transfer" else "none"
+            params[idx + (s,)] = _SYNTHETIC_PARAMS[freeze]
+    ds["best_loss"].values[...] = np.nanmin(
+        np.where(np.isfinite(history), history, np.inf), axis=-1
+    )
+    ds["best_loss"] = ds["best_loss"].where(np.isfinite(ds["best_loss"]))
+    ds["final_loss"].values[...] = history[..., -1]
+    return ds

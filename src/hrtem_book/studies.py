@@ -1,0 +1,316 @@
+"""The four study grids of the paper, as data.
+
+A study is a set of axes (the grid) plus settings held fixed. Every grid cell is one run config
+(:mod:`hrtem_book.config`), identified by its ``config_hash``:
+
+==========  ===============================================================  =================
+study       axes (dims of the results database, ``seed`` last)              paper runs
+==========  ===============================================================  =================
+defocus     pretrain_domain, target_domain, n_transfer, pretrain_lr,          7,200 transfer on
+            transfer_lr, freeze, seed                                        30 pretrainings
+baseline    domain_a, domain_b, mix, lr, seed                                720 mixtures
+dose        pretrain_domain, target_domain, freeze, seed                     180 transfer on 15
+structure   pretrain_domain, target_domain, freeze, seed                     2,754 transfer on 54
+==========  ===============================================================  =================
+
+Domain values are defocus [nm], dose [e⁻/Å²] or structure names ``"<lattice>-<size>"``. Cells
+where the target equals the pretraining domain are *excluded* (the paper transfers to the other
+domains only). A baseline cell ``(domain_a, domain_b, mix="128:384")`` trains one model on 128
+images of ``domain_a`` and 384 of ``domain_b``; the mirrored cell ``(domain_b, domain_a, "384:128")``
+is the same model (one config, one run), so the 5 × 10 × 3 × 2 × 3 = 900 baseline cells hold
+720 distinct runs. The paper's structure study (18 sets, ordered pairs, 3 freeze options, 3
+replicates) has exactly 18 · 17 · 3 · 3 = 2,754 runs; its text says "about 2,500".
+
+A profile's ``studies`` mapping (study → axis or fixed setting → values) shrinks these grids; it
+may replace values but never drop an axis, so every figure finds the dims it needs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import (
+    FREEZE_OPTIONS,
+    DataConfig,
+    MixtureConfig,
+    PretrainConfig,
+    RunConfig,
+    TransferConfig,
+    config_hash,
+    normalize_domain,
+)
+
+STAGES_TRANSFER = ("pretrain", "transfer")
+STAGES_MIXTURE = ("mixture",)
+PAPER_SEEDS = (0, 1, 2)  # three replicates
+PAPER_PRETRAIN_DEFOCI_NM = (-10.0, -5.0, 0.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Shape of one study: its axes (database dims), stages and fixed settings."""
+
+    name: str
+    series: str  # dataset series the runs train on
+    kind: str  # "transfer" (pretrain → transfer) or "mixture" (one stage on two domains)
+    axes: tuple[str, ...]
+    domain_axes: tuple[str, ...]  # axes whose values are domains of ``series``
+    fixed: dict[str, Any] = field(default_factory=dict)  # settings held constant (paper values)
+    description: str = ""
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES_MIXTURE if self.kind == "mixture" else STAGES_TRANSFER
+
+
+_TRANSFER_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
+
+STUDIES: dict[str, StudySpec] = {
+    "defocus": StudySpec(
+        name="defocus",
+        series="defocus",
+        kind="transfer",
+        axes=(
+            "pretrain_domain",
+            "target_domain",
+            "n_transfer",
+            "pretrain_lr",
+            "transfer_lr",
+            "freeze",
+            "seed",
+        ),
+        domain_axes=("pretrain_domain", "target_domain"),
+        description="Transfer between defoci [nm]: data size, learning rates, freezing.",
+    ),
+    "baseline": StudySpec(
+        name="baseline",
+        series="defocus",
+        kind="mixture",
+        axes=("domain_a", "domain_b", "mix", "lr", "seed"),
+        domain_axes=("domain_a", "domain_b"),
+        description="One stage on a mixture of two defoci; mix 'n_a:n_b' images of a and b.",
+    ),
+    "dose": StudySpec(
+        name="dose",
+        series="dose",
+        kind="transfer",
+        axes=("pretrain_domain", "target_domain", "freeze", "seed"),
+        domain_axes=("pretrain_domain", "target_domain"),
+        fixed=dict(_TRANSFER_FIXED),
+        description="Transfer between electron doses [e⁻/Å²].",
+    ),
+    "structure": StudySpec(
+        name="structure",
+        series="structure",
+        kind="transfer",
+        axes=("pretrain_domain", "target_domain", "freeze", "seed"),
+        domain_axes=("pretrain_domain", "target_domain"),
+        fixed=dict(_TRANSFER_FIXED),
+        description="Transfer between crystal structures and particle sizes.",
+    ),
+}
+STUDY_NAMES = tuple(STUDIES)
+
+
+def get_study(name: str) -> StudySpec:
+    """The named study spec, or a clear error listing the allowed names."""
+    try:
+        return STUDIES[name]
+    except KeyError:
+        raise ValueError(f"unknown study {name!r}; allowed: {', '.join(STUDIES)}") from None
+
+
+def series_domains(series: str, data: DataConfig) -> tuple:
+    """All domains of a dataset series in a DataConfig (the evaluation domains)."""
+    if series == "defocus":
+        return tuple(float(d) for d in data.defoci_nm)
+    if series == "dose":
+        return tuple(float(d) for d in data.doses)
+    if series == "structure":
+        return tuple(f"{lattice}-{size}" for lattice in data.lattices for size in data.sizes)
+    raise ValueError(f"unknown series {series!r}; allowed: defocus, dose, structure")
+
+
+def paper_values(study: str, data: DataConfig) -> dict[str, tuple]:
+    """The paper's axis values; domain axes list the domains of ``data`` (all of them by default)."""
+    spec = get_study(study)
+    domains = series_domains(spec.series, data)
+    if study == "defocus":
+        return {
+            "pretrain_domain": PAPER_PRETRAIN_DEFOCI_NM,
+            "target_domain": domains,
+            "n_transfer": (64, 128, 256, 512),
+            "pretrain_lr": (1e-3, 1e-4),
+            "transfer_lr": (1e-4, 1e-5),
+            "freeze": FREEZE_OPTIONS,
+            "seed": PAPER_SEEDS,
+        }
+    if study == "baseline":
+        return {
+            "domain_a": PAPER_PRETRAIN_DEFOCI_NM,
+            "domain_b": domains,
+            "mix": ("128:384", "256:256", "384:128"),
+            "lr": (1e-3, 1e-4),
+            "seed": PAPER_SEEDS,
+        }
+    return {
+        "pretrain_domain": domains,
+        "target_domain": domains,
+        "freeze": FREEZE_OPTIONS,
+        "seed": PAPER_SEEDS,
+    }
+
+
+def parse_mix(mix: str) -> tuple[int, int]:
+    """``"128:384"`` → (128, 384): images of domain_a and domain_b in a baseline mixture."""
+    try:
+        a, b = (int(p) for p in str(mix).split(":"))
+    except ValueError:
+        raise ValueError(f"mix={mix!r} is not allowed: write 'n_a:n_b', e.g. '128:384'") from None
+    if a < 0 or b < 0 or a + b == 0:
+        raise ValueError(f"mix={mix!r}: image counts must be >= 0 and not both 0")
+    return a, b
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """A study resolved for one profile: axis values, fixed settings and the run of every cell.
+
+    ``cells`` maps a cell (values in ``spec.axes`` order) to its run config; excluded cells
+    (target = pretraining domain) are absent. ``runs`` holds each distinct config once (mirrored
+    baseline cells share one), ``pretrains`` the pretrainings the transfer runs load.
+    """
+
+    spec: StudySpec
+    coords: dict[str, tuple]
+    fixed: dict[str, Any]
+    eval_domains: tuple
+    cells: dict[tuple, RunConfig]
+
+    @property
+    def runs(self) -> dict[str, RunConfig]:
+        """Distinct run configs of the grid by config hash (insertion = grid order)."""
+        out: dict[str, RunConfig] = {}
+        for cfg in self.cells.values():
+            out.setdefault(config_hash(cfg), cfg)
+        return out
+
+    @property
+    def pretrains(self) -> dict[str, PretrainConfig]:
+        """Distinct pretrainings that the transfer runs of this grid load."""
+        out: dict[str, PretrainConfig] = {}
+        for cfg in self.cells.values():
+            if isinstance(cfg, TransferConfig):
+                out.setdefault(config_hash(cfg.pretrain), cfg.pretrain)
+        return out
+
+
+def _resolve_values(spec: StudySpec, data: DataConfig, overrides: dict) -> tuple[dict, dict]:
+    coords = paper_values(spec.name, data)
+    fixed = dict(spec.fixed)
+    for key, values in overrides.items():
+        if key in coords:
+            vals = tuple(values) if isinstance(values, list | tuple) else (values,)
+            if not vals:
+                raise ValueError(f"study {spec.name!r}: axis {key!r} needs at least one value")
+            coords[key] = vals
+        elif key in fixed:
+            fixed[key] = values
+        else:
+            allowed = ", ".join(list(coords) + list(fixed))
+            raise ValueError(
+                f"study {spec.name!r} has no axis or setting {key!r}; allowed: {allowed}"
+            )
+    available = series_domains(spec.series, data)
+    for axis in spec.domain_axes:
+        vals = tuple(normalize_domain(spec.series, v) for v in coords[axis])
+        missing = [v for v in vals if v not in available]
+        if missing:
+            raise ValueError(
+                f"study {spec.name!r}: {axis} values {missing} are not domains of the profile's "
+                f"{spec.series} series; allowed: {list(available)}"
+            )
+        coords[axis] = vals
+    for axis in ("pretrain_lr", "transfer_lr", "lr"):
+        if axis in coords:
+            coords[axis] = tuple(float(v) for v in coords[axis])
+    for axis in ("n_transfer", "seed"):
+        if axis in coords:
+            coords[axis] = tuple(int(v) for v in coords[axis])
+    for axis in ("freeze", "mix"):
+        if axis in coords:
+            coords[axis] = tuple(str(v) for v in coords[axis])
+    for name, values in coords.items():
+        if len(set(values)) != len(values):
+            raise ValueError(f"study {spec.name!r}: axis {name!r} repeats values {values}")
+    return coords, fixed
+
+
+def build_grid(study: str, profile) -> StudyGrid:
+    """Resolve ``study`` for a :class:`~hrtem_book.profiles.Profile` (its ``studies`` entry)."""
+    spec = get_study(study)
+    overrides = dict(profile.studies.get(study, {}))
+    coords, fixed = _resolve_values(spec, profile.data, overrides)
+    data, model, stage = profile.data, profile.model, profile.stage
+    n_max = data.n_train
+
+    def pretrain(domain, lr, seed) -> PretrainConfig:
+        if profile.n_pretrain > n_max:
+            raise ValueError(f"n_pretrain={profile.n_pretrain} exceeds the {n_max} train images")
+        return PretrainConfig(
+            data=data,
+            series=spec.series,
+            domain=domain,
+            lr=lr,
+            seed=seed,
+            model=model,
+            stage=stage,
+            n_train=profile.n_pretrain,
+        )
+
+    cells: dict[tuple, RunConfig] = {}
+    for cell in itertools.product(*(coords[a] for a in spec.axes)):
+        v = dict(zip(spec.axes, cell, strict=True))
+        if spec.kind == "mixture":
+            if v["domain_a"] == v["domain_b"]:
+                continue
+            n_a, n_b = parse_mix(v["mix"])
+            if max(n_a, n_b) > n_max:
+                raise ValueError(f"mix={v['mix']!r} needs more than the {n_max} train images")
+            # canonical order (sorted domains) so the mirrored cell is the same config
+            pairs = sorted([(v["domain_a"], n_a), (v["domain_b"], n_b)], key=lambda p: p[0])
+            cells[cell] = MixtureConfig(
+                data=data,
+                series=spec.series,
+                domains=(pairs[0][0], pairs[1][0]),
+                n_images=(pairs[0][1], pairs[1][1]),
+                lr=v["lr"],
+                seed=v["seed"],
+                model=model,
+                stage=stage,
+            )
+            continue
+        if v["pretrain_domain"] == v["target_domain"]:
+            continue
+        n_transfer = v.get("n_transfer", fixed.get("n_transfer"))
+        if n_transfer > n_max:
+            raise ValueError(f"n_transfer={n_transfer} exceeds the {n_max} train images per domain")
+        cells[cell] = TransferConfig(
+            pretrain=pretrain(
+                v["pretrain_domain"], v.get("pretrain_lr", fixed.get("pretrain_lr")), v["seed"]
+            ),
+            domain=v["target_domain"],
+            n_train=n_transfer,
+            lr=v.get("transfer_lr", fixed.get("transfer_lr")),
+            freeze=v["freeze"],
+            stage=stage,
+        )
+    return StudyGrid(
+        spec=spec,
+        coords=coords,
+        fixed=fixed,
+        eval_domains=series_domains(spec.series, data),
+        cells=cells,
+    )
