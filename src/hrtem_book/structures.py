@@ -194,7 +194,7 @@ def _wurtzite_cluster(
 
     a1 = np.array([a, 0.0])
     a2 = np.array([-a / 2, a * math.sqrt(3) / 2])
-    n_lat = int(math.ceil(radius_A / (a * math.sqrt(3) / 2))) + 2
+    n_lat = int(math.ceil(radius_A / (a * math.sqrt(3) / 2))) + 3  # + offset + site
     ij = np.stack(np.meshgrid(np.arange(-n_lat, n_lat + 1), np.arange(-n_lat, n_lat + 1)), -1)
     plane = ij.reshape(-1, 2) @ np.stack([a1, a2]) - offset[:2]
     sites = {s: np.array(f) @ np.stack([a1, a2]) for s, f in _SITE_FRACTIONS.items()}
@@ -234,7 +234,8 @@ def make_particle(
         raise ValueError(f"max_stacking_faults={max_stacking_faults} must be >= 0")
     info: dict = {"lattice": name, "radius_A": float(radius_A), "n_faults": 0}
     if lat.kind == "wurtzite":
-        offset = rng.random(3) * np.array([lat.a_A, lat.a_A, lat.c_A])
+        hex_cell = np.array(bulk_crystal(name).cell)
+        offset = rng.random(3) @ hex_cell  # a random point of the unit cell
         n_faults = int(rng.integers(0, max_stacking_faults + 1))
         pos, num, seq, faults = _wurtzite_cluster(lat, radius_A, offset, n_faults, rng)
         info.update(
