@@ -28,7 +28,6 @@ from 1. Attrs: ``study``, ``series``, ``profile``, ``package_version``, ``git_co
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import subprocess
 import warnings

@@ -15,11 +15,12 @@ structure   pretrain_domain, target_domain, freeze, seed                     2,7
 
 Domain values are defocus [nm], dose [e⁻/Å²] or structure names ``"<lattice>-<size>"``. Cells
 where the target equals the pretraining domain are *excluded* (the paper transfers to the other
-domains only). A baseline cell ``(domain_a, domain_b, mix="128:384")`` trains one model on 128
-images of ``domain_a`` and 384 of ``domain_b``; the mirrored cell ``(domain_b, domain_a, "384:128")``
-is the same model (one config, one run), so the 5 × 10 × 3 × 2 × 3 = 900 baseline cells hold
-720 distinct runs. The paper's structure study (18 sets, ordered pairs, 3 freeze options, 3
-replicates) has exactly 18 · 17 · 3 · 3 = 2,754 runs; its text says "about 2,500".
+domains only). A baseline cell ``(domain_a, domain_b, mix="128:384")`` trains one model on
+128 images of ``domain_a`` and 384 of ``domain_b``; the mirrored cell
+``(domain_b, domain_a, "384:128")`` is the same model (one config, one run), so the
+5 × 10 × 3 × 2 × 3 = 900 baseline cells hold 720 distinct runs. The paper's structure study
+(18 sets, ordered pairs, 3 freeze options, 3 replicates) has exactly 18 · 17 · 3 · 3 = 2,754
+runs; its text says "about 2,500".
 
 A profile's ``studies`` mapping (study → axis or fixed setting → values) shrinks these grids; it
 may replace values but never drop an axis, so every figure finds the dims it needs.
@@ -134,7 +135,7 @@ def series_domains(series: str, data: DataConfig) -> tuple:
 
 
 def paper_values(study: str, data: DataConfig) -> dict[str, tuple]:
-    """The paper's axis values; domain axes list the domains of ``data`` (all of them by default)."""
+    """The paper's axis values; domain axes default to every domain of ``data``."""
     spec = get_study(study)
     domains = series_domains(spec.series, data)
     if study == "defocus":
