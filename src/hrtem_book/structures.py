@@ -221,10 +221,12 @@ def make_particle(
     The sphere (every atom within ``radius_A`` [Å] of the origin) is cut from the bulk crystal
     around a random point of the unit cell, so the particle's surface termination varies too.
     Wurtzite particles carry a uniform random number 0..``max_stacking_faults`` of I1 stacking
-    faults on random (0001) planes (:func:`stacking_sequence`).
+    faults on random (0001) planes (:func:`stacking_sequence`); the planes are drawn from the
+    inner 80 % of the particle's height, so particles too thin to hold a whole cubic step there
+    (radius < c/1.6) get fewer.
 
     ``atoms.info`` records ``rotation`` (3×3, crystal → lab frame), ``n_faults``, and for wurtzite
-    ``stacking`` (letters of the bilayers holding atoms, from −c to +c in the crystal frame),
+    ``stacking`` (letters of the bilayers holding atoms, bottom to top along c),
     ``fault_layers`` (indices into ``stacking``) and ``layer_spacing_A`` (c/2).
     """
     lat = get_lattice(name)
