@@ -1,0 +1,294 @@
+"""Chapter 7 (imaging conditions) and chapter 9 (dose): transfer heatmaps and the mixture baseline.
+
+``transfer_heatmaps`` draws, for a transfer study, the loss on each target domain of the model
+pretrained on each domain, after pretraining and after transfer, side by side on one colour
+scale. ``baseline_comparison`` compares sequential transfer (pretrain on domain a, transfer to b)
+with one model trained on a mixture of a and b.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+
+from ._common import (
+    axis_title,
+    check_reduce,
+    clean_select,
+    domain_label,
+    domain_unit,
+    draw_heatmap,
+    loss_on,
+    new_figure,
+    reduce_da,
+    selected,
+    value_range,
+)
+
+MAX_BASELINE_PAIRS = 4  # rows of the baseline figure; more pairs would be unreadable
+
+
+def heatmap_data(
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    var: str = "best_loss",
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """(after pretraining, after transfer) loss maps, dims (pretrain_domain, target domain).
+
+    After pretraining: the pretrained model of each row evaluated on each selected target domain
+    (the ``eval_domain`` axis, so the diagonal — the model's own domain — is filled). After
+    transfer: the transferred model evaluated on its own target domain (the diagonal is
+    excluded from the study and stays empty).
+    """
+    check_reduce(reduce)
+    sel = clean_select(ds, select)
+    targets = sel.pop("target_domain", None)
+    pre_sel = {**sel, "stage": ["pretrain"]}
+    if targets is not None:
+        pre_sel["eval_domain"] = targets
+    before = reduce_da(
+        selected(ds, var, pre_sel), reduce, keep=["pretrain_domain", "eval_domain"]
+    ).rename(eval_domain="target_domain")
+    post_sel = {**sel, "stage": ["transfer"]}
+    if targets is not None:
+        post_sel["target_domain"] = targets
+    after = loss_on(selected(ds, var, post_sel), "target_domain")
+    after = reduce_da(after, reduce, keep=["pretrain_domain", "target_domain"])
+    return before, after
+
+
+def transfer_heatmaps(
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    vlim: tuple[float, float] | None = None,
+    var: str = "best_loss",
+    labels: Sequence[str] | None = None,
+) -> Figure:
+    """Pretraining × target-domain heatmaps of the target-domain loss, before/after transfer.
+
+    ``vlim`` fixes the colour scale (default: the finite range of both panels, shared).
+    ``labels`` replaces the domain tick labels (same order as the coordinates after selection).
+    """
+    before, after = heatmap_data(ds, select=select, reduce=reduce, var=var)
+    if before.size == 0 or after.size == 0:
+        raise ValueError("the selection leaves no pretraining or target domain")
+    lim = tuple(vlim) if vlim is not None else value_range(before, after)
+    n_rows, n_cols = after.shape
+    width = min(16.0, 3.0 + 0.55 * 2 * n_cols)
+    fig = new_figure(width, 1.6 + 0.45 * n_rows)
+    axes = fig.subplots(1, 2, sharey=True)
+    row_title = axis_title(ds, "pretraining")
+    col_title = axis_title(ds, "target")
+    for ax, da, title in zip(
+        axes, (before, after), ("after pretraining", "after transfer"), strict=True
+    ):
+        im = draw_heatmap(ax, da, vlim=lim, row_title=row_title, col_title=col_title, title=title)
+        if labels is not None:
+            ax.set_xticks(
+                range(da.sizes["target_domain"]), list(labels)[: da.sizes["target_domain"]]
+            )
+    axes[1].set_ylabel("")
+    if labels is not None:
+        axes[0].set_yticks(range(n_rows), list(labels)[:n_rows])
+    cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
+    cbar.set_label(f"{var.replace('_', ' ')} on the target domain")
+    fig.suptitle(f"Target-domain loss; {reduce} over the filtered models of each cell")
+    return fig
+
+
+def imaging_conditions(ds: xr.Dataset, **kwargs) -> Figure:
+    """Chapter 7: the defocus study's heatmaps (:func:`transfer_heatmaps`)."""
+    return transfer_heatmaps(ds, **kwargs)
+
+
+def dose_heatmaps(ds: xr.Dataset, **kwargs) -> Figure:
+    """Chapter 9: the dose study's heatmaps (:func:`transfer_heatmaps`)."""
+    return transfer_heatmaps(ds, **kwargs)
+
+
+# --- mixture baseline ---------------------------------------------------------------------------
+def baseline_pairs(ds: xr.Dataset, select: Mapping[str, list]) -> list[tuple[Any, Any]]:
+    """Ordered (domain_a, domain_b) pairs of the selection, a ≠ b, in coordinate order."""
+    a_vals = select.get("domain_a", ds["domain_a"].values.tolist())
+    b_vals = select.get("domain_b", ds["domain_b"].values.tolist())
+    return [(a, b) for a in a_vals for b in b_vals if a != b]
+
+
+def baseline_data(
+    ds: xr.Dataset,
+    transfer: xr.Dataset | None,
+    pair: tuple[Any, Any],
+    *,
+    select: Mapping[str, list],
+    reduce: str,
+    var: str = "best_loss",
+    transfer_select: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Losses of one (a, b) pair by role: ``{"a": {...}, "b": {...}}``.
+
+    Role ``"a"`` is the pair's first domain (the pretraining domain of the transfer run), role
+    ``"b"`` its second (the transfer target), whatever their numeric order. Each role holds
+    ``mixture`` (DataArray over ``mix``), ``transfer`` and ``pretrained`` (floats; NaN when the
+    transfer database lacks the pair).
+    """
+    a, b = pair
+    sel = {**select, "domain_a": [a], "domain_b": [b]}
+    mixture = selected(ds, var, sel)
+    out: dict[str, dict[str, Any]] = {}
+    for role, axis in (("a", "domain_a"), ("b", "domain_b")):
+        out[role] = {"domain": (a, b)[role == "b"]}
+        out[role]["mixture"] = reduce_da(loss_on(mixture, axis), reduce, keep=["mix"])
+        out[role]["transfer"] = out[role]["pretrained"] = float("nan")
+    if transfer is None:
+        return out
+    tsel = clean_select(transfer, transfer_select)
+    if "seed" in select and "seed" in transfer.dims:
+        tsel["seed"] = [s for s in select["seed"] if s in transfer["seed"].values.tolist()]
+    pre_vals = transfer["pretrain_domain"].values.tolist()
+    tgt_vals = transfer["target_domain"].values.tolist()
+    if a not in pre_vals or b not in tgt_vals or not tsel.get("seed", [0]):
+        return out
+    tsel.update(pretrain_domain=[a], target_domain=[b])
+    for stage, key in (("transfer", "transfer"), ("pretrain", "pretrained")):
+        da = selected(transfer, var, {**tsel, "stage": [stage]})
+        for role, axis in (("a", "pretrain_domain"), ("b", "target_domain")):
+            out[role][key] = float(reduce_da(loss_on(da, axis), reduce, keep=[]).values)
+    return out
+
+
+def baseline_comparison(
+    ds: xr.Dataset,
+    *,
+    transfer: xr.Dataset | None = None,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    var: str = "best_loss",
+    transfer_select: Mapping[str, Any] | None = None,
+) -> Figure:
+    """Mixture baseline vs sequential transfer for the selected (a, b) pairs.
+
+    One row per pair (at most :data:`MAX_BASELINE_PAIRS`), two panels per row: the loss on
+    domain a (left) and on domain b (right). Panels are placed by role, never by the sorted
+    defocus values, so they cannot swap when a > b (a fault of the published notebooks).
+    ``ds`` is the baseline database; ``transfer`` the defocus study, reduced over every model
+    with pretraining domain a and target b (and ``transfer_select``).
+    """
+    check_reduce(reduce)
+    sel = clean_select(ds, select)
+    pairs = baseline_pairs(ds, sel)[:MAX_BASELINE_PAIRS]
+    if not pairs:
+        raise ValueError("the selection holds no pair of different domains a and b")
+    unit = domain_unit(str(ds.attrs.get("series", "")))
+    fig = new_figure(9.0, 0.6 + 2.4 * len(pairs))
+    axes = np.atleast_2d(fig.subplots(len(pairs), 2, sharex=True, squeeze=False))
+    mixes = sel.get("mix", ds["mix"].values.tolist())
+    for row, pair in enumerate(pairs):
+        data = baseline_data(
+            ds,
+            transfer,
+            pair,
+            select=sel,
+            reduce=reduce,
+            var=var,
+            transfer_select=transfer_select,
+        )
+        for col, role in enumerate(("a", "b")):
+            ax = axes[row, col]
+            d = data[role]
+            x = np.arange(len(mixes))
+            y = d["mixture"].sel(mix=mixes).values
+            ax.plot(x, y, "o-", color="C0", label="mixture")
+            if np.isfinite(d["transfer"]):
+                ax.axhline(d["transfer"], color="C1", ls="--", label="transfer a → b")
+            if np.isfinite(d["pretrained"]):
+                ax.axhline(d["pretrained"], color="C2", ls=":", label="pretrained on a")
+            ax.set_xticks(x, [str(m) for m in mixes])
+            dom = f"{domain_label(d['domain'])} {unit}".strip()
+            ax.set_title(
+                f"a={domain_label(pair[0])}, b={domain_label(pair[1])}: loss on {role} ({dom})",
+                fontsize=9,
+            )
+            ax.set_ylabel(var.replace("_", " "))
+            if row == len(pairs) - 1:
+                ax.set_xlabel("mixture: images of a : b")
+    axes[0, 1].legend(fontsize=8, loc="best")
+    fig.suptitle(f"Mixture baseline vs transfer; {reduce} over the filtered models")
+    return fig
+
+
+# --- numbers quoted in the prose ----------------------------------------------------------------
+def study_counts(ds: xr.Dataset) -> dict[str, int]:
+    """Cells of a database by status (``ok``, ``failed``, ``missing``, ``excluded``), and ``runs``:
+    distinct finished runs (mirrored baseline cells share one run)."""
+    status = ds["status"].values.astype(str).ravel()
+    counts = {s: int((status == s).sum()) for s in ("ok", "failed", "missing", "excluded")}
+    hashes = ds["config_hash"].values.astype(str).ravel()
+    counts["runs"] = len(set(hashes[status == "ok"].tolist()))
+    return counts
+
+
+def heatmap_numbers(
+    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+) -> dict[str, Any]:
+    """Numbers the chapters quote about a transfer study's heatmaps (see :func:`heatmap_data`).
+
+    ``before``/``after``: mean over the off-diagonal cells of the reduced maps; ``improved``:
+    fraction of (pretraining, target) pairs whose target loss dropped with transfer;
+    ``best_pretrain``: the pretraining domain with the lowest mean loss after transfer;
+    ``worst_pair``: the (pretraining, target) pair with the highest loss after pretraining.
+    """
+    before, after = heatmap_data(ds, select=select, reduce=reduce)
+    before_t = before.sel(target_domain=after["target_domain"])
+    both = np.isfinite(after.values) & np.isfinite(before_t.values)
+    if not both.any():
+        raise ValueError(
+            "no (pretraining, target) pair has finite losses before and after transfer"
+        )
+    row_mean = after.mean("target_domain", skipna=True)
+    off = before_t.where(xr.DataArray(both, dims=after.dims, coords=after.coords))
+    worst = np.unravel_index(int(np.nanargmax(off.values)), off.shape)
+    return {
+        **study_counts(ds),
+        "before": float(np.nanmean(before_t.values[both])),
+        "after": float(np.nanmean(after.values[both])),
+        "improved": float(np.mean(after.values[both] < before_t.values[both])),
+        "best_pretrain": after["pretrain_domain"].values[int(np.nanargmin(row_mean.values))].item(),
+        "worst_pair": (
+            after["pretrain_domain"].values[worst[0]].item(),
+            after["target_domain"].values[worst[1]].item(),
+        ),
+        "worst_loss": float(off.values[worst]),
+    }
+
+
+def baseline_numbers(
+    ds: xr.Dataset, transfer: xr.Dataset, *, reduce: str = "median"
+) -> dict[str, Any]:
+    """How often the mixture beats transfer on the target domain b, over all selectable pairs.
+
+    For every (a, b) pair found in both databases and every mixture, the mixture's loss on b is
+    compared with the transfer model's loss on b (both reduced with ``reduce``).
+    """
+    wins = total = 0
+    gaps = []
+    for pair in baseline_pairs(ds, {}):
+        d = baseline_data(ds, transfer, pair, select={}, reduce=reduce)["b"]
+        mix = d["mixture"].values
+        ok = np.isfinite(mix) & np.isfinite(d["transfer"])
+        wins += int((mix[ok] < d["transfer"]).sum())
+        total += int(ok.sum())
+        gaps.extend((mix[ok] - d["transfer"]).tolist())
+    return {
+        **study_counts(ds),
+        "comparisons": total,
+        "mixture_wins": wins,
+        "median_gap": float(np.median(gaps)) if gaps else float("nan"),
+    }

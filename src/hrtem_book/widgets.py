@@ -1,0 +1,263 @@
+"""Interactive figures: ipywidgets controls generated from a results Dataset's coordinates.
+
+One module serves every figure notebook of the book. A figure function
+``fn(ds, *, select=None, reduce="median", vlim=None) -> matplotlib.figure.Figure`` and a results
+Dataset become an app: one ``SelectMultiple`` filter per grid axis (its options are the axis's
+coordinate values, never a hard-coded list), a ``Reduction mode`` dropdown (min/mean/median/max)
+and, for figures with a colour scale, a ``Colour range`` slider spanning the data. Changing any
+control redraws the figure in place: the figure is rendered to PNG and re-displayed inside an
+``ipywidgets.Output``, which works in JupyterLab, in Voilà and in an executed notebook alike.
+
+    app = figure_app(imaging_conditions, load_database("results/laptop/defocus.nc"))
+    app  # in a notebook cell
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ipywidgets as W
+import numpy as np
+import xarray as xr
+from IPython import get_ipython
+from IPython.display import Image, display
+from matplotlib.figure import Figure
+
+REDUCTIONS = ("min", "mean", "median", "max")
+# dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
+# never become filters (a figure decides which stage and evaluation domain it shows)
+NON_GRID_DIMS = ("stage", "eval_domain", "epoch")
+PLACEHOLDER_DPI = 110
+
+FigureFunction = Callable[..., Figure]
+
+
+def grid_axes(ds: xr.Dataset) -> list[str]:
+    """The grid axes of a results Dataset (its dimensions that identify a model), in order."""
+    return [str(d) for d in ds.dims if d not in NON_GRID_DIMS]
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python scalar widgets and ``results.query`` compare against."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def format_value(axis: str, value: Any) -> str:
+    """A short label for a coordinate value (learning rates in e-notation, floats trimmed)."""
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
+        return f"{value:g}"
+    return str(value)
+
+
+def axis_options(ds: xr.Dataset, axes: Sequence[str] | None = None) -> dict[str, list[tuple]]:
+    """``{axis: [(label, value), ...]}`` for each grid axis, read from the Dataset's coordinates."""
+    axes = grid_axes(ds) if axes is None else list(axes)
+    unknown = [a for a in axes if a not in ds.dims]
+    if unknown:
+        raise ValueError(
+            f"axes {unknown} are not dimensions of the Dataset; allowed: {list(ds.dims)}"
+        )
+    return {
+        a: [(format_value(a, _plain(v)), _plain(v)) for v in ds[a].values.tolist()] for a in axes
+    }
+
+
+def data_range(ds: xr.Dataset, var: str = "best_loss") -> tuple[float, float]:
+    """Finite (min, max) of ``ds[var]``; (0, 1) when it holds no finite value."""
+    values = np.asarray(ds[var].values, dtype=float)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+def figure_png(fig: Figure, dpi: int = PLACEHOLDER_DPI, metadata: Mapping[str, str] | None = None):
+    """PNG bytes of a figure (rendered with the Agg canvas; no pyplot state involved)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata=dict(metadata or {}))
+    return buf.getvalue()
+
+
+def save_placeholder(fig: Figure, path: str | Path, *, reduction: str, **metadata: str) -> Path:
+    """Write the static placeholder PNG of a figure, recording its reduction in the PNG metadata.
+
+    The book's captions name the reduction of their placeholder; the ``reduction`` text chunk lets
+    a test compare the two without re-running anything.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"reduction": reduction, "Software": "hrtem-book"}
+    meta.update({k: str(v) for k, v in metadata.items()})
+    path.write_bytes(figure_png(fig, metadata=meta))
+    return path
+
+
+class FigureApp:
+    """A figure function bound to a Dataset, with controls generated from its coordinates.
+
+    Attributes: ``filters`` (axis → SelectMultiple), ``reduction`` (Dropdown), ``vlim``
+    (FloatRangeSlider or None), ``output`` (the Output the figure is drawn into), ``figure``
+    (the latest Figure) and ``widget`` (the whole app, a VBox).
+    """
+
+    def __init__(
+        self,
+        figure_fn: FigureFunction,
+        ds: xr.Dataset,
+        *,
+        filters: Sequence[str] | None = None,
+        initial: Mapping[str, Sequence] | None = None,
+        reduction: str = "median",
+        colour_scale: bool = False,
+        colour_var: str = "best_loss",
+    ) -> None:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+        self.figure_fn = figure_fn
+        self.ds = ds
+        initial = dict(initial or {})
+        options = axis_options(ds, filters)
+        unknown = [a for a in initial if a not in options]
+        if unknown:
+            raise ValueError(f"initial selection names {unknown}; allowed axes: {list(options)}")
+        layout = W.Layout(width="auto")
+        style = {"description_width": "initial"}
+        self.filters: dict[str, W.SelectMultiple] = {}
+        for axis, opts in options.items():
+            values = tuple(v for _, v in opts)
+            chosen = tuple(_plain(v) for v in initial.get(axis, values))
+            missing = [v for v in chosen if v not in values]
+            if missing:
+                raise ValueError(f"initial {axis}={missing} not in its coordinates {list(values)}")
+            self.filters[axis] = W.SelectMultiple(
+                options=opts,
+                value=chosen,
+                rows=min(len(opts), 6),
+                description=axis,
+                layout=layout,
+                style=style,
+            )
+        self.reduction = W.Dropdown(
+            options=list(REDUCTIONS), value=reduction, description="Reduction mode", style=style
+        )
+        self.vlim: W.FloatRangeSlider | None = None
+        if colour_scale:
+            lo, hi = data_range(ds, colour_var)
+            self.vlim = W.FloatRangeSlider(
+                value=(lo, hi),
+                min=lo,
+                max=hi,
+                step=(hi - lo) / 200,
+                readout_format=".3g",
+                description="Colour range",
+                continuous_update=False,
+                style=style,
+                layout=W.Layout(width="28em"),
+            )
+        self._full_vlim = None if self.vlim is None else self.vlim.value
+        self.default_kwargs = self.kwargs()  # what the static placeholder shows
+        self.output = W.Output()
+        self.figure: Figure | None = None
+        self.png: bytes | None = None
+        for control in self.controls:
+            control.observe(self._on_change, names="value")
+        head = [self.reduction] + ([self.vlim] if self.vlim is not None else [])
+        self.widget = W.VBox(
+            [W.HBox(head), W.HBox(list(self.filters.values())), self.output],
+        )
+        self.redraw()
+
+    @property
+    def controls(self) -> list[W.ValueWidget]:
+        extra = [self.vlim] if self.vlim is not None else []
+        return [self.reduction, *extra, *self.filters.values()]
+
+    def selection(self) -> dict[str, list]:
+        """The current filter values as a ``select`` mapping (axes left whole are omitted)."""
+        select = {}
+        for axis, widget in self.filters.items():
+            all_values = [v for _, v in widget.options]
+            if list(widget.value) != all_values:
+                select[axis] = list(widget.value)
+        return select
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of the figure function for the current control values."""
+        kw: dict[str, Any] = {"select": self.selection(), "reduce": self.reduction.value}
+        if self.vlim is not None and tuple(self.vlim.value) != tuple(self._full_vlim):
+            kw["vlim"] = tuple(self.vlim.value)
+        return kw
+
+    def render(self) -> Figure:
+        """A new Figure for the current control values (the app's display is not touched)."""
+        return self.figure_fn(self.ds, **self.kwargs())
+
+    def redraw(self) -> None:
+        """Re-render and replace the figure shown in the Output widget."""
+        if any(len(w.value) == 0 for w in self.filters.values()):
+            with self.output:
+                self.output.clear_output(wait=True)
+                print("Select at least one value of every filter.")
+            return
+        try:
+            fig = self.render()
+        except ValueError as exc:  # e.g. a selection that leaves nothing to plot
+            with self.output:
+                self.output.clear_output(wait=True)
+                print(f"Nothing to show: {exc}")
+            return
+        self.figure = fig
+        self.png = figure_png(fig)
+        if get_ipython() is None:  # plain Python (tests, scripts): nothing to display into
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(Image(data=self.png, format="png"))
+
+    def _on_change(self, change) -> None:
+        self.redraw()
+
+    def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
+        """Write the placeholder PNG of the figure at the app's initial settings."""
+        fig = self.figure_fn(self.ds, **self.default_kwargs)
+        reduction = self.default_kwargs["reduce"]
+        return save_placeholder(fig, path, reduction=reduction, **metadata)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+def figure_app(
+    figure_fn: FigureFunction,
+    ds: xr.Dataset,
+    *,
+    filters: Sequence[str] | None = None,
+    initial: Mapping[str, Sequence] | None = None,
+    reduction: str = "median",
+    colour_scale: bool = False,
+    colour_var: str = "best_loss",
+) -> FigureApp:
+    """An interactive app for ``figure_fn`` on ``ds`` (see :class:`FigureApp`).
+
+    ``filters`` names the grid axes that get a multi-select (default: every grid axis),
+    ``initial`` preselects values of some of them, ``reduction`` is the default Reduction mode,
+    ``colour_scale`` adds a colour-range slider spanning the finite values of ``ds[colour_var]``.
+    """
+    return FigureApp(
+        figure_fn,
+        ds,
+        filters=filters,
+        initial=initial,
+        reduction=reduction,
+        colour_scale=colour_scale,
+        colour_var=colour_var,
+    )

@@ -1,0 +1,119 @@
+"""Widgets: controls come from a database's coordinates and every control redraws the figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from hrtem_book.figures.imaging_conditions import imaging_conditions  # noqa: E402
+from hrtem_book.results import synthetic_database  # noqa: E402
+from hrtem_book.widgets import (  # noqa: E402
+    REDUCTIONS,
+    axis_options,
+    figure_app,
+    grid_axes,
+)
+
+
+@pytest.fixture(scope="module")
+def defocus():
+    return synthetic_database("defocus")
+
+
+def heatmap_arrays(app) -> list[np.ndarray]:
+    """The data drawn by the app's current figure (one array per heatmap panel)."""
+    return [np.ma.filled(ax.images[0].get_array(), np.nan) for ax in app.figure.axes if ax.images]
+
+
+def test_options_are_the_coordinates(defocus):
+    options = axis_options(defocus)
+    assert list(options) == grid_axes(defocus)
+    assert "stage" not in options and "eval_domain" not in options
+    for axis, opts in options.items():
+        assert [v for _, v in opts] == defocus[axis].values.tolist()
+
+
+def test_other_coordinates_give_other_options(defocus):
+    narrowed = defocus.sel(n_transfer=[128], freeze=["none", "encoder"])
+    app_full = figure_app(imaging_conditions, defocus)
+    app_narrow = figure_app(imaging_conditions, narrowed)
+    assert [v for _, v in app_full.filters["freeze"].options] == ["none", "encoder", "decoder"]
+    assert [v for _, v in app_narrow.filters["freeze"].options] == ["none", "encoder"]
+    assert [v for _, v in app_narrow.filters["n_transfer"].options] == [128]
+    # a different study has different axes altogether
+    dose_app = figure_app(imaging_conditions, synthetic_database("dose"))
+    assert set(dose_app.filters) == {"pretrain_domain", "target_domain", "freeze", "seed"}
+
+
+def test_control_names_for_the_browser(defocus):
+    app = figure_app(imaging_conditions, defocus, colour_scale=True)
+    assert app.reduction.description == "Reduction mode"
+    assert list(app.reduction.options) == list(REDUCTIONS)
+    assert {w.description for w in app.filters.values()} == set(grid_axes(defocus))
+    assert app.vlim is not None and app.vlim.description == "Colour range"
+
+
+def test_reduction_mode_redraws_with_the_reduced_data(defocus):
+    app = figure_app(imaging_conditions, defocus, reduction="min")
+    low = heatmap_arrays(app)
+    app.reduction.value = "max"
+    high = heatmap_arrays(app)
+    finite = np.isfinite(low[1])
+    assert finite.any()
+    # max over the same models is never below min, and differs somewhere (seeds add noise)
+    assert np.all(high[1][finite] >= low[1][finite])
+    assert np.any(high[1][finite] > low[1][finite])
+
+
+def test_filter_redraws_with_the_filtered_data(defocus):
+    app = figure_app(imaging_conditions, defocus)
+    png_before = app.png
+    app.filters["freeze"].value = ("encoder",)
+    assert app.selection() == {"freeze": ["encoder"]}
+    assert app.png != png_before
+    # the drawn after-transfer map equals a direct median over the encoder-frozen models only
+    drawn = heatmap_arrays(app)[1]
+    expected = imaging_conditions(defocus, select={"freeze": ["encoder"]}).axes[1].images[0]
+    np.testing.assert_allclose(drawn, np.ma.filled(expected.get_array(), np.nan))
+
+
+def test_pretrain_target_filter_shrinks_the_map(defocus):
+    app = figure_app(imaging_conditions, defocus)
+    app.filters["target_domain"].value = (0.0, 10.0)
+    assert heatmap_arrays(app)[1].shape == (3, 2)
+
+
+def test_colour_range_reaches_the_figure(defocus):
+    app = figure_app(imaging_conditions, defocus, colour_scale=True)
+    app.vlim.value = (0.2, 0.3)
+    assert app.figure.axes[0].images[0].get_clim() == pytest.approx((0.2, 0.3))
+
+
+def test_empty_filter_keeps_the_last_figure(defocus):
+    app = figure_app(imaging_conditions, defocus)
+    fig = app.figure
+    app.filters["seed"].value = ()
+    assert app.figure is fig
+
+
+def test_bad_arguments_name_the_value(defocus):
+    with pytest.raises(ValueError, match="reduction='avg'"):
+        figure_app(imaging_conditions, defocus, reduction="avg")
+    with pytest.raises(ValueError, match="magnification"):
+        figure_app(imaging_conditions, defocus, filters=["magnification"])
+    with pytest.raises(ValueError, match="not in its coordinates"):
+        figure_app(imaging_conditions, defocus, initial={"freeze": ["everything"]})
+
+
+def test_placeholder_records_its_reduction(defocus, tmp_path):
+    from PIL import Image
+
+    app = figure_app(imaging_conditions, defocus, reduction="mean")
+    app.reduction.value = "max"  # interactive changes do not alter the placeholder
+    path = app.save_placeholder(tmp_path / "fig.png", profile="synthetic")
+    meta = Image.open(path).text
+    assert meta["reduction"] == "mean" and meta["profile"] == "synthetic"
