@@ -394,3 +394,132 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     ds["best_loss"] = ds["best_loss"].where(np.isfinite(ds["best_loss"]))
     ds["final_loss"].values[...] = history[..., -1]
     return ds
+
+
+# --- records → database -----------------------------------------------------------------------
+def _domain_index(series: str, eval_domains: Iterable) -> dict[str, int]:
+    """Record keys are ``str(domain)``; numeric keys are matched by value ("-10" = "-10.0")."""
+    out = {}
+    for i, d in enumerate(eval_domains):
+        out[str(d)] = i
+        if series != "structure":
+            out[repr(float(d))] = i
+    return out
+
+
+def _stage_params(record: Mapping[str, Any], stage: str, stage_rec: Mapping[str, Any]) -> float:
+    if "trainable_params" in stage_rec:
+        return float(stage_rec["trainable_params"])
+    # pretraining updates every parameter; the last stage's count is the record's own
+    key = "total_params" if stage == "pretrain" else "trainable_params"
+    value = record.get(key)
+    return np.nan if value is None else float(value)
+
+
+def fill_from_records(ds: xr.Dataset, grid, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Write the records (by config hash) into the cells of ``grid`` (a studies.StudyGrid)."""
+    spec = grid.spec
+    index = _domain_index(spec.series, ds["eval_domain"].values.tolist())
+    pos = {a: {v: i for i, v in enumerate(grid.coords[a])} for a in spec.axes}
+    status, hashes = ds["status"].values, ds["config_hash"].values
+    best, final, hist = ds["best_loss"].values, ds["final_loss"].values, ds["history"].values
+    times, params = ds["train_time_s"].values, ds["trainable_params"].values
+    n_epochs = ds.sizes["epoch"]
+    status[...] = "excluded"
+    for cell in grid.cells:
+        idx = tuple(pos[a][v] for a, v in zip(spec.axes, cell, strict=True))
+        h = grid.hashes[cell]
+        hashes[idx] = h
+        record = records.get(h)
+        if record is None:
+            status[idx] = "missing"
+            continue
+        status[idx] = record["status"]
+        if record["status"] != "ok":
+            continue
+        for s, stage in enumerate(spec.stages):
+            srec = record.get("stages", {}).get(stage)
+            if srec is None:
+                continue
+            times[idx + (s,)] = float(srec.get("train_time_s", np.nan))
+            params[idx + (s,)] = _stage_params(record, stage, srec)
+            for key, target in (("best_loss", best), ("final_loss", final)):
+                for dom, value in srec.get(key, {}).items():
+                    if dom in index:
+                        target[idx + (s, index[dom])] = _finite(value)
+            for dom, curve in srec.get("val_loss", {}).items():
+                if dom in index:
+                    values = [_finite(v) for v in curve[:n_epochs]]
+                    hist[idx + (s, index[dom], slice(0, len(values)))] = values
+
+
+def _finite(value) -> float:
+    value = np.nan if value is None else float(value)
+    return value if np.isfinite(value) else np.nan
+
+
+def build_database(study: str, profile, root: str | Path = ".") -> xr.Dataset:
+    """The database of ``study`` for ``profile`` from the records under ``root/results``."""
+    from .studies import build_grid
+    from .sweep import read_record, records_dir
+
+    grid = build_grid(study, profile)
+    folder = records_dir(root, profile.name, study)
+    records = {}
+    for h in grid.runs:
+        rec = read_record(folder / f"{h}.json")
+        if rec is not None:
+            records[h] = rec
+    n_epochs = profile.stage.epochs
+    for rec in records.values():
+        for srec in rec.get("stages", {}).values():
+            for curve in srec.get("val_loss", {}).values():
+                n_epochs = max(n_epochs, len(curve))
+    ds = empty_database(
+        study, grid.coords, grid.eval_domains, n_epochs, profile=profile.name, fixed=grid.fixed
+    )
+    ds.attrs["n_pretrain"] = profile.n_pretrain
+    ds.attrs["n_records"] = len(records)
+    fill_from_records(ds, grid, records)
+    return ds
+
+
+def collect(profile, root: str | Path = ".", studies: Iterable[str] | None = None) -> dict:
+    """Write ``results/<profile>/<study>.nc`` for every study with records; return the paths."""
+    from .profiles import get_profile
+    from .sweep import profile_dir
+
+    profile = get_profile(profile) if isinstance(profile, str) else profile
+    out = {}
+    for study in studies or STUDIES:
+        ds = build_database(study, profile, root)
+        if ds.attrs["n_records"] == 0:
+            continue
+        out[study] = save_database(ds, profile_dir(root, profile.name) / f"{study}.nc")
+    return out
+
+
+def _cli(args) -> int:
+    from .profiles import get_profile
+
+    profile = get_profile(args.profile)
+    paths = collect(profile, args.root)
+    if not paths:
+        raise FileNotFoundError(
+            f"no records under {Path(args.root) / 'results' / profile.name / 'records'}; run "
+            f"`hrtem-book sweep --study all --profile {profile.name}` first"
+        )
+    for study, path in paths.items():
+        ds = load_database(path, study)
+        counts = {s: int((ds["status"] == s).sum()) for s in STATUS_VALUES}
+        print(f"{path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "collect", help="gather sweep records into results/<profile>/<study>.nc databases"
+    )
+    p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
+    p.add_argument("--root", default=".", help="project folder holding results/")
+    p.set_defaults(func=_cli)

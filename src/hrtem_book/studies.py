@@ -28,8 +28,10 @@ may replace values but never drop an axis, so every figure finds the dims it nee
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from .config import (
@@ -190,22 +192,27 @@ class StudyGrid:
     eval_domains: tuple
     cells: dict[tuple, RunConfig]
 
-    @property
+    @cached_property
+    def hashes(self) -> dict[tuple, str]:
+        """Config hash (run id) of every cell."""
+        return {cell: config_hash(cfg) for cell, cfg in self.cells.items()}
+
+    @cached_property
     def runs(self) -> dict[str, RunConfig]:
         """Distinct run configs of the grid by config hash (insertion = grid order)."""
         out: dict[str, RunConfig] = {}
-        for cfg in self.cells.values():
-            out.setdefault(config_hash(cfg), cfg)
+        for cell, cfg in self.cells.items():
+            out.setdefault(self.hashes[cell], cfg)
         return out
 
-    @property
+    @cached_property
     def pretrains(self) -> dict[str, PretrainConfig]:
         """Distinct pretrainings that the transfer runs of this grid load."""
-        out: dict[str, PretrainConfig] = {}
+        seen: dict[int, PretrainConfig] = {}  # one object per pretraining (see build_grid)
         for cfg in self.cells.values():
             if isinstance(cfg, TransferConfig):
-                out.setdefault(config_hash(cfg.pretrain), cfg.pretrain)
-        return out
+                seen.setdefault(id(cfg.pretrain), cfg.pretrain)
+        return {config_hash(p): p for p in seen.values()}
 
 
 def _resolve_values(spec: StudySpec, data: DataConfig, overrides: dict) -> tuple[dict, dict]:
@@ -257,6 +264,7 @@ def build_grid(study: str, profile) -> StudyGrid:
     data, model, stage = profile.data, profile.model, profile.stage
     n_max = data.n_train
 
+    @functools.cache  # one object per pretraining, shared by its transfer runs
     def pretrain(domain, lr, seed) -> PretrainConfig:
         if profile.n_pretrain > n_max:
             raise ValueError(f"n_pretrain={profile.n_pretrain} exceeds the {n_max} train images")
