@@ -214,15 +214,31 @@ def multislice(potential: Potential, energy_eV: float) -> Waves:
     aperture = antialias_aperture(n, potential.sampling_A, dev)
     prop = fresnel_propagator(n, potential.sampling_A, potential.slice_thickness_A, energy_eV, dev)
     psi = torch.ones((potential.n_configs, n, n), dtype=torch.complex64, device=dev)
-    per_slice = potential.n_configs * n * n * 4 * (2 * len(potential.elements) + 6)
-    block = max(1, min(potential.n_slices, _BLOCK_BYTES // per_slice))
-    for start in range(0, potential.n_slices, block):
-        stop = min(start + block, potential.n_slices)
-        v = potential.slices(start, stop)
-        t = torch.polar(torch.ones_like(v), sigma * v)
-        t = torch.fft.ifft2(torch.fft.fft2(t) * aperture)
-        for j in range(stop - start):
-            psi = torch.fft.ifft2(torch.fft.fft2(psi * t[:, j]) * prop)
+    per_slice = potential.n_configs * n * n * 4 * 8
+    block = max(1, _BLOCK_BYTES // per_slice)
+    occupied = potential.occupied
+    start, fresh = 0, True  # fresh: psi is still the incident plane wave
+    while start < potential.n_slices:
+        stop = start + 1
+        while stop < potential.n_slices and occupied[stop] == occupied[start]:
+            stop += 1
+        if not occupied[start]:
+            # empty slices: t = 1, so the run is one free propagation over its total
+            # thickness (exact for the Fresnel propagator); a plane wave is left unchanged
+            if not fresh:
+                thick = (stop - start) * potential.slice_thickness_A
+                far = fresnel_propagator(n, potential.sampling_A, thick, energy_eV, dev)
+                psi = torch.fft.ifft2(torch.fft.fft2(psi) * far)
+            start = stop
+            continue
+        for b0 in range(start, stop, block):
+            b1 = min(b0 + block, stop)
+            v = potential.slices(b0, b1)
+            t = torch.polar(torch.ones_like(v), sigma * v)
+            t = torch.fft.ifft2(torch.fft.fft2(t) * aperture)
+            for j in range(b1 - b0):
+                psi = torch.fft.ifft2(torch.fft.fft2(psi * t[:, j]) * prop)
+        fresh, start = False, stop
     return Waves(psi, potential.sampling_A, energy_eV)
 
 
@@ -276,15 +292,15 @@ def image_intensities(waves: Waves, defocus_A: torch.Tensor, sim: SimulationConf
 
 
 def minimum_contrast_defocus(wave: Waves, sim: SimulationConfig) -> float:
-    """Defocus [Å] (abTEM convention) of minimum image variance of ``wave`` (optics grid)."""
+    """Defocus [Å] (abTEM convention) of minimum variance of the output image of ``wave``
+    (``[1, M, M]`` on the optics grid): a coarse grid search, then a fine one around its best.
+
+    The variance is taken on the binned output pixels, the contrast a user of the images sees.
+    """
 
     def best(defoci_nm: np.ndarray) -> float:
-        h = CTF(sim.energy_eV, torch.as_tensor(defoci_nm * 10.0), sim.cs_A, sim.focal_spread_A)
-        img = (
-            wave.apply_ctf(h).intensity().array.reshape(len(defoci_nm), -1, *wave.array.shape[-2:])
-        )
-        var = img.mean(1).var(dim=(-2, -1))
-        return float(defoci_nm[int(torch.argmin(var))])
+        img = image_intensities(wave, torch.as_tensor(defoci_nm * 10.0), sim).array
+        return float(defoci_nm[int(torch.argmin(img.var(dim=(-2, -1))))])
 
     lo, hi, step = CALIBRATION_COARSE_NM
     coarse = best(np.arange(lo, hi + step / 2, step))

@@ -1,0 +1,409 @@
+"""The three dataset series of the study: generation, storage (xarray/netCDF) and loading.
+
+* ``defocus``: CdSe scenes imaged at every defocus of ``DataConfig.defoci_nm`` (dose
+  ``defocus_series_dose``);
+* ``dose``: the same CdSe scenes at ``dose_series_defocus_nm`` and every dose of ``doses``;
+* ``structure``: for every lattice × size ("<lattice>-<small|large>") its own scenes at
+  ``structure_series_defocus_nm`` and ``structure_series_dose``.
+
+The defocus and dose series reuse the same exit waves: one pass simulates each CdSe scene once
+(all frozen phonons) and applies every defocus and dose of both series to it, writing both
+series' chunks. The exit waves are not stored (at paper scale they would take 67 GB); the
+images of both series are. Image ``i`` of the train split shows the same structure in every
+domain of these two series; defocus jitter and noise are drawn per image.
+
+Reproducibility: every random draw comes from ``np.random.SeedSequence((seed, group, domain,
+split, index, stream))``, so an image does not depend on which chunk or process made it, and
+train and validation scenes never coincide (different ``split`` entropy). Generation is cached
+by ``series_hash``; work is written in chunks (``<root>/.chunks/<series>-<hash>/``, atomic
+renames), so an interrupted run continues with the first missing chunk. Finished series live in
+``<root>/<series>-<hash>.nc`` with the layout of docs/ARCHITECTURE.md ("Dataset series").
+
+    hrtem-book simulate --series defocus --profile smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import SERIES, DataConfig, config_hash, normalize_domain, stable_json
+
+GENERATOR_VERSION = 1  # bump when the images change for an unchanged config
+CHUNK_SCENES = 8  # scenes per chunk file
+SPLITS = ("train", "val")
+SIZES = ("small", "large")
+_GROUP = {"defocus": ("defocus", "dose"), "dose": ("defocus", "dose"), "structure": ("structure",)}
+
+
+def series_hash(series: str, data: DataConfig) -> str:
+    """Content hash of one series of ``data`` (also covers the generator version)."""
+    _check_series(series)
+    return config_hash({"series": series, "data": data, "generator": GENERATOR_VERSION})
+
+
+def series_path(series: str, data: DataConfig, root: str | Path) -> Path:
+    """Path of the finished series: ``<root>/<series>-<hash>.nc``."""
+    return Path(root) / f"{series}-{series_hash(series, data)}.nc"
+
+
+def _check_series(series: str) -> None:
+    if series not in SERIES:
+        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
+
+
+def domains(series: str, data: DataConfig) -> list[float | str]:
+    """Domain values of a series, in storage order."""
+    _check_series(series)
+    if series == "defocus":
+        return [float(d) for d in data.defoci_nm]
+    if series == "dose":
+        return [float(d) for d in data.doses]
+    return [f"{lat}-{size}" for lat in data.lattices for size in data.sizes]
+
+
+def validate(series: str, data: DataConfig) -> None:
+    """Raise a one-line ValueError for a value the generator cannot honour."""
+    from .structures import get_lattice
+
+    _check_series(series)
+    sim = data.sim
+    for lat in data.lattices:
+        get_lattice(lat)
+    for size in data.sizes:
+        if size not in SIZES:
+            raise ValueError(f"unknown particle size {size!r}; allowed: {', '.join(SIZES)}")
+    for d in (*data.doses, data.defocus_series_dose, data.structure_series_dose):
+        if not d > 0:
+            raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")
+    field_A = sim.field_nm * 10
+    for name, step in (("sampling_A", sim.sampling_A), ("pixel_A", sim.pixel_A)):
+        if abs(field_A / step - round(field_A / step)) > 1e-6:
+            raise ValueError(
+                f"{name}={step} Å does not divide the {sim.field_nm} nm field; "
+                "allowed: a step that fits a whole number of times"
+            )
+    if sim.image_px < 16:
+        raise ValueError(
+            f"pixel_A={sim.pixel_A} Å leaves {sim.image_px} pixels across the "
+            f"{sim.field_nm} nm field; allowed: at least 16"
+        )
+    radii = {"defocus": [data.series_radius_nm], "dose": [data.series_radius_nm]}
+    radii["structure"] = [getattr(data, f"{s}_radius_nm") for s in data.sizes]
+    for lo, hi in radii[series]:
+        if not 0 < lo <= hi <= sim.field_nm / 2:
+            raise ValueError(
+                f"particle radius range ({lo}, {hi}) nm is not allowed for the {sim.field_nm} nm "
+                f"field: need 0 < lo <= hi <= {sim.field_nm / 2}"
+            )
+
+
+# --- work units ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """One chunk of scenes: ``domain`` is None for the shared CdSe scenes."""
+
+    group: str  # "cdse" or "structure"
+    domain: str | None
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.domain or 'cdse'}_{self.split}_{self.start:05d}"
+
+
+def _units(series: str, data: DataConfig) -> list[_Unit]:
+    doms = [None] if series in ("defocus", "dose") else domains("structure", data)
+    group = "structure" if series == "structure" else "cdse"
+    out = []
+    for dom in doms:
+        for split, n in zip(SPLITS, (data.n_train, data.n_val), strict=True):
+            for s in range(0, n, CHUNK_SCENES):
+                out.append(_Unit(group, dom, split, s, min(s + CHUNK_SCENES, n)))
+    return out
+
+
+def _code(text: str) -> int:
+    return zlib.crc32(text.encode())  # stable across processes, unlike hash()
+
+
+def _rng(data: DataConfig, *keys) -> np.random.Generator:
+    words = [data.seed] + [_code(k) if isinstance(k, str) else int(k) for k in keys]
+    return np.random.default_rng(np.random.SeedSequence(words))
+
+
+def _chunk_dir(series: str, data: DataConfig, root: Path) -> Path:
+    return root / ".chunks" / f"{series}-{series_hash(series, data)}"
+
+
+def _chunk_file(series: str, data: DataConfig, root: Path, unit: _Unit) -> Path:
+    return _chunk_dir(series, data, root) / f"{unit.name}.nc"
+
+
+def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
+    """Simulate the scenes of ``unit`` and write one chunk file per series of its group."""
+    from .simulate import noisy_images, simulate_scene
+    from .structures import build_scene, get_lattice
+
+    sim = data.sim
+    if unit.group == "cdse":
+        lattice, radii = "CdSe", data.series_radius_nm
+        plan = {  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²])
+            "defocus": (
+                domains("defocus", data),
+                list(data.defoci_nm),
+                [data.defocus_series_dose] * len(data.defoci_nm),
+            ),
+            "dose": (
+                domains("dose", data),
+                [data.dose_series_defocus_nm] * len(data.doses),
+                list(data.doses),
+            ),
+        }
+    else:
+        lattice, size = unit.domain.rsplit("-", 1)
+        radii = getattr(data, f"{size}_radius_nm")
+        plan = {
+            "structure": (
+                [unit.domain],
+                [data.structure_series_defocus_nm],
+                [data.structure_series_dose],
+            )
+        }
+    blur = get_lattice(lattice).label_blur_A
+    parts: dict[str, list[xr.Dataset]] = {s: [] for s in plan}
+    for index in range(unit.start, unit.stop):
+        scene_rng = _rng(data, unit.group, unit.domain or "", unit.split, index, "scene")
+        scene = build_scene(sim, lattice, radii, scene_rng)
+        sw = simulate_scene(scene, sim, blur, scene_rng, device)
+        mask = sw.mask.cpu().numpy()
+        for series, (doms, defoci, doses) in plan.items():
+            imgs, used = [], []
+            for dom, defocus, dose in zip(doms, defoci, doses, strict=True):
+                rng = _rng(data, series, str(dom), unit.split, index, "optics")
+                offset = defocus + rng.normal(0.0, sim.defocus_jitter_nm)
+                imgs.append(noisy_images(sw, [offset], [dose], sim, rng)[0])
+                used.append(offset)
+            parts[series].append(_samples(series, doms, unit.split, index, imgs, mask, used, sw))
+    for series, samples in parts.items():
+        _atomic_netcdf(xr.concat(samples, "sample"), _chunk_file(series, data, root, unit))
+
+
+def _samples(series, doms, split, index, imgs, mask, used, sw) -> xr.Dataset:
+    k = len(doms)
+    dom = np.array(doms, dtype=object if series == "structure" else np.float64)
+    if series == "structure":
+        dom = dom.astype(str)
+    return xr.Dataset(
+        {
+            "image": (("sample", "y", "x"), np.stack(imgs).astype(np.float32)),
+            "mask": (("sample", "y", "x"), np.repeat(mask[None], k, 0).astype(np.uint8)),
+            "zero_defocus_nm": ("sample", np.full(k, sw.zero_defocus_A / 10, np.float32)),
+        },
+        coords={
+            "domain": ("sample", dom),
+            "split": ("sample", np.array([split] * k)),
+            "index": ("sample", np.full(k, index, np.int64)),
+            "defocus_nm": ("sample", np.array(used, np.float64)),
+        },
+    )
+
+
+def _atomic_netcdf(ds: xr.Dataset, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ds.to_netcdf(tmp)
+    os.replace(tmp, path)
+
+
+# --- generation and loading ---------------------------------------------------------------------
+
+
+def generate(
+    series: str,
+    data: DataConfig,
+    root: str | Path,
+    *,
+    device: str = "cpu",
+    workers: int = 1,
+    progress: bool = True,
+) -> Path:
+    """Generate (or finish generating) ``series`` and every series sharing its scenes.
+
+    Returns the path of the finished series. Chunks already on disk are kept and skipped;
+    ``workers`` > 1 simulates chunks in that many processes (CPU only).
+    """
+    validate(series, data)
+    root = Path(root)
+    group = _GROUP[series]
+    units = _units(series, data)
+    todo = [u for u in units if not all(_chunk_file(s, data, root, u).exists() for s in group)]
+    if not all(series_path(s, data, root).exists() for s in group):
+        bar = tqdm(
+            total=sum(u.stop - u.start for u in units),
+            initial=sum(u.stop - u.start for u in units if u not in todo),
+            desc=f"simulate {series}",
+            unit="scene",
+            disable=not progress,
+        )
+        with bar:
+            for unit in _execute(todo, data, root, device, workers):
+                bar.update(unit.stop - unit.start)
+    for s in group:
+        if not series_path(s, data, root).exists():
+            _merge(s, data, root, units)
+    if all(series_path(s, data, root).exists() for s in group):
+        for s in group:
+            shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
+    return series_path(series, data, root)
+
+
+def _execute(todo, data, root, device, workers) -> Iterator[_Unit]:
+    if workers <= 1 or str(device) != "cpu":
+        for unit in todo:
+            _run_unit(unit, data, root, device)
+            yield unit
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")  # fork after torch initialised can deadlock
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(_run_unit, u, data, root, device): u for u in todo}
+        for fut in cf.as_completed(futures):
+            fut.result()
+            yield futures[fut]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> None:
+    files = [_chunk_file(series, data, root, u) for u in units]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"chunks missing for {series}: {', '.join(missing[:3])}")
+    parts = [xr.load_dataset(f) for f in files]
+    ds = xr.concat(parts, "sample")
+    order = {d: i for i, d in enumerate(domains(series, data))}
+    key = np.lexsort(
+        (
+            ds["index"].values,
+            [SPLITS.index(s) for s in ds["split"].values],
+            [order[normalize_domain(series, d)] for d in ds["domain"].values],
+        )
+    )
+    ds = ds.isel(sample=key)
+    sim = data.sim
+    ds = ds.assign_coords(
+        y=("y", (np.arange(sim.image_px) + 0.5) * sim.pixel_A),
+        x=("x", (np.arange(sim.image_px) + 0.5) * sim.pixel_A),
+    )
+    ds["image"].attrs.update(units="electrons per pixel", long_name="HRTEM image after dose")
+    ds["mask"].attrs.update(long_name="particle mask (1 = particle)")
+    ds["zero_defocus_nm"].attrs.update(
+        long_name="minimum-contrast defocus of the particles in vacuum (abTEM sign)", units="nm"
+    )
+    ds["defocus_nm"].attrs.update(
+        units="nm", long_name="jittered defocus from the calibrated zero (positive = underfocus)"
+    )
+    ds["x"].attrs.update(units="Å")
+    ds["y"].attrs.update(units="Å")
+    ds.attrs.update(
+        series=series,
+        config=stable_json(data),
+        config_hash=series_hash(series, data),
+        package_version=__version__,
+        seed=data.seed,
+        generator_version=GENERATOR_VERSION,
+        pixel_A=sim.pixel_A,
+        domain_units={"defocus": "nm", "dose": "e⁻/Å²", "structure": "lattice-size"}[series],
+    )
+    _atomic_netcdf(ds, series_path(series, data, root))
+
+
+def load_series(
+    series: str,
+    data_config: DataConfig,
+    root: str | Path,
+    device: str = "cpu",
+    *,
+    workers: int = 1,
+    progress: bool = True,
+) -> xr.Dataset:
+    """The series as an in-memory ``xr.Dataset``; generated first when missing."""
+    path = series_path(series, data_config, root)
+    if not path.exists():
+        generate(series, data_config, root, device=device, workers=workers, progress=progress)
+    return xr.load_dataset(path)
+
+
+def domain_tensors(
+    ds: xr.Dataset, domain, split: str, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images float32 ``[n, 1, H, W]`` and masks int64 ``[n, H, W]`` of one domain and split,
+    in index order (the first ``n`` when given)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
+    dom = normalize_domain(ds.attrs["series"], domain)
+    values = ds["domain"].values
+    hit = np.isclose(values.astype(float), dom) if isinstance(dom, float) else values == dom
+    sel = np.flatnonzero(hit & (ds["split"].values == split))
+    if sel.size == 0:
+        allowed = ", ".join(str(v) for v in dict.fromkeys(values.tolist()))
+        raise ValueError(
+            f"domain {domain!r} is not in the {ds.attrs['series']} series; allowed: {allowed}"
+        )
+    sel = sel[np.argsort(ds["index"].values[sel], kind="stable")]
+    if n is not None:
+        if not 1 <= n <= sel.size:
+            raise ValueError(f"n={n} images requested; allowed: 1..{sel.size} for {domain!r}")
+        sel = sel[:n]
+    images = torch.from_numpy(ds["image"].values[sel].astype(np.float32))[:, None]
+    masks = torch.from_numpy(ds["mask"].values[sel].astype(np.int64))
+    return images, masks
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def register_cli(subparsers) -> None:
+    """``hrtem-book simulate --series S --profile NAME [--out DIR] [--device D] [--workers N]``."""
+    p = subparsers.add_parser("simulate", help="simulate a dataset series (cached, resumable)")
+    p.add_argument("--series", required=True, help=f"one of: {', '.join(SERIES)}")
+    p.add_argument("--profile", required=True, help="profile name (see hrtem_book.profiles)")
+    p.add_argument("--out", default=None, help="output folder (default: data/<profile>)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--workers", type=int, default=1, help="CPU processes (default 1)")
+    p.set_defaults(func=_cli_simulate)
+
+
+def _cli_simulate(args: argparse.Namespace) -> int:
+    from .profiles import get_profile
+
+    _check_series(args.series)
+    profile = get_profile(args.profile)
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers} is not allowed: it must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} is not available here; allowed: cpu")
+    out = Path(args.out) if args.out else Path("data") / profile.name
+    path = generate(args.series, profile.data, out, device=args.device, workers=args.workers)
+    print(path)
+    return 0
