@@ -1,0 +1,311 @@
+"""Training stages, pretrain → transfer with checkpoint reuse, mixtures, records and the CLI.
+
+The tests train on a small synthetic series in the dataset schema (docs/ARCHITECTURE.md): discs
+on Poisson-like noise whose contrast depends on the "defocus" domain and flips sign across it,
+like HRTEM phase contrast through focus, so the domains differ and transfer is meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from hrtem_book import train
+from hrtem_book.cli import main as cli_main
+from hrtem_book.config import MixtureConfig, PretrainConfig, StageConfig, TransferConfig
+from hrtem_book.models import build_model, count_parameters
+from hrtem_book.profiles import NARROW_MODEL, SMOKE_DATA, SMOKE_STAGE
+
+DOMAINS = (-10.0, 0.0, 10.0)  # the smoke profile's defoci [nm]
+PX = 32  # the smoke profile's image size (3.2 nm at 1 Å per pixel)
+STAGE = StageConfig(epochs=3, batch_size=4, augment_d4=False, n_eval=6)
+
+
+def synthetic_series(n_train: int = 16, n_val: int = 8, seed: int = 0) -> xr.Dataset:
+    """Discs (the "particles", mask 1) on noise; the disc contrast is 0.06·domain, or 0.3 at 0."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:PX, :PX]
+    rows = []
+    for domain in DOMAINS:
+        contrast = 0.06 * domain if domain else 0.3
+        for split, n in (("train", n_train), ("val", n_val)):
+            for index in range(n):
+                mask = np.zeros((PX, PX), bool)
+                for _ in range(rng.integers(1, 4)):
+                    cy, cx = rng.uniform(4, PX - 4, 2)
+                    mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(2.5, 5.0) ** 2
+                image = 100.0 * (1 + contrast * mask) + rng.normal(0, 10, (PX, PX))
+                rows.append((image.astype(np.float32), mask.astype(np.uint8), domain, split, index))
+    images, masks, domain, split, index = zip(*rows, strict=True)
+    return xr.Dataset(
+        {
+            "image": (("sample", "y", "x"), np.stack(images)),
+            "mask": (("sample", "y", "x"), np.stack(masks)),
+        },
+        coords={
+            "domain": ("sample", np.array(domain)),
+            "split": ("sample", np.array(split)),
+            "index": ("sample", np.array(index)),
+        },
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data() -> xr.Dataset:
+    return synthetic_series()
+
+
+def pretrain_cfg(**changes) -> PretrainConfig:
+    base = PretrainConfig(
+        data=SMOKE_DATA,
+        series="defocus",
+        domain=-10.0,
+        lr=3e-3,
+        seed=0,
+        model=NARROW_MODEL,
+        stage=STAGE,
+        n_train=16,
+    )
+    return replace(base, **changes)
+
+
+def transfer_cfg(freeze: str = "none", **changes) -> TransferConfig:
+    base = TransferConfig(
+        pretrain_cfg(), domain=10.0, n_train=8, lr=1e-3, freeze=freeze, stage=STAGE
+    )
+    return replace(base, **changes)
+
+
+# --- building blocks --------------------------------------------------------------------------
+def test_standardize_gives_mean_zero_variance_one_per_image():
+    x = torch.rand(3, 1, 16, 16) * torch.tensor([1.0, 50.0, 1e4]).view(3, 1, 1, 1) + 7
+    z = train.standardize(x)
+    torch.testing.assert_close(z.mean(dim=(-2, -1)), torch.zeros(3, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        z.var(dim=(-2, -1), unbiased=False), torch.ones(3, 1), atol=1e-4, rtol=0
+    )
+
+
+def test_d4_is_the_dihedral_group_and_keeps_images_and_masks_aligned():
+    x = torch.arange(16.0).view(1, 4, 4)  # no symmetry: all 8 elements differ
+    copies = [train.d4(x, k) for k in range(8)]
+    assert len({tuple(c.flatten().tolist()) for c in copies}) == 8
+    for k in range(8):  # closure: applying any element twice stays in the group
+        assert any(torch.equal(train.d4(copies[k], k), c) for c in copies)
+    images = torch.randn(8, 1, 6, 6)
+    masks = (images[:, 0] > 0).long()
+    ks = torch.arange(8)
+    assert torch.equal(train._augment(images, ks)[:, 0] > 0, train._augment(masks, ks) == 1)
+
+
+def test_select_takes_the_first_images_by_index(data):
+    images, masks = train.select(data, 0.0, "val", 3)
+    assert images.shape == (3, 1, PX, PX) and images.dtype == torch.float32
+    assert masks.shape == (3, PX, PX) and masks.dtype == torch.int64
+    keep = (data.domain == 0.0) & (data.split == "val") & (data["index"] < 3)
+    assert torch.equal(masks, torch.from_numpy(data["mask"].values[keep.values].astype(np.int64)))
+    with pytest.raises(ValueError, match=r"allowed: 1\.\.8"):
+        train.select(data, 0.0, "val", 9)
+
+
+# --- one stage --------------------------------------------------------------------------------
+def test_record_format_and_falling_loss(data, tmp_path):
+    record = train.run(pretrain_cfg(), root=tmp_path, data=data)
+    assert record["status"] == "ok" and record["error"] is None and record["kind"] == "pretrain"
+    assert set(record) == {
+        "config_hash", "kind", "config", "status", "error", "stages",
+        "trainable_params", "total_params", "package_version", "git_commit",
+    }  # fmt: skip
+    json.dumps(record, allow_nan=False)  # JSON-serialisable, finite
+    s = record["stages"]["pretrain"]
+    assert set(s) == {"train_loss", "val_loss", "best_loss", "final_loss", "train_time_s",
+                      "peak_memory_mb", "epochs_run"}  # fmt: skip
+    assert s["epochs_run"] == STAGE.epochs == len(s["train_loss"])
+    assert set(s["val_loss"]) == {str(d) for d in DOMAINS}  # every domain, every epoch
+    assert all(len(h) == STAGE.epochs for h in s["val_loss"].values())
+    assert s["best_loss"] == {k: min(h) for k, h in s["val_loss"].items()}
+    assert s["final_loss"] == {k: h[-1] for k, h in s["val_loss"].items()}
+    assert s["train_loss"][-1] < s["train_loss"][0]
+    assert s["val_loss"]["-10.0"][-1] < s["val_loss"]["-10.0"][0]
+    assert record["trainable_params"] == record["total_params"] == 920_722
+    assert s["train_time_s"] > 0 and s["peak_memory_mb"] > 0
+
+
+def test_pretrained_model_beats_untrained_on_its_domain(data, tmp_path):
+    cfg = pretrain_cfg()
+    record = train.run(cfg, root=tmp_path, data=data)
+    torch.manual_seed(cfg.seed)
+    untrained = build_model(cfg.model)
+    val = train.select(data, cfg.domain, "val", STAGE.n_eval)
+    assert record["stages"]["pretrain"]["best_loss"]["-10.0"] < train.evaluate(untrained, *val)
+
+
+def test_cpu_training_is_deterministic(data, tmp_path):
+    cfg = transfer_cfg("encoder")
+    first = train.run(cfg, root=tmp_path / "a", data=data)
+    again = train.run(cfg, root=tmp_path / "b", data=data)  # pretrains again, in another root
+    loaded = train.run(cfg, root=tmp_path / "a", data=data)  # reuses the checkpoint
+    for other in (again, loaded):
+        assert other["stages"] == _without_time(first["stages"], other["stages"])
+
+
+def _without_time(stages: dict, like: dict) -> dict:
+    """``stages`` with the wall-clock and memory entries of ``like`` (they may differ)."""
+    out = json.loads(json.dumps(stages))
+    for name, s in out.items():
+        for key in ("train_time_s", "peak_memory_mb"):
+            s[key] = like[name][key]
+    return out
+
+
+def test_d4_augmentation_multiplies_the_epoch(data, tmp_path, monkeypatch):
+    cfg = pretrain_cfg(stage=replace(STAGE, epochs=1, augment_d4=True), n_train=4)
+    calls = []
+    original = train._batches
+    batches = lambda n, stage, gen: (calls.append(b) or b for b in original(n, stage, gen))  # noqa: E731
+    monkeypatch.setattr(train, "_batches", batches)
+    record = train.run(cfg, root=tmp_path, data=data)
+    assert record["status"] == "ok"
+    assert sorted(
+        (i.item(), k.item()) for idx, ks in calls for i, k in zip(idx, ks, strict=True)
+    ) == [(i, k) for i in range(4) for k in range(8)]  # every image in all 8 orientations, once
+
+
+# --- pretrain → transfer ----------------------------------------------------------------------
+def test_transfer_runs_share_one_pretraining(data, tmp_path, monkeypatch):
+    calls = []
+    original = train._train_pretrain
+    monkeypatch.setattr(train, "_train_pretrain", lambda *a: calls.append(1) or original(*a))
+    records = [train.run(transfer_cfg(f), root=tmp_path, data=data) for f in ("none", "encoder")]
+    path = train.checkpoint_path(tmp_path, pretrain_cfg())
+    mtime = path.stat().st_mtime_ns
+    records.append(train.run(transfer_cfg("decoder"), root=tmp_path, data=data))
+    records.append(train.run(pretrain_cfg(), root=tmp_path, data=data))  # loads, never retrains
+    assert len(calls) == 1 and path.stat().st_mtime_ns == mtime
+    assert all(r["status"] == "ok" for r in records)
+    pretrain_stages = [r["stages"]["pretrain"] for r in records]
+    assert all(s == pretrain_stages[0] for s in pretrain_stages)
+    assert [r["kind"] for r in records] == ["transfer"] * 3 + ["pretrain"]
+    total = records[0]["total_params"]
+    assert [r["trainable_params"] for r in records] == [total, 209_778, 711_090, total]
+
+
+def test_transfer_keeps_frozen_encoder_and_its_batchnorm(data, tmp_path, monkeypatch):
+    cfg = transfer_cfg("encoder")
+    train.run(cfg, root=tmp_path, data=data)
+    ckpt = train.load_checkpoint(train.checkpoint_path(tmp_path, cfg.pretrain), cfg.pretrain)
+    calls = []
+    original = train.train_stage
+    stage = lambda model, *a, **k: calls.append(model) or original(model, *a, **k)  # noqa: E731
+    monkeypatch.setattr(train, "train_stage", stage)
+    train.run(cfg, root=tmp_path, data=data)
+    state = calls[0].state_dict()
+    encoder = [k for k in state if k.startswith("encoder.") and state[k].is_floating_point()]
+    decoder = [k for k in state if k.startswith("decoder.") and state[k].is_floating_point()]
+    assert any("running_mean" in k for k in encoder)
+    assert all(torch.equal(state[k], ckpt["state_dict"][k]) for k in encoder)
+    assert not any(torch.equal(state[k], ckpt["state_dict"][k]) for k in decoder)
+
+
+def test_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
+    train.run(pretrain_cfg(), root=tmp_path, data=data)
+    other = pretrain_cfg(lr=1e-4)
+    source = train.checkpoint_path(tmp_path, pretrain_cfg())
+    shutil.copy(source, train.checkpoint_path(tmp_path, other))
+    with pytest.raises(ValueError, match=r"written for config .* \(fields differ: lr\)"):
+        train.run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
+
+
+def test_mixture_trains_on_both_domains(data, tmp_path):
+    cfg = MixtureConfig(
+        data=SMOKE_DATA,
+        series="defocus",
+        domains=(-10, 10),
+        n_images=(4, 12),
+        lr=3e-3,
+        seed=0,
+        model=NARROW_MODEL,
+        stage=STAGE,
+    )
+    record = train.run(cfg, root=tmp_path, data=data)
+    assert record["status"] == "ok" and record["kind"] == "mixture"
+    assert set(record["stages"]) == {"mixture"}
+    assert record["stages"]["mixture"]["epochs_run"] == STAGE.epochs
+
+
+# --- failures ---------------------------------------------------------------------------------
+def test_diverging_run_fails_without_raising(data, tmp_path):
+    record = train.run(pretrain_cfg(lr=1e30), root=tmp_path, data=data)
+    assert record["status"] == "failed"
+    assert "non-finite training loss" in record["error"]
+    assert record["stages"]["pretrain"]["epochs_run"] == 0
+    json.dumps(record, allow_nan=False)
+    transfer = train.run(transfer_cfg(pretrain=pretrain_cfg(lr=1e30)), root=tmp_path, data=data)
+    assert transfer["status"] == "failed" and transfer["error"].startswith("pretraining failed")
+
+
+def test_injected_nan_image_fails_the_run(data, tmp_path):
+    broken = data.copy(deep=True)
+    broken["image"][0, 0, 0] = np.nan  # the first training image of domain -10
+    record = train.run(pretrain_cfg(), root=tmp_path, data=broken)
+    assert record["status"] == "failed" and "nan" in record["error"]
+
+
+def test_bad_run_inputs_are_value_errors(data, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="domain 5.0 is not in the series; allowed: -10.0, 0.0"):
+        train.run(pretrain_cfg(domain=5.0), root=tmp_path, data=data)
+    with pytest.raises(ValueError, match=r"17 train images .* allowed: 1\.\.16"):
+        train.run(pretrain_cfg(n_train=17), root=tmp_path, data=data)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available; allowed: 'cpu'"):
+            train.run(pretrain_cfg(), root=tmp_path, device="cuda", data=data)
+    monkeypatch.setenv("HRTEM_BOOK_THREADS", "two")
+    with pytest.raises(ValueError, match="HRTEM_BOOK_THREADS='two'"):
+        train.run(pretrain_cfg(), root=tmp_path, data=data)
+
+
+# --- command line -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--series", "focus"], "--series 'focus'; allowed: defocus, dose, structure"),
+        (["--pretrain", "-7"], "--pretrain '-7'; allowed for defocus: -10.0, 0.0, 10.0"),
+        (["--transfer", "x"], "--transfer 'x'; allowed for defocus"),
+        (["--n-transfer", "9"], r"--n-transfer 9; allowed: 1\.\.8"),
+        (["--freeze", "head"], "freeze='head'; allowed: none, encoder, decoder"),
+        (["--profile", "huge"], "unknown profile 'huge'"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys):
+    base = ["train", "--series", "defocus", "--pretrain", "-10", "--transfer", "10",
+            "--n-transfer", "4", "--freeze", "none", "--profile", "smoke",
+            "--root", str(tmp_path)]  # fmt: skip
+    for i in range(0, len(args), 2):
+        base[base.index(args[i]) + 1] = args[i + 1]
+    assert cli_main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert re.search(message, err), err
+
+
+def test_cli_trains_and_writes_a_record(data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "_default_loader", lambda root, device: lambda s, d: data)
+    argv = ["train", "--series", "defocus", "--pretrain", "-10", "--transfer", "10",
+            "--n-transfer", "8", "--freeze", "encoder", "--profile", "smoke",
+            "--root", str(tmp_path)]  # fmt: skip
+    assert cli_main(argv) == 0
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if line.startswith(("pretrain ", "transfer "))]
+    assert len(rows) == 2 * SMOKE_STAGE.epochs
+    records = list((tmp_path / "results" / "smoke" / "records" / "train").glob("*.json"))
+    assert len(records) == 1
+    record = json.loads(records[0].read_text())
+    assert record["kind"] == "transfer" and record["config"]["freeze"] == "encoder"
+    assert record["trainable_params"] < count_parameters(build_model(NARROW_MODEL))[1]
