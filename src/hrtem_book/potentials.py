@@ -90,7 +90,8 @@ def projected_form_factors(
         PROJECTION_PREFACTOR_V_A2 * scattering_factor(e, q2) / (compensation * sampling_A**2)
         for e in elements
     ]
-    return torch.as_tensor(np.stack(kernels), dtype=torch.float32, device=device)
+    kernels = np.stack(kernels) if kernels else np.zeros((0,) + q2.shape)
+    return torch.as_tensor(kernels, dtype=torch.float32, device=device)
 
 
 def slicing(height_A: float, slice_thickness_A: float) -> tuple[int, float]:
