@@ -21,7 +21,7 @@ from hrtem_book import train
 from hrtem_book.cli import main as cli_main
 from hrtem_book.config import MixtureConfig, PretrainConfig, StageConfig, TransferConfig
 from hrtem_book.models import build_model, count_parameters
-from hrtem_book.profiles import NARROW_MODEL, SMOKE_DATA, SMOKE_STAGE
+from hrtem_book.profiles import NARROW_MODEL, SMOKE_DATA, SMOKE_STAGE, get_profile
 
 DOMAINS = (-10.0, 0.0, 10.0)  # the smoke profile's defoci [nm]
 PX = 32  # the smoke profile's image size (3.2 nm at 1 Å per pixel)
@@ -54,6 +54,7 @@ def synthetic_series(n_train: int = 16, n_val: int = 8, seed: int = 0) -> xr.Dat
             "split": ("sample", np.array(split)),
             "index": ("sample", np.array(index)),
         },
+        attrs={"series": "defocus"},
     )  # fmt: skip
 
 
@@ -261,7 +262,7 @@ def test_injected_nan_image_fails_the_run(data, tmp_path):
 def test_bad_run_inputs_are_value_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="domain 5.0 is not in the series; allowed: -10.0, 0.0"):
         train.run(pretrain_cfg(domain=5.0), root=tmp_path, data=data)
-    with pytest.raises(ValueError, match=r"17 train images .* allowed: 1\.\.16"):
+    with pytest.raises(ValueError, match=r"n=17 images requested; allowed: 1\.\.16"):
         train.run(pretrain_cfg(n_train=17), root=tmp_path, data=data)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available; allowed: 'cpu'"):
@@ -309,3 +310,29 @@ def test_cli_trains_and_writes_a_record(data, tmp_path, monkeypatch, capsys):
     record = json.loads(records[0].read_text())
     assert record["kind"] == "transfer" and record["config"]["freeze"] == "encoder"
     assert record["trainable_params"] < count_parameters(build_model(NARROW_MODEL))[1]
+
+
+# --- the real smoke series --------------------------------------------------------------------
+@pytest.mark.slow
+def test_pretrain_and_transfer_on_the_simulated_smoke_series(tmp_path):
+    """End to end through the default loader: the series is simulated into data/smoke beside
+    results/smoke (about 10 s), then pretrained and transferred."""
+    profile = get_profile("smoke")
+    pre = PretrainConfig(
+        data=profile.data,
+        series="defocus",
+        domain=-10,
+        lr=1e-3,
+        seed=0,
+        model=profile.model,
+        stage=profile.stage,
+        n_train=profile.n_pretrain,
+    )
+    cfg = TransferConfig(pre, domain=10, n_train=4, lr=1e-4, freeze="encoder", stage=profile.stage)
+    record = train.run(cfg, root=tmp_path / "results" / "smoke")
+    assert record["status"] == "ok", record["error"]
+    assert len(list((tmp_path / "data" / "smoke").glob("defocus-*.nc"))) == 1
+    for stage in ("pretrain", "transfer"):
+        history = record["stages"][stage]["val_loss"]
+        assert set(history) == {str(d) for d in profile.data.defoci_nm}
+        assert all(len(h) == profile.stage.epochs for h in history.values())

@@ -52,6 +52,8 @@ from .config import (
     normalize_domain,
     to_jsonable,
 )
+from .datasets import domain_tensors, load_series
+from .datasets import domains as series_domains
 from .models import build_model, count_parameters, freeze
 
 CHECKPOINT_FORMAT = 1
@@ -66,17 +68,6 @@ class _Diverged(Exception):
 
 
 # --- data ------------------------------------------------------------------------------------
-def series_domains(data: DataConfig, series: str) -> list:
-    """The domain values of a series as configured (defocus [nm], dose [e⁻/Å²], structure)."""
-    if series == "defocus":
-        return [float(d) for d in data.defoci_nm]
-    if series == "dose":
-        return [float(d) for d in data.doses]
-    if series == "structure":
-        return [f"{lattice}-{size}" for lattice in data.lattices for size in data.sizes]
-    raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
-
-
 def dataset_domains(ds: xr.Dataset) -> list:
     """Domain values present in a series dataset, in order of first appearance."""
     values = ds["domain"].values.tolist()
@@ -91,23 +82,9 @@ def standardize(images: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def select(ds: xr.Dataset, domain, split: str, n: int | None = None):
-    """Standardised images [n,1,H,W] float32 and masks [n,H,W] int64 of one (domain, split).
-
-    The first ``n`` by ``index`` (all when None), as ``datasets.domain_tensors`` selects them.
-    """
-    keep = (ds["domain"].values == domain) & (ds["split"].values == split)
-    available = int(keep.sum())
-    n = available if n is None else n
-    if not 0 < n <= available:
-        raise ValueError(
-            f"{n} {split} images of domain {domain!r} requested; allowed: 1..{available} "
-            "(the series holds that many)"
-        )
-    rows = np.flatnonzero(keep)
-    rows = rows[np.argsort(ds["index"].values[rows], kind="stable")][:n]
-    images = torch.from_numpy(np.ascontiguousarray(ds["image"].values[rows], dtype=np.float32))
-    masks = torch.from_numpy(ds["mask"].values[rows].astype(np.int64))
-    return standardize(images)[:, None], masks
+    """Standardised images [n,1,H,W] float32 and masks [n,H,W] int64 of one (domain, split)."""
+    images, masks = domain_tensors(ds, domain, split, n)
+    return standardize(images), masks
 
 
 _DATA_CACHE: dict[tuple, xr.Dataset] = {}
@@ -117,10 +94,8 @@ def _default_loader(data_root: Path, device: str) -> Loader:
     def load(series: str, data: DataConfig) -> xr.Dataset:
         key = (series, config_hash(data), str(data_root))
         if key not in _DATA_CACHE:
-            from .datasets import load_series  # generated on demand; imported only when needed
-
             _DATA_CACHE.clear()  # one series at a time: a sweep runs one study after another
-            _DATA_CACHE[key] = load_series(series, data, data_root, device=device).load()
+            _DATA_CACHE[key] = load_series(series, data, data_root, device=device)
         return _DATA_CACHE[key]
 
     return load
@@ -389,8 +364,11 @@ class _Context:
 def _clip(n: int | None, ds: xr.Dataset, domain) -> int | None:
     if n is None:
         return None
-    available = int(((ds["domain"].values == domain) & (ds["split"].values == "val")).sum())
-    return min(n, available)
+    values = ds["domain"].values
+    hit = (
+        np.isclose(values.astype(float), domain) if isinstance(domain, float) else values == domain
+    )
+    return min(n, int((hit & (ds["split"].values == "val")).sum()))
 
 
 def _record(cfg: RunConfig, kind: str, stages: dict, error: str | None, model) -> dict:
@@ -527,7 +505,7 @@ def config_from_args(args) -> RunConfig:
     profile = get_profile(args.profile)
     if args.series not in SERIES:
         raise ValueError(f"--series {args.series!r}; allowed: {', '.join(SERIES)}")
-    allowed = series_domains(profile.data, args.series)
+    allowed = series_domains(args.series, profile.data)
     domains = {}
     for flag in ("pretrain", "transfer"):
         text = getattr(args, flag)
@@ -622,5 +600,4 @@ __all__ = [
     "standardize",
     "d4",
     "select",
-    "series_domains",
 ]

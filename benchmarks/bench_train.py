@@ -1,0 +1,227 @@
+"""Training speed: images/s of every profile's U-Net, one laptop pretrain → transfer run, and (on a
+GPU) our training loop against a plain fp32 loop.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py                # CPU part
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py --data-root data/laptop
+    python benchmarks/bench_train.py --device cuda                    # GPU part (paper settings)
+
+CPU part: forward + backward + Adam step of each profile's model at its image size
+(``data.sim.image_px``) and minibatch (``stage.batch_size``; the paper model runs a smaller batch
+on CPU, ``--paper-batch``, since one 640² step of 16 takes minutes); then the wall time of one
+laptop pretraining and one transfer run through :func:`hrtem_book.train.run`, on the laptop
+defocus series when ``--data-root`` holds it, else on random images of the same shapes (speed
+does not depend on the pixel values).
+
+CUDA part: the paper settings (ResNet18 U-Net, 640² images, batch 16, D4) on ``--gpu-images``
+random images: ``train_stage`` (bf16 autocast, channels_last, data resident on the device)
+against a plain loop (fp32, a ``DataLoader`` from host memory, the same D4 copies built on the
+host) in the same process. Goal: ≥ 3× images/s. The paper's A100 anchor: one transfer epoch on
+1024 images in 6–8 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from hrtem_book import train
+from hrtem_book.config import PretrainConfig, TransferConfig
+from hrtem_book.datasets import domains as series_domains
+from hrtem_book.datasets import load_series, series_path
+from hrtem_book.models import build_model, count_parameters, freeze
+from hrtem_book.profiles import PROFILES
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def step_rate(model, px: int, batch: int, device: torch.device, steps: int, warmup: int) -> float:
+    """Images/s of forward + backward + Adam step on random images (our autocast/layout)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = train._to_device(torch.randn(batch, 1, px, px), device)
+    y = torch.randint(0, 2, (batch, px, px), device=device)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        with train._autocast(device):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
+    """A dataset in the series schema with random images: for timing only."""
+    rng = np.random.default_rng(seed)
+    px = data.sim.image_px
+    doms, splits, index = [], [], []
+    for d in series_domains(series, data):
+        for split, n in (("train", data.n_train), ("val", data.n_val)):
+            doms += [d] * n
+            splits += [split] * n
+            index += list(range(n))
+    n = len(doms)
+    return xr.Dataset(
+        {
+            "image": (("sample", "y", "x"), rng.poisson(400, (n, px, px)).astype(np.float32)),
+            "mask": (("sample", "y", "x"), (rng.random((n, px, px)) < 0.25).astype(np.uint8)),
+        },
+        coords={
+            "domain": ("sample", doms),
+            "split": ("sample", splits),
+            "index": ("sample", index),
+        },
+        attrs={"series": series},
+    )
+
+
+def cpu_part(args) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'img/s':>8}  (fwd+bwd+Adam, CPU)")
+    for name, profile in PROFILES.items():
+        px = profile.data.sim.image_px
+        big = px > 256
+        batch = args.paper_batch if big else profile.stage.batch_size
+        torch.manual_seed(0)
+        model = build_model(profile.model)
+        steps, warmup = (1, 1) if big else (args.steps, 2)
+        rate = step_rate(model, px, batch, torch.device("cpu"), steps, warmup)
+        print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} {rate:8.1f}")
+    laptop_run(args)
+
+
+def laptop_run(args) -> None:
+    profile = PROFILES["laptop"]
+    series = "defocus"
+    if args.data_root and series_path(series, profile.data, args.data_root).exists():
+        data, source = load_series(series, profile.data, args.data_root), "simulated"
+    else:
+        data, source = random_series(series, profile.data), "random images"
+    doms = series_domains(series, profile.data)
+    pre = PretrainConfig(
+        data=profile.data,
+        series=series,
+        domain=doms[len(doms) // 2 - 1],
+        lr=1e-3,
+        seed=0,
+        model=profile.model,
+        stage=profile.stage,
+        n_train=profile.n_pretrain,
+    )
+    n_transfer = min(args.n_transfer, profile.data.n_train)
+    print(f"\nlaptop run ({source}, {len(doms)} eval domains × n_eval={profile.stage.n_eval}, "
+          f"{profile.stage.epochs} epochs, batch {profile.stage.batch_size}, "
+          f"D4={profile.stage.augment_d4})")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        rec = train.run(pre, root=Path(tmp), data=data)
+        t_pre = time.perf_counter() - start
+        print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s  ({rec['status']})")
+        for freeze_option in ("none", "encoder", "decoder"):
+            cfg = TransferConfig(pre, doms[-1], n_transfer, 1e-4, freeze_option, profile.stage)
+            start = time.perf_counter()
+            rec = train.run(cfg, root=Path(tmp), data=data)
+            t = time.perf_counter() - start
+            s = rec["stages"]["transfer"]
+            print(f"transfer  {n_transfer:4d} images, freeze {freeze_option:7}: {t:6.2f} s "
+                  f"(stage {s['train_time_s']:.2f} s; {rec['status']})")  # fmt: skip
+    # eval share: one pass over every domain's n_eval validation images
+    ctx = train._Context("cpu", data, None)
+    sets = ctx.eval_sets(profile.stage.n_eval)
+    torch.manual_seed(0)
+    model = build_model(profile.model)
+    start = time.perf_counter()
+    for xy in sets.values():
+        train.evaluate(model, *xy)
+    print(f"one evaluation of all domains: {time.perf_counter() - start:.2f} s")
+
+
+def plain_epoch(model, images, masks, device, batch: int) -> float:
+    """The baseline: fp32, contiguous layout, a DataLoader from host memory."""
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, masks), batch_size=batch, shuffle=True
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    model.train()
+    _sync(device)
+    start = time.perf_counter()
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _sync(device)
+    return len(images) / (time.perf_counter() - start)
+
+
+def cuda_part(args) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    device = torch.device("cuda")
+    paper = PROFILES["paper"]
+    px, n = paper.data.sim.image_px, args.gpu_images
+    gen = torch.Generator().manual_seed(0)
+    images = train.standardize(torch.rand(n, 1, px, px, generator=gen))
+    masks = (torch.rand(n, px, px, generator=gen) < 0.25).long()
+    print(f"{torch.cuda.get_device_name()}: paper model, {n} images of {px}², batch 16")
+    # plain loop: every D4 copy materialised on the host, as a simple implementation would
+    ks = torch.arange(8).repeat_interleave(n // 8 + 1)[:n]
+    host_x, host_y = train._augment(images, ks), train._augment(masks, ks)
+    torch.manual_seed(0)
+    plain = build_model(paper.model).to(device)
+    plain_epoch(plain, host_x[:64], host_y[:64], device, 16)  # warm-up (cuDNN autotune)
+    rate_plain = plain_epoch(plain, host_x, host_y, device, 16)
+    del plain
+    torch.manual_seed(0)
+    ours = build_model(paper.model).to(device).to(memory_format=torch.channels_last)
+    freeze(ours, "none")
+    stage = replace(paper.stage, epochs=1, augment_d4=False)  # one pass over the n images
+    train_set = tuple(train._to_device(t, device) for t in (images, masks))
+    train.train_stage(ours, tuple(t[:64] for t in train_set), {}, stage, 1e-4, 0, "warmup")
+    summary, _ = train.train_stage(ours, train_set, {}, stage, 1e-4, 0, "bench")
+    rate_ours = n / summary["train_time_s"]
+    print(f"plain fp32 + DataLoader: {rate_plain:8.1f} img/s")
+    print(f"ours (bf16, channels_last, on device): {rate_ours:8.1f} img/s  "
+          f"→ {rate_ours / rate_plain:.2f}× (goal ≥ 3×)")  # fmt: skip
+    print(f"one epoch on 1024 images: {1024 / rate_ours:.1f} s (paper's A100: 6–8 s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per model (CPU)")
+    parser.add_argument("--paper-batch", type=int, default=2, help="paper model's CPU batch")
+    parser.add_argument("--n-transfer", type=int, default=64, help="laptop transfer images")
+    parser.add_argument("--data-root", type=Path, default=None, help="e.g. data/laptop")
+    parser.add_argument("--gpu-images", type=int, default=1024)
+    args = parser.parse_args(argv)
+    train.set_threads_from_env()
+    if args.device == "cuda":
+        cuda_part(args)
+    else:
+        cpu_part(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
