@@ -270,6 +270,10 @@ def generate(
     if all(series_path(s, data, root).exists() for s in group):
         for s in group:
             shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
+        try:
+            (root / ".chunks").rmdir()  # only when no other series is half done
+        except OSError:
+            pass
     return series_path(series, data, root)
 
 
@@ -299,7 +303,7 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise FileNotFoundError(f"chunks missing for {series}: {', '.join(missing[:3])}")
-    parts = [xr.load_dataset(f) for f in files]
+    parts = [_objects(xr.load_dataset(f)) for f in files]
     ds = xr.concat(parts, "sample")
     order = {d: i for i, d in enumerate(domains(series, data))}
     key = np.lexsort(
@@ -336,6 +340,15 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         domain_units={"defocus": "nm", "dose": "e⁻/Å²", "structure": "lattice-size"}[series],
     )
     _atomic_netcdf(ds, series_path(series, data, root))
+
+
+def _objects(ds: xr.Dataset) -> xr.Dataset:
+    """String coordinates as Python objects: concatenating fixed-width numpy strings of different
+    widths truncates them ('train' after 'val' became 'tra')."""
+    for name in ("split", "domain"):
+        if ds[name].dtype.kind == "U":
+            ds = ds.assign_coords({name: ("sample", ds[name].values.astype(object))})
+    return ds
 
 
 def load_series(
