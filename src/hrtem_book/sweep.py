@@ -49,7 +49,7 @@ from typing import Any
 from . import __version__
 from .config import RunConfig, TransferConfig, config_hash, to_jsonable
 from .profiles import Profile, get_profile
-from .studies import STUDY_NAMES, build_grid
+from .studies import STUDIES, STUDY_NAMES, build_grid
 
 RunFn = Callable[..., dict]
 RECORD_STATUSES = ("ok", "failed")
@@ -273,8 +273,11 @@ def load_cluster_config(path: str | Path) -> dict:
     return cfg
 
 
-def make_cluster(cfg: dict, workers: int = 2):
-    """A LocalCluster (``kind: local``) or dask-jobqueue SLURMCluster (``kind: slurm``)."""
+def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
+    """A LocalCluster (``kind: local``) or dask-jobqueue SLURMCluster (``kind: slurm``).
+
+    ``scale=False`` builds a SLURM cluster without submitting jobs (to inspect its job script).
+    """
     kind = cfg.get("kind", "local")
     kwargs = dict(cfg.get("cluster", {}))
     # worker processes inherit this: one BLAS/OpenMP thread per single-threaded worker
@@ -294,7 +297,8 @@ def make_cluster(cfg: dict, workers: int = 2):
 
         kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1"])
         cluster = SLURMCluster(**kwargs)
-        cluster.scale(jobs=int(cfg.get("jobs", 1)))
+        if scale:
+            cluster.scale(jobs=int(cfg.get("jobs", 1)))
         return cluster
     raise ValueError(f"cluster kind={kind!r}; allowed: local, slurm")
 
@@ -323,6 +327,21 @@ class _Task:
     path: Path
 
 
+def prepare_data(
+    studies: Iterable[str], profile: Profile, root: Path, *, workers: int = 1, progress: bool = True
+) -> None:
+    """Simulate every dataset series the studies train on, before any run starts.
+
+    Done here, once, so that concurrent workers never generate the same series side by side.
+    """
+    from . import datasets
+
+    data_root = Path(root) / "data" / profile.name
+    for series in dict.fromkeys(STUDIES[s].series for s in studies):
+        if not datasets.series_path(series, profile.data, data_root).exists():
+            datasets.generate(series, profile.data, data_root, workers=workers, progress=progress)
+
+
 def plan(studies: Iterable[str], profile: Profile, root: Path) -> list[_Task]:
     """Every distinct run of the studies, pretrainings first, with its record path."""
     pre, rest = [], []
@@ -347,6 +366,7 @@ def run_sweep(
     scheduler_address: str | None = None,
     retry_failed: bool = False,
     device: str = "cpu",
+    sim_workers: int = 1,
     run_fn: RunFn | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -355,7 +375,8 @@ def run_sweep(
 
     ``root`` is the project folder holding ``data/`` and ``results/``. ``run_fn(cfg, *, root,
     device) -> record`` (``root`` = ``results/<profile>``) replaces :func:`train_run`; tests
-    inject cheap functions (on Dask it must be importable by the workers).
+    inject cheap functions (on Dask it must be importable by the workers). Missing dataset
+    series are simulated first, in ``sim_workers`` processes.
     """
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -370,6 +391,8 @@ def run_sweep(
     summary = SweepSummary()
     records: dict[str, dict] = {}
     todo: list[_Task] = []
+    if run_fn is None:
+        prepare_data(studies, profile, root, workers=sim_workers, progress=progress)
     for task in tasks:
         rec = read_record(task.path)
         if rec is not None and (rec["status"] == "ok" or not retry_failed):
@@ -481,6 +504,7 @@ def _cli(args: argparse.Namespace) -> int:
         scheduler_address=args.scheduler,
         retry_failed=args.retry_failed,
         device=device,
+        sim_workers=args.sim_workers,
     )
     return 1 if summary.failed else 0
 
@@ -500,5 +524,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--cluster", help="YAML file describing a Dask cluster (kind: local|slurm)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:port)")
     p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
+    p.add_argument("--sim-workers", type=int, default=1, help="processes simulating data")
     p.add_argument("--device", default=None, help="torch device of the runs (default cpu)")
     p.set_defaults(func=_cli)

@@ -1,0 +1,299 @@
+"""Sweeps: resumption after SIGKILL, idempotent reruns, failures, Dask = in-process, the CLI.
+
+Scheduling mechanics use a cheap injected run function; resumption, idempotence and the Dask
+comparison run the real training on the ``smoke`` profile (data simulated once per session).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from hrtem_book import datasets
+from hrtem_book.cli import main
+from hrtem_book.config import PretrainConfig, TransferConfig, config_hash, to_jsonable
+from hrtem_book.profiles import get_profile
+from hrtem_book.results import build_database, collect, load_database
+from hrtem_book.studies import STUDIES, build_grid, series_domains
+from hrtem_book.sweep import (
+    load_cluster_config,
+    make_cluster,
+    read_record,
+    records_dir,
+    run_sweep,
+    write_record,
+)
+
+SMOKE = get_profile("smoke")
+N_SMOKE_RUNS = sum(
+    len(build_grid(s, SMOKE).runs) + len(build_grid(s, SMOKE).pretrains) for s in STUDIES
+)
+
+
+# --- a cheap run function for the scheduling mechanics ----------------------------------------
+CALLS: list[str] = []
+FAIL: set[str] = set()
+
+
+def fake_run(cfg, *, root, device="cpu"):
+    """A record in the format of train.run, with losses derived from the config hash."""
+    h = config_hash(cfg)
+    CALLS.append(h)
+    base = cfg.pretrain if isinstance(cfg, TransferConfig) else cfg
+    if h in FAIL:
+        raise RuntimeError(f"boom {h}")
+    rng = np.random.default_rng(int(h, 16) % 2**32)
+    doms = series_domains(base.series, base.data)
+
+    def stage():
+        curves = {str(d): sorted(rng.random(2).tolist(), reverse=True) for d in doms}
+        return {
+            "train_loss": [0.5, 0.4],
+            "val_loss": curves,
+            "best_loss": {d: min(c) for d, c in curves.items()},
+            "final_loss": {d: c[-1] for d, c in curves.items()},
+            "train_time_s": 0.01,
+            "peak_memory_mb": 1.0,
+            "epochs_run": 2,
+        }
+
+    kind = {PretrainConfig: "pretrain", TransferConfig: "transfer"}.get(type(cfg), "mixture")
+    stages = {"mixture": stage()} if kind == "mixture" else {"pretrain": stage()}
+    if kind == "transfer":
+        stages["transfer"] = stage()
+    return {
+        "config_hash": h,
+        "kind": kind,
+        "config": to_jsonable(cfg),
+        "status": "ok",
+        "error": None,
+        "stages": stages,
+        "trainable_params": 10,
+        "total_params": 20,
+        "package_version": "test",
+        "git_commit": None,
+    }
+
+
+@pytest.fixture
+def fake():
+    CALLS.clear()
+    FAIL.clear()
+    yield
+    CALLS.clear()
+    FAIL.clear()
+
+
+def _sweep(root, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("log", lambda msg: None)
+    return run_sweep("all", SMOKE, root, **kw)
+
+
+def test_sweep_records_every_run_once_pretrainings_first(tmp_path, fake):
+    summary = _sweep(tmp_path, run_fn=fake_run)
+    assert (summary.done, summary.skipped, summary.failed) == (N_SMOKE_RUNS, 0, 0)
+    assert len(CALLS) == len(set(CALLS)) == N_SMOKE_RUNS
+    for study in STUDIES:
+        grid = build_grid(study, SMOKE)
+        for h in grid.pretrains:  # a pretraining runs before every transfer run that loads it
+            users = [CALLS.index(k) for k, c in grid.runs.items() if config_hash(c.pretrain) == h]
+            assert CALLS.index(h) < min(users)
+        for h in {**grid.pretrains, **grid.runs}:
+            record = read_record(records_dir(tmp_path, "smoke", study) / f"{h}.json")
+            assert record is not None and record["status"] == "ok"
+    # rerun: nothing to do, nothing called
+    CALLS.clear()
+    again = _sweep(tmp_path, run_fn=fake_run)
+    assert (again.done, again.skipped, again.failed, CALLS) == (0, N_SMOKE_RUNS, 0, [])
+
+
+def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, fake):
+    grid = build_grid("defocus", SMOKE)
+    pre = next(iter(grid.pretrains))
+    transfer = next(iter(grid.runs))
+    FAIL.update({pre})
+    summary = _sweep(tmp_path, run_fn=fake_run)
+    # the failed pretraining's transfer runs are recorded failed without running
+    assert summary.failed == 1 + len(grid.runs)
+    assert summary.done == N_SMOKE_RUNS - summary.failed
+    assert not set(grid.runs) & set(CALLS)
+    folder = records_dir(tmp_path, "smoke", "defocus")
+    rec = read_record(folder / f"{pre}.json")
+    assert rec["status"] == "failed" and rec["error"].startswith(f"RuntimeError: boom {pre}")
+    assert read_record(folder / f"{transfer}.json")["error"] == f"pretraining {pre} failed"
+    # a plain rerun skips failures; --retry-failed reruns exactly them
+    CALLS.clear()
+    assert _sweep(tmp_path, run_fn=fake_run).skipped == N_SMOKE_RUNS
+    assert CALLS == []
+    FAIL.clear()
+    retry = _sweep(tmp_path, run_fn=fake_run, retry_failed=True)
+    assert (retry.done, retry.failed) == (1 + len(grid.runs), 0)
+    assert sorted(CALLS) == sorted([pre, *grid.runs])
+    db = build_database("defocus", SMOKE, tmp_path)
+    assert "ok" in db["status"].values and set(np.unique(db["status"].values)) <= {"ok", "excluded"}
+
+
+def test_corrupt_records_and_stale_temporary_files_are_redone(tmp_path, fake):
+    _sweep(tmp_path, run_fn=fake_run)
+    folder = records_dir(tmp_path, "smoke", "dose")
+    victim = next(iter(build_grid("dose", SMOKE).runs))
+    path = folder / f"{victim}.json"
+    path.write_text(path.read_text()[:40])  # truncated, as if written without a rename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = folder / f".{victim}.json.{dead}.tmp"
+    stale.write_text("{partial")
+    CALLS.clear()
+    summary = _sweep(tmp_path, run_fn=fake_run)
+    assert (summary.done, CALLS) == (1, [victim])
+    assert read_record(path)["config_hash"] == victim
+    assert not stale.exists()
+
+
+def test_write_record_is_atomic_and_read_checks_identity(tmp_path):
+    path = tmp_path / "abc.json"
+    write_record(path, {"config_hash": "abc", "status": "ok"})
+    assert read_record(path) == {"config_hash": "abc", "status": "ok"}
+    assert [p.name for p in tmp_path.iterdir()] == ["abc.json"]
+    write_record(tmp_path / "other.json", {"config_hash": "abc", "status": "ok"})
+    assert read_record(tmp_path / "other.json") is None  # a record filed under another id
+    write_record(path, {"config_hash": "abc", "status": "running"})
+    assert read_record(path) is None
+
+
+# --- the real thing --------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """The smoke profile's three series, simulated once for the whole session."""
+    root = tmp_path_factory.mktemp("smoke-data") / "data" / "smoke"
+    for series in ("defocus", "dose", "structure"):
+        datasets.generate(series, SMOKE.data, root, progress=False)
+    return root
+
+
+def _project(tmp_path: Path, smoke_data: Path, name: str) -> Path:
+    root = tmp_path / name
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "smoke").symlink_to(smoke_data, target_is_directory=True)
+    return root
+
+
+def _records(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (root / "results" / "smoke" / "records").rglob("*")
+            if p.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_redoes_only_runs_in_flight(tmp_path, smoke_data):
+    root = _project(tmp_path, smoke_data, "killed")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
+    cmd = [sys.executable, "-m", "hrtem_book.cli", "sweep", "--study", "all", "--profile",
+           "smoke", "--root", str(root)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    records = root / "results" / "smoke" / "records"
+    deadline = time.monotonic() + 120
+    while not list(records.rglob("*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = {k: v for k, v in _records(root).items() if k.endswith(".json")}
+    assert 1 <= len(before) < N_SMOKE_RUNS
+
+    lines: list[str] = []
+    summary = run_sweep("all", SMOKE, root, progress=False, log=lines.append)
+    assert (summary.done, summary.skipped, summary.failed) == (
+        N_SMOKE_RUNS - len(before),
+        len(before),
+        0,
+    )
+    after = _records(root)
+    assert set(after) == {k for k in after if k.endswith(".json")}  # no temporary files left
+    assert len(after) == N_SMOKE_RUNS
+    assert all(after[k] == v for k, v in before.items())  # finished records untouched
+    for raw in after.values():
+        assert json.loads(raw)["status"] == "ok"
+    # idempotent: a second rerun changes nothing
+    again = run_sweep("all", SMOKE, root, progress=False, log=lines.append)
+    assert (again.done, again.skipped) == (0, N_SMOKE_RUNS)
+    assert _records(root) == after
+    assert lines[-1].endswith(f"0 done, {N_SMOKE_RUNS} skipped, 0 failed in {again.wall_s:.1f} s")
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_and_in_process_give_the_same_database(tmp_path, smoke_data):
+    local = _project(tmp_path, smoke_data, "inprocess")
+    dask = _project(tmp_path, smoke_data, "dask")
+    assert _sweep(local).done == N_SMOKE_RUNS
+    assert _sweep(dask, executor="dask", workers=2).done == N_SMOKE_RUNS
+    paths = {name: collect(SMOKE, root) for name, root in (("a", local), ("b", dask))}
+    assert set(paths["a"]) == set(paths["b"]) == set(STUDIES)
+    for study in STUDIES:
+        a, b = load_database(paths["a"][study]), load_database(paths["b"][study])
+        assert set(np.unique(a["status"].values)) <= {"ok", "excluded"}
+        assert bool((a["status"] == "ok").any())
+        # identical numbers; only wall times and creation stamps differ
+        xr.testing.assert_identical(
+            a.drop_vars("train_time_s").drop_attrs(), b.drop_vars("train_time_s").drop_attrs()
+        )
+        assert bool(np.isfinite(a["train_time_s"].where(a["status"] == "ok")).any())
+
+
+# --- cluster configuration and command line -------------------------------------------------
+def test_cluster_yaml_is_checked(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kind: slurm\njobs: 2\ncluster: {cores: 2, memory: 4GB}\n")
+    assert load_cluster_config(cfg)["jobs"] == 2
+    cfg.write_text("kind: pbs\n")
+    with pytest.raises(ValueError, match="kind='pbs'; allowed: local, slurm"):
+        load_cluster_config(cfg)
+    cfg.write_text("kind: slurm\nworkers: 3\n")
+    with pytest.raises(ValueError, match=r"unknown keys \['workers'\]; allowed: kind, jobs"):
+        load_cluster_config(cfg)
+    with pytest.raises(FileNotFoundError, match="nope.yaml not found"):
+        load_cluster_config(tmp_path / "nope.yaml")
+
+
+def test_slurm_cluster_job_script_runs_single_threaded_workers():
+    cluster = make_cluster(
+        {"kind": "slurm", "cluster": {"cores": 4, "processes": 4, "memory": "8GB",
+                                       "walltime": "01:00:00", "queue": "gpu"}},
+        scale=False,
+    )  # fmt: skip
+    try:
+        script = cluster.job_script()
+    finally:
+        cluster.close()
+    assert "#SBATCH -p gpu" in script and "#SBATCH -t 01:00:00" in script
+    assert "export OMP_NUM_THREADS=1" in script and "--nworkers 4" in script
+
+
+def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):
+    assert main(["sweep", "--study", "defocus", "--profile", "huge", "--root", str(tmp_path)]) == 2
+    assert "unknown profile 'huge'; allowed: paper, laptop, smoke" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["sweep", "--study", "focus", "--profile", "smoke"])
+    assert err.value.code == 2
+    assert main(["collect", "--profile", "smoke", "--root", str(tmp_path)]) == 2
+    assert "hrtem-book sweep --study all --profile smoke" in capsys.readouterr().err
+
+
+def test_cli_collect_writes_databases(tmp_path, fake, capsys):
+    _sweep(tmp_path, run_fn=fake_run)
+    assert main(["collect", "--profile", "smoke", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for study in STUDIES:
+        assert f"smoke/{study}.nc: " in out
+        ds = load_database(tmp_path / "results" / "smoke", study)
+        assert ds.attrs["profile"] == "smoke" and ds.attrs["n_records"] >= 1
