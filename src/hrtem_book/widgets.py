@@ -236,6 +236,60 @@ class FigureApp:
         display(self.widget)
 
 
+class ChoiceApp:
+    """A figure that depends on one named choice (e.g. a profile's model), with a Dropdown.
+
+    For figures drawn from something other than a results database, such as the architecture
+    figure: ``fn(value) -> Figure`` for each ``options[label]``.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Figure],
+        options: Mapping[str, Any],
+        *,
+        description: str,
+        value: str | None = None,
+    ) -> None:
+        if not options:
+            raise ValueError("options is empty: a ChoiceApp needs at least one choice")
+        value = next(iter(options)) if value is None else value
+        if value not in options:
+            raise ValueError(f"value={value!r}; allowed: {', '.join(options)}")
+        self.fn = fn
+        self.options = dict(options)
+        self.default = value
+        self.choice = W.Dropdown(options=list(options), value=value, description=description)
+        self.output = W.Output()
+        self.figure: Figure | None = None
+        self.png: bytes | None = None
+        self.choice.observe(lambda change: self.redraw(), names="value")
+        self.widget = W.VBox([self.choice, self.output])
+        self.redraw()
+
+    def redraw(self) -> None:
+        self.figure = self.fn(self.options[self.choice.value])
+        self.png = figure_png(self.figure)
+        if get_ipython() is None:
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(Image(data=self.png, format="png"))
+
+    def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
+        """Placeholder of the default choice; ``reduction`` is "none": no results are reduced."""
+        fig = self.fn(self.options[self.default])
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"reduction": "none", "choice": self.default, "Software": "hrtem-book"}
+        meta.update({k: str(v) for k, v in metadata.items()})
+        path.write_bytes(figure_png(fig, metadata=meta))
+        return path
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
 def figure_app(
     figure_fn: FigureFunction,
     ds: xr.Dataset,

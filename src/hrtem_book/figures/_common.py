@@ -9,7 +9,7 @@ cell of the figure (NaN-aware: failed, missing and excluded runs are skipped).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import matplotlib
@@ -121,6 +121,7 @@ def draw_heatmap(
     col_title: str,
     title: str,
     annotate: bool = True,
+    label_fn: Callable[[Any], str] = domain_label,
 ):
     """Draw a 2-D DataArray (rows = first dim) as a heatmap with value labels; NaN cells grey."""
     values = np.asarray(da.values, dtype=float)
@@ -134,8 +135,8 @@ def draw_heatmap(
         interpolation="nearest",
     )
     rows, cols = da.dims
-    ax.set_yticks(range(da.sizes[rows]), [domain_label(v) for v in da[rows].values.tolist()])
-    ax.set_xticks(range(da.sizes[cols]), [domain_label(v) for v in da[cols].values.tolist()])
+    ax.set_yticks(range(da.sizes[rows]), [label_fn(v) for v in da[rows].values.tolist()])
+    ax.set_xticks(range(da.sizes[cols]), [label_fn(v) for v in da[cols].values.tolist()])
     ax.tick_params(axis="x", labelrotation=90 if da.sizes[cols] > 6 else 0)
     ax.set_ylabel(row_title)
     ax.set_xlabel(col_title)

@@ -8,7 +8,7 @@ with one model trained on a mixture of a and b.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -70,37 +70,42 @@ def transfer_heatmaps(
     reduce: str = "median",
     vlim: tuple[float, float] | None = None,
     var: str = "best_loss",
-    labels: Sequence[str] | None = None,
+    label_fn: Callable[[Any], str] = domain_label,
+    row_title: str | None = None,
+    col_title: str | None = None,
 ) -> Figure:
     """Pretraining × target-domain heatmaps of the target-domain loss, before/after transfer.
 
     ``vlim`` fixes the colour scale (default: the finite range of both panels, shared).
-    ``labels`` replaces the domain tick labels (same order as the coordinates after selection).
+    ``label_fn`` turns a domain value into its tick label; ``row_title``/``col_title`` replace
+    the axis titles derived from the database's series.
     """
     before, after = heatmap_data(ds, select=select, reduce=reduce, var=var)
     if before.size == 0 or after.size == 0:
         raise ValueError("the selection leaves no pretraining or target domain")
     lim = tuple(vlim) if vlim is not None else value_range(before, after)
     n_rows, n_cols = after.shape
-    width = min(16.0, 3.0 + 0.55 * 2 * n_cols)
-    fig = new_figure(width, 1.6 + 0.45 * n_rows)
+    width = min(16.0, max(8.0, 3.0 + 1.1 * n_cols))
+    fig = new_figure(width, max(3.4, 1.6 + 0.45 * n_rows))
     axes = fig.subplots(1, 2, sharey=True)
-    row_title = axis_title(ds, "pretraining")
-    col_title = axis_title(ds, "target")
+    row_title = row_title or axis_title(ds, "pretraining")
+    col_title = col_title or axis_title(ds, "target")
     for ax, da, title in zip(
         axes, (before, after), ("after pretraining", "after transfer"), strict=True
     ):
-        im = draw_heatmap(ax, da, vlim=lim, row_title=row_title, col_title=col_title, title=title)
-        if labels is not None:
-            ax.set_xticks(
-                range(da.sizes["target_domain"]), list(labels)[: da.sizes["target_domain"]]
-            )
+        im = draw_heatmap(
+            ax,
+            da,
+            vlim=lim,
+            row_title=row_title,
+            col_title=col_title,
+            title=title,
+            label_fn=label_fn,
+        )
     axes[1].set_ylabel("")
-    if labels is not None:
-        axes[0].set_yticks(range(n_rows), list(labels)[:n_rows])
     cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
     cbar.set_label(f"{var.replace('_', ' ')} on the target domain")
-    fig.suptitle(f"Target-domain loss; {reduce} over the filtered models of each cell")
+    fig.suptitle(f"Target-domain loss ({reduce} over the filtered models of each cell)")
     return fig
 
 

@@ -1,0 +1,168 @@
+"""Chapter 6 (hyperparameters): target-domain loss by transfer setting, and the compute it costs.
+
+The distributions hold one value per configuration (every grid cell but the seed): the
+target-domain loss after transfer, the seeds reduced with the Reduction mode. A grey "no
+transfer" box shows the same cells before transfer (the pretrained model on the target domain).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+
+from ..widgets import format_value
+from ._common import check_reduce, clean_select, loss_on, new_figure, reduce_da, selected
+from .generalization import per_configuration
+
+AXIS_NAMES = {
+    "n_transfer": "transfer dataset size [images]",
+    "freeze": "frozen part",
+    "pretrain_lr": "pretraining LR",
+    "transfer_lr": "transfer LR",
+}
+
+
+def target_losses(
+    ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, var: str = "best_loss"
+) -> xr.DataArray:
+    """Loss on each cell's target domain after ``stage`` (grid dims, unreduced)."""
+    da = selected(ds, var, {**clean_select(ds, select), "stage": [stage]})
+    return loss_on(da.squeeze("stage", drop=True), "target_domain")
+
+
+def _group_label(axes: Sequence[str], values: tuple) -> str:
+    return " / ".join(format_value(a, v) for a, v in zip(axes, values, strict=True))
+
+
+def grouped_losses(
+    ds: xr.Dataset,
+    by: Sequence[str],
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+) -> dict[str, np.ndarray]:
+    """``{group label: per-configuration target losses after transfer}`` grouped by ``by``.
+
+    Groups follow the coordinate order of the ``by`` axes; a group the filters remove is absent.
+    The first entry, ``"no transfer"``, holds the same cells before transfer.
+    """
+    check_reduce(reduce)
+    by = list(by)
+    for axis in by:
+        if axis not in ds.dims:
+            raise ValueError(f"cannot group by {axis!r}: not an axis of this database")
+    sel = clean_select(ds, select)
+    after = target_losses(ds, "transfer", sel)
+    before = target_losses(ds, "pretrain", sel)
+    groups = {"no transfer": per_configuration(before.where(np.isfinite(after)), reduce)}
+    for values in np.ndindex(*(after.sizes[a] for a in by)):
+        part = after.isel(dict(zip(by, values, strict=True)))
+        labels = tuple(after[a].values[i].item() for a, i in zip(by, values, strict=True))
+        groups[_group_label(by, labels)] = per_configuration(part, reduce)
+    return groups
+
+
+def loss_distributions(
+    ds: xr.Dataset,
+    *,
+    by: Sequence[str],
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+) -> Figure:
+    """Box plots, every configuration a dot, of the target-domain loss grouped by ``by``."""
+    groups = grouped_losses(ds, by, select=select, reduce=reduce)
+    labels = [k for k, v in groups.items() if v.size]
+    if len(labels) < 2:
+        raise ValueError("the selection leaves no finished transfer run")
+    fig = new_figure(1.6 + 1.25 * len(labels), 3.8)
+    ax = fig.subplots()
+    data = [groups[k] for k in labels]
+    box = ax.boxplot(data, tick_labels=labels, showfliers=False, patch_artist=True)
+    for patch, label in zip(box["boxes"], labels, strict=True):
+        patch.set_facecolor("0.85" if label == "no transfer" else "C0")
+        patch.set_alpha(0.6)
+    rng = np.random.default_rng(0)  # fixed jitter: the figure is deterministic
+    for i, values in enumerate(data, start=1):
+        ax.plot(i + rng.uniform(-0.15, 0.15, values.size), values, ".", color="k", ms=3, alpha=0.5)
+    ax.set_xlabel(" / ".join(AXIS_NAMES.get(a, a) for a in by))
+    ax.set_ylabel("best loss on the target domain")
+    if len(labels) > 6:
+        ax.tick_params(axis="x", labelrotation=45)
+    ax.set_title(f"Target-domain loss after transfer; {reduce} over seeds of each configuration")
+    return fig
+
+
+def loss_by_transfer_size(ds: xr.Dataset, **kwargs) -> Figure:
+    """Target-domain loss by transfer dataset size (``n_transfer``)."""
+    return loss_distributions(ds, by=["n_transfer"], **kwargs)
+
+
+def loss_by_freeze(ds: xr.Dataset, **kwargs) -> Figure:
+    """Target-domain loss by frozen part (none, encoder, decoder)."""
+    return loss_distributions(ds, by=["freeze"], **kwargs)
+
+
+def loss_by_lr_pair(ds: xr.Dataset, **kwargs) -> Figure:
+    """Target-domain loss by (pretraining LR, transfer LR) pair."""
+    return loss_distributions(ds, by=["pretrain_lr", "transfer_lr"], **kwargs)
+
+
+def cost_by_freeze(
+    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+) -> dict[str, dict[str, float]]:
+    """Per freeze option: trainable parameters and measured transfer time (``reduce`` over the
+    filtered runs), in seconds per stage and per training image per epoch.
+
+    The per-image time divides the stage's wall time by ``n_transfer`` (the axis, or the study's
+    fixed setting in ``ds.attrs``) and by the number of epochs (length of the ``epoch`` dim).
+    """
+    check_reduce(reduce)
+    sel = {**clean_select(ds, select), "stage": ["transfer"]}
+    out: dict[str, dict[str, float]] = {}
+    for option in sel.get("freeze", ds["freeze"].values.tolist()):
+        s = {**sel, "freeze": [option]}
+        time = selected(ds, "train_time_s", s)
+        params = reduce_da(selected(ds, "trainable_params", s), "max", keep=[])
+        entry = {
+            "trainable_params": float(params.values),
+            "time_s": float(reduce_da(time, reduce, keep=[]).values),
+        }
+        n_images = time["n_transfer"] if "n_transfer" in time.dims else ds.attrs.get("n_transfer")
+        if n_images is not None:
+            per_image = time / (n_images * ds.sizes["epoch"])
+            entry["time_per_image_s"] = float(reduce_da(per_image, reduce, keep=[]).values)
+        out[str(option)] = entry
+    return out
+
+
+def compute_cost(
+    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+) -> Figure:
+    """Trainable parameters and measured wall time of the transfer stage per freeze option."""
+    cost = cost_by_freeze(ds, select=select, reduce=reduce)
+    options = list(cost)
+    fig = new_figure(9.0, 3.4)
+    ax1, ax2 = fig.subplots(1, 2)
+    x = np.arange(len(options))
+    params = np.array([cost[o]["trainable_params"] for o in options])
+    ax1.bar(x, params / 1e6, color="C0")
+    ax1.set_xticks(x, options)
+    ax1.set_xlabel("frozen part")
+    ax1.set_ylabel("trainable parameters [millions]")
+    ax1.set_title("(a) parameters updated by transfer")
+    key = "time_per_image_s" if all("time_per_image_s" in cost[o] for o in options) else "time_s"
+    times = np.array([cost[o][key] for o in options])
+    ax2.bar(x, times * (1e3 if key == "time_per_image_s" else 1.0), color="C1")
+    ax2.set_xticks(x, options)
+    ax2.set_xlabel("frozen part")
+    ax2.set_ylabel(
+        "transfer time per image and epoch [ms]"
+        if key == "time_per_image_s"
+        else "transfer stage wall time [s]"
+    )
+    ax2.set_title(f"(b) measured time, {reduce} over the filtered runs")
+    return fig
