@@ -1,0 +1,324 @@
+"""The book build: database step, papermill execution, offline MyST build and its AST check.
+
+Planted faults (a missing ``#app:`` target, a broken cross-reference, a failing cell) are built in
+a tiny book in ``tmp_path`` so that each build takes seconds; the real book is built once against
+synthetic databases (``results.synthetic_database``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from hrtem_book import book, results
+from hrtem_book.studies import STUDY_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_myst = pytest.mark.skipif(
+    shutil.which("myst") is None and not (Path(book.sys.executable).parent / "myst").exists(),
+    reason="mystmd is not installed (make setup installs the book extra)",
+)
+
+
+def _png(width: int = 4, height: int = 3) -> bytes:
+    """A valid greyscale PNG (MyST refuses a missing or broken placeholder under --strict)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    raw = b"".join(b"\x00" + bytes(range(width)) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic_results(tmp_path_factory) -> Path:
+    """A small valid database for every study, as the notebooks read it."""
+    folder = tmp_path_factory.mktemp("results") / "smoke"
+    for study in STUDY_NAMES:
+        results.save_database(results.synthetic_database(study), folder / f"{study}.nc")
+    return folder
+
+
+# --- the tiny planted book --------------------------------------------------------------------
+MYST_YML = """\
+version: 1
+project:
+  title: Planted
+  jupyter: true
+  numbering: {figure: true}
+  error_rules:
+    - rule: reference-target-resolves
+      severity: error
+  toc:
+    - file: chapters/a.md
+    - pattern: notebooks/*.ipynb
+"""
+
+CHAPTER = """\
+# Chapter
+
+See [](#fig-x).
+
+:::{figure} #app:x
+:label: fig-x
+:placeholder: ../figures/x.png
+Median over seeds.
+:::
+
+The count is ![](#txt:count).
+"""
+
+
+def _notebook(extra_cells: tuple[str, ...] = ()) -> nbformat.NotebookNode:
+    cells = [
+        nbformat.v4.new_code_cell(
+            'profile = "laptop"\nresults_dir = "../results/laptop"\nreduction = "median"\n'
+            'figure_dir = "../figures"',
+            metadata={"tags": ["parameters"]},
+        ),
+        nbformat.v4.new_code_cell(
+            "from pathlib import Path\nPath(figure_dir).mkdir(exist_ok=True)\n"
+            f"Path(figure_dir, 'x.png').write_bytes({_png()!r})"
+        ),
+        nbformat.v4.new_code_cell("# | label: app:x\nprint(profile, reduction)"),
+        nbformat.v4.new_code_cell(
+            "# | label: txt:count\nfrom IPython.display import Markdown\n"
+            "Markdown(f'**{len(sorted(Path(results_dir).glob(\"*.nc\")))}** databases')"
+        ),
+        *(nbformat.v4.new_code_cell(src) for src in extra_cells),
+    ]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    return nb
+
+
+def _tiny_book(root: Path, chapter: str = CHAPTER, extra_cells: tuple[str, ...] = ()) -> Path:
+    for sub in ("chapters", "notebooks", "figures"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / "myst.yml").write_text(MYST_YML)
+    (root / "refs.bib").write_text("")
+    shutil.copytree(ROOT / "book", root / "book")  # the offline template config, not the book
+    (root / "chapters" / "a.md").write_text(chapter)
+    nbformat.write(_notebook(extra_cells), root / "notebooks" / "x.ipynb")
+    (root / "figures" / "x.png").write_bytes(_png())
+    return root
+
+
+def _build_tiny(root: Path, results_dir: Path):
+    return book.build_book("smoke", root, results_dir=results_dir, offline=True, log=lambda m: None)
+
+
+@needs_myst
+@pytest.mark.slow
+def test_tiny_book_builds_offline_and_embeds_resolve(tmp_path, synthetic_results):
+    root = _tiny_book(tmp_path / "b")
+    result = _build_tiny(root, synthetic_results)
+    assert result.kind == "site"
+    pages = {p.stem: json.loads(p.read_text()) for p in (result.path / "content").glob("*.json")}
+    text = json.dumps(pages)
+    # the injected parameters reached the MyST execution: the app cell printed the profile
+    assert "smoke median" in text
+    # the txt: embed carries the number computed from the database (four studies)
+    assert f"**{len(STUDY_NAMES)}** databases" in text
+    assert (root / "_build" / "book" / "smoke" / "_build" / "papermill" / "x.ipynb").is_file()
+
+
+@needs_myst
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault, expected",
+    [
+        ("missing-app", "#app:nothere"),
+        ("missing-txt", "#txt:nothere"),
+        ("broken-xref", "fig-nothere"),
+    ],
+)
+def test_planted_chapter_faults_fail_the_check(tmp_path, synthetic_results, fault, expected):
+    chapter = {
+        "missing-app": CHAPTER.replace("#app:x", "#app:nothere"),
+        "missing-txt": CHAPTER.replace("#txt:count", "#txt:nothere"),
+        "broken-xref": CHAPTER.replace("[](#fig-x)", "[](#fig-nothere)"),
+    }[fault]
+    root = _tiny_book(tmp_path / "b", chapter=chapter)
+    with pytest.raises(book.BookCheckError) as err:
+        _build_tiny(root, synthetic_results)
+    assert expected in str(err.value)
+
+
+@needs_myst
+@pytest.mark.slow
+def test_failing_cell_fails_papermill_and_the_myst_check(tmp_path, synthetic_results):
+    root = _tiny_book(tmp_path / "b", extra_cells=("raise RuntimeError('planted')",))
+    with pytest.raises(book.BookCheckError, match="RuntimeError: planted"):
+        _build_tiny(root, synthetic_results)
+    # the same fault met by `myst --execute` (papermill skipped): the build and the check fail
+    stage = book.stage_book(root, tmp_path / "stage", book.figure_notebooks(root))
+    with pytest.raises(book.BookCheckError) as err:
+        book.build_site(stage, offline=True, log=lambda m: None)
+    assert "RuntimeError" in str(err.value) or "status 1" in str(err.value)
+
+
+# --- the AST check on hand-made pages (no build) ------------------------------------------------
+def _page(*nodes) -> dict:
+    return {"location": "/chapters/a.md", "mdast": {"type": "root", "children": list(nodes)}}
+
+
+def test_check_page_accepts_resolved_embed_and_reference():
+    embed = {
+        "type": "embed",
+        "source": {"label": "txt:n", "location": "/notebooks/x.ipynb"},
+        "children": [{"type": "outputs", "children": [{"type": "output"}]}],
+    }
+    xref = {"type": "crossReference", "identifier": "fig-x", "resolved": True}
+    problems, resolved = book.check_page(_page(embed, xref))
+    assert problems == [] and resolved == {"txt:n"}
+
+
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        ({"type": "_lift", "source": {"label": "app:gone"}}, "#app:gone does not resolve"),
+        (
+            {"type": "embed", "source": {"label": "txt:n", "location": "/n.ipynb"}, "children": []},
+            "without output",
+        ),
+        ({"type": "crossReference", "identifier": "eq-1"}, "unresolved cross-reference 'eq-1'"),
+        ({"type": "link", "url": "#sec-x", "children": []}, "unresolved reference '#sec-x'"),
+        (
+            {"type": "output", "jupyter_data": {"output_type": "error", "ename": "KeyError"}},
+            "raised KeyError",
+        ),
+    ],
+)
+def test_check_page_reports_each_fault(node, message):
+    problems, _ = book.check_page(_page(node))
+    assert len(problems) == 1 and message in problems[0]
+
+
+def test_check_site_reports_embeds_named_in_chapters_but_absent(tmp_path):
+    content = tmp_path / "site" / "content"
+    content.mkdir(parents=True)
+    (content / "a.json").write_text(json.dumps(_page({"type": "text", "value": "no embeds"})))
+    chapters = tmp_path / "chapters"
+    chapters.mkdir()
+    (chapters / "a.md").write_text(":::{figure} #app:lost\n:label: fig-l\n:::\n")
+    with pytest.raises(book.BookCheckError, match="#app:lost is missing"):
+        book.check_site(tmp_path / "site", chapters)
+    # and an error that mystmd printed without failing (e.g. an unreadable bibliography)
+    with pytest.raises(book.BookCheckError, match="Error reading file"):
+        book.check_site(tmp_path / "site", None, log="\u26d4\ufe0f refs.bib Error reading file")
+    book.check_site(tmp_path / "site", None, log="  - \u26a0\ufe0f a warning only")
+
+
+def test_theme_unavailable_recognises_the_offline_failure():
+    offline = (
+        "🔍 Querying template metadata from https://api.mystmd.org/templates/site/myst/book-theme\n"
+        "request to https://api.mystmd.org/templates/site/myst/book-theme failed, reason: "
+        "getaddrinfo ENOTFOUND api.mystmd.org"
+    )
+    assert book.theme_unavailable(1, offline)
+    assert not book.theme_unavailable(0, offline)
+    assert not book.theme_unavailable(1, '⛔️ a.md No target for internal reference "#x"')
+
+
+# --- database step and defaults ----------------------------------------------------------------
+def test_default_profile_prefers_a_shipped_database(tmp_path):
+    assert book.default_profile(tmp_path) == book.DEFAULT_PROFILE
+    shipped = tmp_path / "results" / book.SHIPPED_PROFILE
+    shipped.mkdir(parents=True)
+    for study in STUDY_NAMES[:-1]:
+        (shipped / f"{study}.nc").touch()
+    assert book.default_profile(tmp_path) == book.DEFAULT_PROFILE  # incomplete: not shipped
+    (shipped / f"{STUDY_NAMES[-1]}.nc").touch()
+    assert book.default_profile(tmp_path) == book.SHIPPED_PROFILE
+
+
+def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
+    from hrtem_book import sweep
+
+    calls = []
+
+    def fake_sweep(studies, profile, root, **kw):
+        calls.append(("sweep", tuple(studies), profile))
+
+    def fake_collect(profile, root, studies=None):
+        calls.append(("collect", profile))
+        for study in STUDY_NAMES:
+            (sweep.profile_dir(root, profile) / f"{study}.nc").touch()
+
+    monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
+    monkeypatch.setattr(results, "collect", fake_collect)
+    (tmp_path / "results" / "smoke").mkdir(parents=True)
+    (tmp_path / "results" / "smoke" / "defocus.nc").touch()
+    out = book.ensure_database("smoke", tmp_path, log=lambda m: None)
+    assert out == tmp_path / "results" / "smoke"
+    assert calls == [
+        ("sweep", tuple(s for s in STUDY_NAMES if s != "defocus"), "smoke"),
+        ("collect", "smoke"),
+    ]
+    calls.clear()
+    book.ensure_database("smoke", tmp_path, log=lambda m: None)
+    assert calls == []  # complete: nothing runs
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path):
+    with pytest.raises(ValueError, match="unknown reduction 'avg'; allowed: min, mean"):
+        book.build_book("smoke", tmp_path, results_dir=tmp_path, reduction="avg")
+    with pytest.raises(ValueError, match="unknown profile 'nope'"):
+        book.build_book("nope", tmp_path, results_dir=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no database for defocus"):
+        book.build_book("smoke", tmp_path, results_dir=tmp_path)
+
+
+def test_notebook_without_parameters_cell_is_refused(tmp_path):
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    nbformat.write(nb, tmp_path / "n.ipynb")
+    with pytest.raises(ValueError, match="no cell tagged 'parameters'"):
+        book.declared_parameters(tmp_path / "n.ipynb")
+
+
+# --- the real book ----------------------------------------------------------------------------
+def test_every_figure_notebook_is_thin_and_labelled():
+    """Conventions the build relies on: a parameters cell with the shared names, app: labels."""
+    for nb in book.figure_notebooks(ROOT):
+        declared = book.declared_parameters(nb)
+        assert {"profile", "results_dir", "reduction"} <= set(declared), nb.name
+        assert any(label.startswith("app:") for label in book.notebook_labels(nb)), nb.name
+        assert all(not c.get("outputs") for c in nbformat.read(nb, 4).cells), f"{nb} has outputs"
+
+
+@needs_myst
+@pytest.mark.slow
+def test_real_book_executes_and_builds_offline(tmp_path, synthetic_results):
+    """Every notebook runs under papermill against a smoke database, the placeholders are
+    rewritten, and the offline MyST build of the whole book passes the AST check."""
+    root = tmp_path / "book"
+    root.mkdir()
+    for name in book.BOOK_SOURCES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
+    notebooks = book.figure_notebooks(root)
+    assert notebooks, "no figure notebooks"
+    result = book.build_book("smoke", root, results_dir=synthetic_results, offline=True)
+    assert result.kind == "site" and result.path.is_dir()
+    assert sorted(p.name for p in result.notebooks) == sorted(p.name for p in notebooks)
+    built = {p.stem for p in (result.path / "content").glob("*.json")}
+    assert len(built) >= len(notebooks) + 1
