@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := $(shell grep -E '^torch==' $(CONSTRAINTS))
 TORCHVISION_PIN := $(shell grep -E '^torchvision==' $(CONSTRAINTS))
 
-.PHONY: setup test test-fast book live lint format bench clean-book
+.PHONY: setup test test-fast book live lint format bench clean-book browser
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,book]'
 	@touch $@
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q
@@ -36,3 +36,34 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks
 	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+# --- the book (hrtem_book/book.py) --------------------------------------------------------------
+PROFILE ?=
+PORT ?= 8866
+# Debian's chromium drives tests/test_live.py through Playwright (never `playwright install`)
+CHROMIUM ?= /usr/bin/chromium
+export HRTEM_BOOK_CHROMIUM := $(CHROMIUM)
+APT_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# database (sweep if missing) → papermill → myst build --html, or the checked offline site
+book: $(STAMP)
+	$(VENV)/bin/hrtem-book book $(if $(PROFILE),--profile $(PROFILE))
+
+# the figure notebooks' apps in Voila on http://127.0.0.1:$(PORT)/ (Ctrl-C stops)
+live: $(STAMP)
+	$(VENV)/bin/hrtem-book live $(if $(PROFILE),--profile $(PROFILE)) --port $(PORT)
+
+browser:
+	@if [ ! -x "$(CHROMIUM)" ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium for the browser test"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(APT_SUDO) apt-get install -y -q --no-install-recommends chromium \
+	      || { $(APT_SUDO) apt-get update -q && $(APT_SUDO) apt-get install -y -q --no-install-recommends chromium; }; \
+	  else \
+	    echo "no apt-get: install chromium and pass CHROMIUM=/path (tests/test_live.py skips without it)"; \
+	  fi; \
+	fi
+
+clean-book:
+	rm -rf _build

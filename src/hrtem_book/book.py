@@ -586,10 +586,11 @@ def prepare_live(profile: str, root: str | Path = ".", reduction: str = "median"
     nbs = execute_notebooks(
         figure_notebooks(root), stage / "notebooks", values, prepare_only=True, log=lambda m: None
     )
-    for name in ("results", "figures"):
-        link = stage / name
-        if not link.exists():
-            link.symlink_to(root / name, target_is_directory=True)
+    link = stage / "results"
+    if not link.exists():
+        link.symlink_to(root / "results", target_is_directory=True)
+    # the apps write their placeholder on start: keep them off the committed figures/
+    (stage / "figures").mkdir(exist_ok=True)
     return nbs[0].parent
 
 

@@ -1,0 +1,126 @@
+"""The live imaging-conditions app in Voilà, driven in a real headless Chromium.
+
+Debian's ``chromium`` (``make test`` installs it with apt-get) through Playwright for Python, with
+``executable_path`` pointing at it: Playwright's own browser download is never used.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from hrtem_book import book, results
+from hrtem_book.studies import STUDY_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "imaging_conditions.ipynb"
+CHROMIUM = Path(os.environ.get("HRTEM_BOOK_CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_FLAGS = [
+    "--no-sandbox",  # CI containers run as root
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+FIGURE = ".widget-output img"  # widgets.FigureApp draws a PNG into an ipywidgets Output
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    # a static file: requesting "/" would already start a kernel
+    url = f"http://127.0.0.1:{port}/voila/static/voila.js"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"voila exited with status {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"voila not ready at {url}")
+
+
+@pytest.fixture
+def voila_app(tmp_path):
+    """Voilà serving the imaging-conditions notebook against a synthetic database."""
+    if not NOTEBOOK.is_file():
+        pytest.fail(f"{NOTEBOOK} is missing")
+    results_dir = tmp_path / "results"
+    for study in STUDY_NAMES:
+        results.save_database(results.synthetic_database(study), results_dir / f"{study}.nc")
+    values = {
+        "profile": "smoke",
+        "results_dir": str(results_dir),
+        "reduction": "median",
+        "figure_dir": str(tmp_path / "figures"),
+    }
+    (nb,) = book.execute_notebooks([NOTEBOOK], tmp_path / "notebooks", values, prepare_only=True)
+    port = book._free_port()
+    cmd, env = book.voila_command(nb, port, ROOT, connection_dir=tmp_path / "voila-connections")
+    log = open(tmp_path / "voila.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, cwd=nb.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(port, proc)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        book.stop_process(proc)
+        log.close()
+
+
+def test_imaging_conditions_app_redraws_on_reduction_and_filter(voila_app, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: `make test` installs Debian's (apt-get install)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    requests: list[str] = []
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1200})
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(voila_app, timeout=120_000)
+            page.wait_for_selector(FIGURE, timeout=120_000)
+
+            def figure_src() -> str:
+                return page.locator(FIGURE).first.get_attribute("src")
+
+            def wait_for_new_figure(previous: str) -> str:
+                page.wait_for_function(
+                    "([sel, prev]) => { const i = document.querySelector(sel);"
+                    " return i && i.src !== prev; }",
+                    arg=[FIGURE, previous],
+                    timeout=60_000,
+                )
+                return figure_src()
+
+            first = figure_src()
+            assert first.startswith("data:image/png")
+
+            # Reduction mode: median → max redraws the figure in place
+            reduction = page.locator(".widget-dropdown", has_text="Reduction mode").locator(
+                "select"
+            )
+            assert reduction.input_value() == "median"
+            reduction.select_option(label="max")
+            after_reduction = wait_for_new_figure(first)
+
+            # a filter: keep only the first seed (replicates differ, so the statistic changes)
+            seeds = page.locator(".widget-select-multiple", has_text="seed").locator("select")
+            labels = seeds.locator("option").all_text_contents()
+            assert len(labels) > 1, labels
+            seeds.select_option(label=labels[:1])
+            after_filter = wait_for_new_figure(after_reduction)
+
+            assert len({first, after_reduction, after_filter}) == 3
+            page.screenshot(path=str(tmp_path / "imaging_conditions_app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "imaging_conditions_app.png").stat().st_size > 10_000
+    external = [u for u in requests if not u.startswith(("http://127.0.0.1", "data:", "ws://"))]
+    assert external == [], f"the page requested external resources: {external}"
