@@ -158,6 +158,7 @@ def _write_raw(ds: xr.Dataset, path) -> None:
             "status values ['great']",
         ),  # fmt: skip
         (lambda ds: ds.assign(best_loss=ds["best_loss"].mean("stage")), "'best_loss' has dims"),
+        (lambda ds: ds.assign(final_loss=-ds["final_loss"]), "'final_loss' holds negative"),
     ],
 )
 def test_mismatched_schema_is_a_clear_error(mutate, fragment, tmp_path):

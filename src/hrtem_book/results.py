@@ -223,6 +223,11 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
     bad = sorted(set(np.unique(ds["status"].values.astype(str)).tolist()) - set(STATUS_VALUES))
     if bad:
         fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
+    for var in ("best_loss", "final_loss", "history"):
+        values = ds[var].values
+        # cross-entropy is >= 0; non-finite values are stored as NaN, never as ±inf
+        if np.isinf(values).any() or (values < 0).any():
+            fail(f"variable {var!r} holds negative or infinite losses; allowed: >= 0 or NaN")
 
 
 # --- query ------------------------------------------------------------------------------------
