@@ -601,6 +601,8 @@ def serve_live(profile: str, root: str | Path = ".", port: int = 8866) -> int:
     cmd, env = voila_command(folder, port, root, root / "_build" / "live" / "voila-connections")
     print(f"live: serving {folder} at http://127.0.0.1:{port}/ (Ctrl-C stops)", flush=True)
     proc = subprocess.Popen(cmd, cwd=folder, env=env)
+    # SIGTERM (a CI job ending, `kill`) stops Voilà and its kernels like Ctrl-C does
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         return proc.wait()
     except KeyboardInterrupt:
