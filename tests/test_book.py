@@ -297,11 +297,13 @@ def test_notebook_without_parameters_cell_is_refused(tmp_path):
 
 # --- the real book ----------------------------------------------------------------------------
 def test_every_figure_notebook_is_thin_and_labelled():
-    """Conventions the build relies on: a parameters cell with the shared names, app: labels."""
+    """Conventions the build relies on: a parameters cell with the shared names, embeddable
+    (app:/txt:) labels, no committed outputs."""
     for nb in book.figure_notebooks(ROOT):
         declared = book.declared_parameters(nb)
         assert {"profile", "results_dir", "reduction"} <= set(declared), nb.name
-        assert any(label.startswith("app:") for label in book.notebook_labels(nb)), nb.name
+        labels = book.notebook_labels(nb)
+        assert any(label.startswith(("app:", "txt:")) for label in labels), nb.name
         assert all(not c.get("outputs") for c in nbformat.read(nb, 4).cells), f"{nb} has outputs"
 
 
