@@ -297,3 +297,17 @@ def test_cli_collect_writes_databases(tmp_path, fake, capsys):
         assert f"smoke/{study}.nc: " in out
         ds = load_database(tmp_path / "results" / "smoke", study)
         assert ds.attrs["profile"] == "smoke" and ds.attrs["n_records"] >= 1
+        # every cell holds exactly its record's numbers
+        grid = build_grid(study, SMOKE)
+        for cell, h in grid.hashes.items():
+            rec = read_record(records_dir(tmp_path, "smoke", study) / f"{h}.json")
+            at = dict(zip(grid.spec.axes, cell, strict=True))
+            assert ds["config_hash"].sel(at).item() == h and ds["status"].sel(at).item() == "ok"
+            for stage, srec in rec["stages"].items():
+                for dom, curve in srec["val_loss"].items():
+                    key = dom if study == "structure" else float(dom)
+                    where = {**at, "stage": stage, "eval_domain": key}
+                    assert ds["best_loss"].sel(where).item() == srec["best_loss"][dom]
+                    assert ds["history"].sel(where).values.tolist() == curve
+            expected = rec["total_params"] if "pretrain" in rec["stages"] else 10
+            assert ds["trainable_params"].sel(at).isel(stage=0).item() == expected

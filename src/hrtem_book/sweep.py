@@ -382,6 +382,8 @@ def run_sweep(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     profile = get_profile(profile) if isinstance(profile, str) else profile
     studies = expand_studies(studies)
+    if executor not in ("inprocess", "dask"):
+        raise ValueError(f"executor={executor!r}; allowed: inprocess, dask")
     root = Path(root)
     tasks = plan(studies, profile, root)
     for folder in {t.path.parent for t in tasks}:
@@ -412,12 +414,11 @@ def run_sweep(
         else:
             ready.append(task)
 
-    bar = _progress(len(todo), progress)
     # runs see results/<profile> (checkpoints there; data/<profile> beside results/)
     run_root = profile_dir(root, profile.name).resolve()
-    if executor == "inprocess":
+    if executor == "inprocess" or not todo:
         ex: Any = InProcessExecutor(run_root, device, run_fn)
-    elif executor == "dask":
+    else:
         ex = DaskExecutor(
             run_root,
             device,
@@ -426,8 +427,7 @@ def run_sweep(
             cluster_config=cluster_config,
             scheduler_address=scheduler_address,
         )
-    else:
-        raise ValueError(f"executor={executor!r}; allowed: inprocess, dask")
+    bar = _progress(len(todo), progress and bool(todo))
 
     def finish(task: _Task, record: dict) -> None:
         record = dict(record)
