@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -26,8 +27,9 @@ needs_myst = pytest.mark.skipif(
 )
 
 
-def _png(width: int = 4, height: int = 3) -> bytes:
-    """A valid greyscale PNG (MyST refuses a missing or broken placeholder under --strict)."""
+def _png(width: int = 4, height: int = 3, reduction: str | None = None) -> bytes:
+    """A valid greyscale PNG (MyST refuses a missing or broken placeholder under --strict),
+    optionally with the ``reduction`` text chunk that widgets.save_placeholder writes."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return (
@@ -36,9 +38,11 @@ def _png(width: int = 4, height: int = 3) -> bytes:
 
     raw = b"".join(b"\x00" + bytes(range(width)) for _ in range(height))
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    text = chunk(b"tEXt", b"reduction\x00" + reduction.encode()) if reduction else b""
     return (
         b"\x89PNG\r\n\x1a\n"
         + chunk(b"IHDR", header)
+        + text
         + chunk(b"IDAT", zlib.compress(raw))
         + chunk(b"IEND", b"")
     )
@@ -92,7 +96,7 @@ def _notebook(extra_cells: tuple[str, ...] = ()) -> nbformat.NotebookNode:
         ),
         nbformat.v4.new_code_cell(
             "from pathlib import Path\nPath(figure_dir).mkdir(exist_ok=True)\n"
-            f"Path(figure_dir, 'x.png').write_bytes({_png()!r})"
+            f"Path(figure_dir, 'x.png').write_bytes({_png(reduction='median')!r})"
         ),
         nbformat.v4.new_code_cell("# | label: app:x\nprint(profile, reduction)"),
         nbformat.v4.new_code_cell(
@@ -226,6 +230,26 @@ def test_check_site_reports_embeds_named_in_chapters_but_absent(tmp_path):
     with pytest.raises(book.BookCheckError, match="Error reading file"):
         book.check_site(tmp_path / "site", None, log="\u26d4\ufe0f refs.bib Error reading file")
     book.check_site(tmp_path / "site", None, log="  - \u26a0\ufe0f a warning only")
+
+
+@pytest.mark.parametrize("reduction, ok", [("median", True), ("max", False), (None, True)])
+def test_placeholder_reduction_must_be_named_by_its_caption(tmp_path, reduction, ok):
+    (tmp_path / "chapters").mkdir()
+    (tmp_path / "figures").mkdir()
+    chapter = tmp_path / "chapters" / "a.md"
+    chapter.write_text(CHAPTER)  # caption: "Median over seeds."
+    (tmp_path / "figures" / "x.png").write_bytes(_png(reduction=reduction))
+    ((path, caption),) = book.chapter_placeholders([chapter]).values()
+    assert path == tmp_path / "figures" / "x.png" and "Median over seeds" in caption
+    problems = book.check_placeholders([chapter], since=0.0)
+    assert (
+        problems == []
+        if ok
+        else ["placeholder of #app:x shows the max but its caption " + "does not say so"]
+    )
+    # a placeholder older than the build start was not rewritten by its notebook
+    stale = book.check_placeholders([chapter], since=time.time() + 10)
+    assert any("not rewritten" in p for p in stale)
 
 
 def test_theme_unavailable_recognises_the_offline_failure():

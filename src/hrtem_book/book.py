@@ -54,8 +54,10 @@ BOOK_SOURCES = ("myst.yml", "refs.bib", "book", "chapters", "figures", "notebook
 
 _LABEL = re.compile(r"^\s*#\s*\|\s*label:\s*(\S+)", re.MULTILINE)
 _EMBED_REF = re.compile(r"#((?:app|txt):[\w.:-]+)")
+# a figure directive embedding an app: label: its options, then its caption up to the closing fence
 _FIGURE_BLOCK = re.compile(
-    r"^:{3,}\{figure\}\s+#(app:[\w.:-]+)\s*\n((?:[ \t]*:[\w-]+:.*\n)*)", re.MULTILINE
+    r"^(:{3,})\{figure\}[ \t]+#(app:[\w.:-]+)[ \t]*\n((?:[ \t]*:[\w-]+:[^\n]*\n)*)(.*?)^\1[ \t]*$",
+    re.MULTILINE | re.DOTALL,
 )
 _PLACEHOLDER = re.compile(r"^[ \t]*:placeholder:\s*(\S+)", re.MULTILINE)
 # mystmd prints these when it cannot download a site template (no network, no theme server)
@@ -204,25 +206,40 @@ def execute_notebooks(
         return list(pool.map(run, list(notebooks)))
 
 
-def chapter_placeholders(chapters: Iterable[Path]) -> dict[str, Path]:
-    """``app:`` label → placeholder image of every ``:::{figure} #app:`` in the chapters."""
+def chapter_placeholders(chapters: Iterable[Path]) -> dict[str, tuple[Path, str]]:
+    """``app:`` label → (placeholder image, caption) of each ``:::{figure} #app:`` in chapters."""
     found = {}
     for chapter in chapters:
-        for label, options in _FIGURE_BLOCK.findall(chapter.read_text()):
+        for _, label, options, caption in _FIGURE_BLOCK.findall(chapter.read_text()):
             m = _PLACEHOLDER.search(options)
             if m:
-                found[label] = (chapter.parent / m.group(1)).resolve()
+                found[label] = ((chapter.parent / m.group(1)).resolve(), caption)
     return found
 
 
+def placeholder_reduction(path: Path) -> str | None:
+    """The reduction recorded in a placeholder PNG's text chunk (widgets.save_placeholder)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return getattr(image, "text", {}).get("reduction")
+
+
 def check_placeholders(chapters: Iterable[Path], since: float) -> list[str]:
-    """Problems with the placeholders: missing, or not rewritten since ``since`` (epoch s)."""
+    """Problems with the placeholders: missing, not rewritten since ``since`` (epoch s), or
+    drawn with a reduction that their caption does not name."""
     problems = []
-    for label, path in sorted(chapter_placeholders(chapters).items()):
+    for label, (path, caption) in sorted(chapter_placeholders(chapters).items()):
         if not path.is_file():
             problems.append(f"placeholder of #{label} not written: {path}")
-        elif path.stat().st_mtime < since:
+            continue
+        if path.stat().st_mtime < since:
             problems.append(f"placeholder of #{label} not rewritten by its notebook: {path}")
+        reduction = placeholder_reduction(path)
+        if reduction in REDUCTIONS and not re.search(rf"\b{reduction}\b", caption, re.I):
+            problems.append(
+                f"placeholder of #{label} shows the {reduction} but its caption does not say so"
+            )
     return problems
 
 
