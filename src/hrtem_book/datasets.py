@@ -367,11 +367,8 @@ def load_series(
     return xr.load_dataset(path)
 
 
-def domain_tensors(
-    ds: xr.Dataset, domain, split: str, n: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images float32 ``[n, 1, H, W]`` and masks int64 ``[n, H, W]`` of one domain and split,
-    in index order (the first ``n`` when given)."""
+def sample_positions(ds: xr.Dataset, domain, split: str) -> np.ndarray:
+    """Positions along ``sample`` of one domain and split, in image-index order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
     dom = normalize_domain(ds.attrs["series"], domain)
@@ -383,7 +380,15 @@ def domain_tensors(
         raise ValueError(
             f"domain {domain!r} is not in the {ds.attrs['series']} series; allowed: {allowed}"
         )
-    sel = sel[np.argsort(ds["index"].values[sel], kind="stable")]
+    return sel[np.argsort(ds["index"].values[sel], kind="stable")]
+
+
+def domain_tensors(
+    ds: xr.Dataset, domain, split: str, n: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images float32 ``[n, 1, H, W]`` and masks int64 ``[n, H, W]`` of one domain and split,
+    in index order (the first ``n`` when given)."""
+    sel = sample_positions(ds, domain, split)
     if n is not None:
         if not 1 <= n <= sel.size:
             raise ValueError(f"n={n} images requested; allowed: 1..{sel.size} for {domain!r}")

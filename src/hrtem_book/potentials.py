@@ -222,5 +222,5 @@ class Potential:
             ):
                 deposit.index_add_(0, (base + (y0 + dy) % n) * n + (x0 + dx) % n, w)
             block = torch.fft.rfft2(deposit.view(self.n_configs, m, n, n))
-            spectrum[:, lo:hi] += block * self._kernels[e]
+            spectrum[:, lo:hi] += block.mul_(self._kernels[e])
         return torch.fft.irfft2(spectrum, s=(n, n))

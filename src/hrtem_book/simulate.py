@@ -62,7 +62,10 @@ LABEL_BLUR_KEEP = 0.05  # blurred-mask level kept as particle
 # zero-defocus search: coarse grid [nm] (first, last, step), then ± one coarse step at fine steps
 CALIBRATION_COARSE_NM = (-20.0, 20.0, 1.0)
 CALIBRATION_FINE_STEP_NM = 0.1
-_BLOCK_BYTES = 256 * 2**20  # memory budget of one block of potential slices
+# memory of one block of potential slices: on CPU a block that stays in cache is 1.7× faster
+# than one large batch (measured at 320²: 16 MB → 0.18 s, 256 MB → 0.31 s per exit wave); a
+# GPU wants large batches
+_BLOCK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 
 
 def wavelength_A(energy_eV: float) -> float:
@@ -214,8 +217,9 @@ def multislice(potential: Potential, energy_eV: float) -> Waves:
     aperture = antialias_aperture(n, potential.sampling_A, dev)
     prop = fresnel_propagator(n, potential.sampling_A, potential.slice_thickness_A, energy_eV, dev)
     psi = torch.ones((potential.n_configs, n, n), dtype=torch.complex64, device=dev)
+    buf = torch.empty_like(psi)
     per_slice = potential.n_configs * n * n * 4 * 8
-    block = max(1, _BLOCK_BYTES // per_slice)
+    block = max(1, _BLOCK_BYTES.get(dev.type, _BLOCK_BYTES["cuda"]) // per_slice)
     occupied = potential.occupied
     start, fresh = 0, True  # fresh: psi is still the incident plane wave
     while start < potential.n_slices:
@@ -233,11 +237,19 @@ def multislice(potential: Potential, energy_eV: float) -> Waves:
             continue
         for b0 in range(start, stop, block):
             b1 = min(b0 + block, stop)
-            v = potential.slices(b0, b1)
-            t = torch.polar(torch.ones_like(v), sigma * v)
-            t = torch.fft.ifft2(torch.fft.fft2(t) * aperture)
+            phase = potential.slices(b0, b1).mul_(sigma)
+            # cos/sin build exp(iσV) 3× faster than torch.polar on CPU
+            t = torch.complex(torch.cos(phase), torch.sin(phase))
+            spec = torch.fft.fft2(t).mul_(aperture)
+            torch.fft.ifft2(spec, out=t)
+            del spec, phase
             for j in range(b1 - b0):
-                psi = torch.fft.ifft2(torch.fft.fft2(psi * t[:, j]) * prop)
+                # preallocated buffers: fresh tensors per FFT cost ~25 % on CPU (page faults)
+                torch.mul(psi, t[:, j], out=buf)
+                torch.fft.fft2(buf, out=psi)
+                psi.mul_(prop)
+                torch.fft.ifft2(psi, out=buf)
+                psi, buf = buf, psi
         fresh, start = False, stop
     return Waves(psi, potential.sampling_A, energy_eV)
 

@@ -1,0 +1,95 @@
+"""Example images of the simulated series (appendix figure ``app:example-images``).
+
+``example_images_figure(ds, domain, index, overlay)`` draws one image of a dataset series (as
+written by :mod:`hrtem_book.datasets`) beside its label; ``example_images_app(series)`` wraps it
+in ipywidgets controls (series, domain value, image, mask overlay on/off).
+
+    ds = datasets.load_series("defocus", get_profile("smoke").data, "data/smoke")
+    example_images_figure(ds, -10.0, 0, overlay=True)
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+
+import xarray as xr
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
+
+from ..datasets import sample_positions
+
+_MASK_CMAP = ListedColormap([(0, 0, 0, 0), (1.0, 0.35, 0.0, 0.45)])  # transparent / orange
+
+
+def _domain_label(ds: xr.Dataset, domain) -> str:
+    unit = {"defocus": " nm defocus", "dose": " e⁻/Å²"}.get(ds.attrs["series"], "")
+    return f"{domain:g}{unit}" if isinstance(domain, int | float) else str(domain)
+
+
+def example_images_figure(
+    ds: xr.Dataset, domain, index: int = 0, overlay: bool = True, split: str = "train"
+) -> Figure:
+    """Image ``index`` of ``domain`` (counts per pixel) and its particle mask, side by side."""
+    pos = sample_positions(ds, domain, split)
+    if not 0 <= index < len(pos):
+        raise ValueError(f"index={index} is not allowed; allowed: 0..{len(pos) - 1}")
+    sample = ds.isel(sample=int(pos[index]))
+    image, mask = sample["image"].values, sample["mask"].values
+    pixel = float(ds.attrs["pixel_A"])
+    extent_nm = (0, image.shape[1] * pixel / 10, image.shape[0] * pixel / 10, 0)
+    used = float(sample["defocus_nm"])
+
+    fig = Figure(figsize=(7.6, 3.8), layout="constrained")
+    ax_img, ax_mask = fig.subplots(1, 2, sharex=True, sharey=True)
+    shown = ax_img.imshow(image, cmap="gray", extent=extent_nm)
+    if overlay:
+        ax_img.imshow(mask, cmap=_MASK_CMAP, vmin=0, vmax=1, extent=extent_nm)
+    fig.colorbar(shown, ax=ax_img, label="electrons per pixel", shrink=0.8)
+    ax_img.set_title(f"{_domain_label(ds, domain)} · {split} #{index} · Δf = {used:.1f} nm")
+    ax_mask.imshow(mask, cmap="gray", vmin=0, vmax=1, extent=extent_nm)
+    ax_mask.set_title(f"label: {mask.mean():.0%} particle")
+    for ax in (ax_img, ax_mask):
+        ax.set_xlabel("x [nm]")
+    ax_img.set_ylabel("y [nm]")
+    return fig
+
+
+def example_images_app(series: Mapping[str, xr.Dataset]):
+    """ipywidgets app: dropdowns for series, domain and image index, a mask-overlay toggle."""
+    import ipywidgets as W
+    from IPython.display import Image, display
+
+    def domains_of(ds):
+        return list(dict.fromkeys(ds["domain"].values.tolist()))
+
+    first = next(iter(series.values()))
+    w_series = W.Dropdown(options=list(series), description="series")
+    w_domain = W.Dropdown(options=domains_of(first), description="domain")
+    n = int((first["split"].values == "train").sum() // len(domains_of(first)))
+    w_index = W.IntSlider(value=0, min=0, max=max(n - 1, 0), description="image")
+    w_overlay = W.Checkbox(value=True, description="mask overlay")
+    out = W.Output()
+
+    def redraw(*_):
+        fig = example_images_figure(
+            series[w_series.value], w_domain.value, w_index.value, w_overlay.value
+        )
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        with out:
+            out.clear_output(wait=True)
+            display(Image(buf.getvalue()))
+
+    def new_series(*_):
+        ds = series[w_series.value]
+        w_domain.unobserve(redraw, "value")
+        w_domain.options = domains_of(ds)
+        w_domain.observe(redraw, "value")
+        redraw()
+
+    w_series.observe(new_series, "value")
+    for w in (w_domain, w_index, w_overlay):
+        w.observe(redraw, "value")
+    redraw()
+    return W.VBox([W.HBox([w_series, w_domain]), W.HBox([w_index, w_overlay]), out])
