@@ -1,6 +1,7 @@
 """One function per book figure: a results Dataset (+ selection, reduction) in, a Figure out.
 
-Modules follow the chapters: ``architecture`` (ch. 3), ``generalization`` (measures of ch. 4 and
-the OOD figures of ch. 8), ``hyperparameters`` (ch. 6), ``imaging_conditions`` (ch. 7 and the
-dose heatmaps of ch. 9), ``noise_structure`` (ch. 9). Shared helpers live in ``_common``.
+Modules follow the chapters: ``example_images`` (ch. 2), ``architecture`` (ch. 3),
+``generalization`` (measures of ch. 4 and the OOD figures of ch. 8), ``hyperparameters``
+(ch. 6), ``imaging_conditions`` (ch. 7 and the dose heatmaps of ch. 9), ``noise_structure``
+(ch. 9). Shared helpers live in ``_common``.
 """
