@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import threading
@@ -64,6 +65,19 @@ class PeakRSS:
         self._thread.join()
 
 
+def cpu_s() -> float:
+    """CPU seconds (user + system) of this process and its finished, reaped children.
+
+    Load-independent: on a busy shared machine the wall time stretches, the CPU time does not;
+    on an idle machine with ``k`` cores the wall time is at least ``cpu_s / k``.
+    """
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def reuse_savings(root: Path, profile: str) -> dict:
     """Pretraining compute of this sweep vs retraining it for every transfer run (paper)."""
     once = per_transfer = transfer = mixture = 0.0
@@ -110,20 +124,26 @@ def main(argv: list[str] | None = None) -> int:
     if (root / "results" / profile.name).exists() or (root / "data" / profile.name).exists():
         parser.error(f"{root} already holds {profile.name} data or results; use an empty folder")
 
-    times = {}
     with PeakRSS() as rss:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_s()
         prepare_data(STUDY_NAMES, profile, root, workers=args.sim_workers)
-        times["simulate_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), cpu_s()
         summary = run_sweep(
             "all", profile, root, executor=args.executor, workers=args.workers, progress=True
         )
-        times["sweep_s"] = time.perf_counter() - t1
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), cpu_s()
         collect(profile, root)
-        times["collect_s"] = time.perf_counter() - t2
-        times["total_s"] = time.perf_counter() - t0
+        t3, c3 = time.perf_counter(), cpu_s()
+    times = {
+        "simulate_s": t1 - t0,
+        "sweep_s": t2 - t1,
+        "collect_s": t3 - t2,
+        "total_s": t3 - t0,
+        "simulate_cpu_s": c1 - c0,
+        "sweep_cpu_s": c2 - c1,
+        "total_cpu_s": c3 - c0,
+        "load_average_1min_at_end": os.getloadavg()[0],
+    }
     result = {
         "profile": profile.name,
         "executor": args.executor,
