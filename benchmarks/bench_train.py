@@ -146,12 +146,11 @@ def laptop_run(args) -> None:
                   f"(stage {s['train_time_s']:.2f} s; {rec['status']})")  # fmt: skip
     # eval share: one pass over every domain's n_eval validation images
     ctx = train._Context("cpu", data, None)
-    sets = ctx.eval_sets(profile.stage.n_eval)
+    eval_set = ctx.eval_set(profile.stage.n_eval)
     torch.manual_seed(0)
     model = build_model(profile.model)
     start = time.perf_counter()
-    for xy in sets.values():
-        train.evaluate(model, *xy)
+    train.evaluate_domains(model, eval_set)
     print(f"one evaluation of all domains: {time.perf_counter() - start:.2f} s")
 
 
@@ -197,8 +196,9 @@ def cuda_part(args) -> None:
     freeze(ours, "none")
     stage = replace(paper.stage, epochs=1, augment_d4=False)  # one pass over the n images
     train_set = tuple(train._to_device(t, device) for t in (images, masks))
-    train.train_stage(ours, tuple(t[:64] for t in train_set), {}, stage, 1e-4, 0, "warmup")
-    summary, _ = train.train_stage(ours, train_set, {}, stage, 1e-4, 0, "bench")
+    no_eval = train.EvalSet.from_sets({})
+    train.train_stage(ours, tuple(t[:64] for t in train_set), no_eval, stage, 1e-4, 0, "warmup")
+    summary, _ = train.train_stage(ours, train_set, no_eval, stage, 1e-4, 0, "bench")
     rate_ours = n / summary["train_time_s"]
     print(f"plain fp32 + DataLoader: {rate_plain:8.1f} img/s")
     print(f"ours (bf16, channels_last, on device): {rate_ours:8.1f} img/s  "
