@@ -502,9 +502,8 @@ def build_site(
         try:
             check_site(site, stage / "chapters", output)
         except BookCheckError as exc:
-            if rc:
-                exc.problems.insert(0, f"myst build --site failed with status {rc}")
-            raise
+            status = [f"myst build --site failed with status {rc}"] if rc else []
+            raise BookCheckError(status + exc.problems, str(site)) from None
         if rc:
             raise BookCheckError([f"myst build --site failed with status {rc}"], str(stage))
         return "site", site
