@@ -117,3 +117,17 @@ def test_placeholder_records_its_reduction(defocus, tmp_path):
     path = app.save_placeholder(tmp_path / "fig.png", profile="synthetic")
     meta = Image.open(path).text
     assert meta["reduction"] == "mean" and meta["profile"] == "synthetic"
+
+
+def test_option_labels_are_short_and_distinct():
+    from hrtem_book.figures._common import format_value
+
+    assert [format_value(v) for v in (1e-3, 2.5e-4, 1e-4, -10.0, 0.0, 64, "encoder")] == [
+        "1e-3",
+        "2.5e-4",
+        "1e-4",
+        "-10",
+        "0",
+        "64",
+        "encoder",
+    ]

@@ -26,6 +26,8 @@ from IPython import get_ipython
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
+from .figures._common import format_value
+
 REDUCTIONS = ("min", "mean", "median", "max")
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
 # never become filters (a figure decides which stage and evaluation domain it shows)
@@ -45,16 +47,6 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def format_value(axis: str, value: Any) -> str:
-    """A short label for a coordinate value (learning rates in e-notation, floats trimmed)."""
-    if isinstance(value, float | np.floating):
-        value = float(value)
-        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-            return f"{value:.0e}".replace("e-0", "e-").replace("e+0", "e")
-        return f"{value:g}"
-    return str(value)
-
-
 def axis_options(ds: xr.Dataset, axes: Sequence[str] | None = None) -> dict[str, list[tuple]]:
     """``{axis: [(label, value), ...]}`` for each grid axis, read from the Dataset's coordinates."""
     axes = grid_axes(ds) if axes is None else list(axes)
@@ -63,9 +55,7 @@ def axis_options(ds: xr.Dataset, axes: Sequence[str] | None = None) -> dict[str,
         raise ValueError(
             f"axes {unknown} are not dimensions of the Dataset; allowed: {list(ds.dims)}"
         )
-    return {
-        a: [(format_value(a, _plain(v)), _plain(v)) for v in ds[a].values.tolist()] for a in axes
-    }
+    return {a: [(format_value(_plain(v)), _plain(v)) for v in ds[a].values.tolist()] for a in axes}
 
 
 def data_range(ds: xr.Dataset, var: str = "best_loss") -> tuple[float, float]:
@@ -78,7 +68,9 @@ def data_range(ds: xr.Dataset, var: str = "best_loss") -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def figure_png(fig: Figure, dpi: int = PLACEHOLDER_DPI, metadata: Mapping[str, str] | None = None):
+def figure_png(
+    fig: Figure, dpi: int = PLACEHOLDER_DPI, metadata: Mapping[str, str] | None = None
+) -> bytes:
     """PNG bytes of a figure (rendered with the Agg canvas; no pyplot state involved)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, metadata=dict(metadata or {}))

@@ -83,6 +83,17 @@ def selected(ds: xr.Dataset, var: str, select: Mapping[str, list]) -> xr.DataArr
     return query(ds, var, select, reduce=None)
 
 
+def format_value(value: Any) -> str:
+    """A short label for a coordinate value (learning rates in e-notation, floats trimmed)."""
+    if isinstance(value, float | np.floating):
+        value = float(value)
+        if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            mantissa, exponent = f"{value:.6e}".split("e")  # 2.5e-4, 1e-3: no digits lost
+            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+        return f"{value:g}"
+    return str(value)
+
+
 def domain_unit(series: str) -> str:
     return {"defocus": "nm", "dose": "e⁻/Å²"}.get(series, "")
 

@@ -14,8 +14,15 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..widgets import format_value
-from ._common import check_reduce, clean_select, loss_on, new_figure, reduce_da, selected
+from ._common import (
+    check_reduce,
+    clean_select,
+    format_value,
+    loss_on,
+    new_figure,
+    reduce_da,
+    selected,
+)
 from .generalization import per_configuration
 
 AXIS_NAMES = {
@@ -34,8 +41,8 @@ def target_losses(
     return loss_on(da.squeeze("stage", drop=True), "target_domain")
 
 
-def _group_label(axes: Sequence[str], values: tuple) -> str:
-    return " / ".join(format_value(a, v) for a, v in zip(axes, values, strict=True))
+def _group_label(values: tuple) -> str:
+    return " / ".join(format_value(v) for v in values)
 
 
 def grouped_losses(
@@ -62,7 +69,7 @@ def grouped_losses(
     for values in np.ndindex(*(after.sizes[a] for a in by)):
         part = after.isel(dict(zip(by, values, strict=True)))
         labels = tuple(after[a].values[i].item() for a, i in zip(by, values, strict=True))
-        groups[_group_label(by, labels)] = per_configuration(part, reduce)
+        groups[_group_label(labels)] = per_configuration(part, reduce)
     return groups
 
 
