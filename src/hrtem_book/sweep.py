@@ -513,7 +513,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep",
         help="run a study grid (resumable; records under results/<profile>/records)",
-        description=__doc__.split("\n\n")[0],
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--study", required=True, choices=(*STUDY_NAMES, "all"))
