@@ -173,3 +173,19 @@ def test_cli_runs_as_a_console_command(tmp_path):
     assert out.returncode == 0, out.stderr
     ds = xr.load_dataset(out.stdout.strip())
     assert sorted(set(ds["domain"].values)) == ["CdSe-large", "CdSe-small", "Cu-large", "Cu-small"]
+
+
+def test_example_images_figure_and_app(cdse):
+    from hrtem_book.figures.example_images import example_images_app, example_images_figure
+
+    _, defocus, dose = cdse
+    fig = example_images_figure(defocus, SMOKE.defoci_nm[0], 1, overlay=True)
+    assert len(fig.axes) == 3  # image, mask, colour bar
+    assert len(fig.axes[0].images) == 2  # image + mask overlay
+    assert len(example_images_figure(dose, SMOKE.doses[0], 0, overlay=False).axes[0].images) == 1
+    with pytest.raises(ValueError, match="index=99"):
+        example_images_figure(defocus, SMOKE.defoci_nm[0], 99)
+    app = example_images_app({"defocus": defocus, "dose": dose})
+    series, domain = app.children[0].children
+    series.value = "dose"  # switching series offers that series' domains
+    assert list(domain.options) == list(SMOKE.doses)
