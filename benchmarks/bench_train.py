@@ -22,6 +22,8 @@ host) in the same process. Goal: ≥ 3× images/s. The paper's A100 anchor: one 
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import sys
 import tempfile
 import time
@@ -46,13 +48,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def step_rate(model, px: int, batch: int, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of forward + backward + Adam step on random images (our autocast/layout)."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+def step_rate(
+    model, px: int, batch: int, device: torch.device, steps: int, warmup: int, layout
+) -> float:
+    """Images/s of forward + backward + Adam step on random images (our autocast)."""
+    model = model.to(device, memory_format=layout)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    x = train._to_device(torch.randn(batch, 1, px, px), device)
+    x = torch.randn(batch, 1, px, px, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 2, (batch, px, px), device=device)
     model.train()
     for i in range(warmup + steps):
@@ -96,16 +98,22 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
 
 def cpu_part(args) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'img/s':>8}  (fwd+bwd+Adam, CPU)")
+    if args.skip_models:
+        return laptop_run(args)
+    print("images/s of forward + backward + Adam step on the CPU")
+    print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'contiguous':>11} {'ch_last':>8}")
     for name, profile in PROFILES.items():
         px = profile.data.sim.image_px
         big = px > 256
         batch = args.paper_batch if big else profile.stage.batch_size
-        torch.manual_seed(0)
-        model = build_model(profile.model)
         steps, warmup = (1, 1) if big else (args.steps, 2)
-        rate = step_rate(model, px, batch, torch.device("cpu"), steps, warmup)
-        print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} {rate:8.1f}")
+        rates = []
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.manual_seed(0)
+            model = build_model(profile.model)
+            rates.append(step_rate(model, px, batch, torch.device("cpu"), steps, warmup, layout))
+        print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} "
+              f"{rates[0]:11.1f} {rates[1]:8.1f}")  # fmt: skip
     laptop_run(args)
 
 
@@ -127,23 +135,26 @@ def laptop_run(args) -> None:
         stage=profile.stage,
         n_train=profile.n_pretrain,
     )
-    n_transfer = min(args.n_transfer, profile.data.n_train)
     print(f"\nlaptop run ({source}, {len(doms)} eval domains × n_eval={profile.stage.n_eval}, "
           f"{profile.stage.epochs} epochs, batch {profile.stage.batch_size}, "
           f"D4={profile.stage.augment_d4})")  # fmt: skip
+    print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times stretch "
+          "when other processes run; CPU time is this process's alone)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         rec = train.run(pre, root=Path(tmp), data=data)
-        t_pre = time.perf_counter() - start
-        print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s  ({rec['status']})")
-        for freeze_option in ("none", "encoder", "decoder"):
+        t_pre, c_pre = time.perf_counter() - start, time.process_time() - cpu
+        print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s wall, {c_pre:6.2f} s CPU "
+              f"({rec['status']})")  # fmt: skip
+        for n_transfer, freeze_option in itertools.product(
+            args.n_transfer, ("none", "encoder", "decoder")
+        ):
             cfg = TransferConfig(pre, doms[-1], n_transfer, 1e-4, freeze_option, profile.stage)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             rec = train.run(cfg, root=Path(tmp), data=data)
-            t = time.perf_counter() - start
-            s = rec["stages"]["transfer"]
-            print(f"transfer  {n_transfer:4d} images, freeze {freeze_option:7}: {t:6.2f} s "
-                  f"(stage {s['train_time_s']:.2f} s; {rec['status']})")  # fmt: skip
+            t, c = time.perf_counter() - start, time.process_time() - cpu
+            print(f"transfer  {n_transfer:4d} images, freeze {freeze_option:7}: {t:6.2f} s wall, "
+                  f"{c:6.2f} s CPU ({rec['status']})")  # fmt: skip
     # eval share: one pass over every domain's n_eval validation images
     ctx = train._Context("cpu", data, None)
     eval_set = ctx.eval_set(profile.stage.n_eval)
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (CPU)")
     parser.add_argument("--paper-batch", type=int, default=2, help="paper model's CPU batch")
-    parser.add_argument("--n-transfer", type=int, default=64, help="laptop transfer images")
+    parser.add_argument("--n-transfer", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--skip-models", action="store_true", help="only the laptop run")
     parser.add_argument("--data-root", type=Path, default=None, help="e.g. data/laptop")
     parser.add_argument("--gpu-images", type=int, default=1024)
     args = parser.parse_args(argv)
