@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
@@ -196,6 +197,21 @@ def test_transfer_runs_share_one_pretraining(data, tmp_path, monkeypatch):
     assert [r["kind"] for r in records] == ["transfer"] * 3 + ["pretrain"]
     total = records[0]["total_params"]
     assert [r["trainable_params"] for r in records] == [total, 209_778, 711_090, total]
+
+
+def test_concurrent_transfer_runs_train_their_pretraining_once(data, tmp_path, monkeypatch):
+    """Two workers (threads here; the lock is per open file, so processes behave alike) start
+    transfer runs of one pretraining at once: one trains it, the other waits and loads it."""
+    calls = []
+    original = train._train_pretrain
+    monkeypatch.setattr(train, "_train_pretrain", lambda *a: calls.append(1) or original(*a))
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(train.run, transfer_cfg(f), root=tmp_path, data=data)
+                for f in ("none", "encoder")]  # fmt: skip
+        records = [job.result() for job in jobs]
+    assert len(calls) == 1
+    assert records[0]["stages"]["pretrain"] == records[1]["stages"]["pretrain"]
+    assert not list(train.checkpoint_path(tmp_path, pretrain_cfg()).parent.glob(".*.tmp"))
 
 
 def test_transfer_keeps_frozen_encoder_and_its_batchnorm(data, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ import math
 import os
 import resource
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -62,6 +63,9 @@ EVAL_BATCH = 64  # images per forward pass when evaluating (no gradients)
 # progress(stage, epoch, epochs, row): called after every epoch; row = one line of the table
 Progress = Callable[[str, int, int, dict], None]
 Loader = Callable[[str, DataConfig], xr.Dataset]
+
+
+_INIT_LOCK = threading.Lock()
 
 
 class _Diverged(Exception):
@@ -120,12 +124,13 @@ def _batches(n: int, stage: StageConfig, gen: torch.Generator) -> Iterator[tuple
 
 
 def _augment(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Apply D4 element ``ks[i]`` (a CPU tensor) to image ``x[i]``; no device synchronisation."""
     if not bool(ks.any()):
         return x
     out = torch.empty_like(x)
     for k in ks.unique().tolist():
-        sel = ks == k
-        out[sel] = d4(x[sel], k)
+        rows = torch.nonzero(ks == k).flatten().to(x.device, non_blocking=True)
+        out[rows] = d4(x[rows], k)
     return out
 
 
@@ -241,9 +246,9 @@ def train_stage(
             model.train()
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             for idx, ks in _batches(len(images), stage, gen):
-                idx = idx.to(device)
-                x = _augment(images[idx], ks.to(device))
-                y = _augment(masks[idx], ks.to(device))
+                idx = idx.to(device, non_blocking=True)
+                x = _augment(images[idx], ks)
+                y = _augment(masks[idx], ks)
                 with _autocast(device):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
@@ -391,8 +396,10 @@ class _Context:
         return self._eval[n_eval]
 
     def model(self, cfg, seed: int):
-        torch.manual_seed(seed)  # smp/timm initialise from torch's global RNG
-        return build_model(cfg).to(self.device, memory_format=_LAYOUT)
+        with _INIT_LOCK:  # smp/timm initialise from torch's global RNG: one thread at a time
+            torch.manual_seed(seed)
+            model = build_model(cfg)
+        return model.to(self.device, memory_format=_LAYOUT)
 
 
 def _clip(n: int | None, ds: xr.Dataset, domain) -> int | None:
@@ -519,6 +526,8 @@ def run(
         data = _default_loader(data_root, device)(series, data_cfg)
     _check_domains(cfg, data)
     ctx = _Context(device, data, progress)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed image sizes: autotuned kernels pay off
     if isinstance(cfg, TransferConfig):
         return _run_transfer(cfg, root, ctx)
     if isinstance(cfg, MixtureConfig):
