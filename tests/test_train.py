@@ -240,6 +240,14 @@ def test_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
         train.run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
 
 
+def test_truncated_checkpoint_is_a_clear_error(data, tmp_path):
+    train.run(pretrain_cfg(), root=tmp_path, data=data)
+    path = train.checkpoint_path(tmp_path, pretrain_cfg())
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"checkpoint .* is unreadable .*; delete it to retrain"):
+        train.run(transfer_cfg(), root=tmp_path, data=data)
+
+
 def test_mixture_trains_on_both_domains(data, tmp_path):
     cfg = MixtureConfig(
         data=SMOKE_DATA,

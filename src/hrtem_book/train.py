@@ -27,6 +27,7 @@ import datetime
 import json
 import math
 import os
+import pickle
 import resource
 import subprocess
 import threading
@@ -108,8 +109,8 @@ def _default_loader(data_root: Path, device: str) -> Loader:
 
 # --- one stage -------------------------------------------------------------------------------
 def d4(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Element ``k`` (0..7) of the dihedral group D4 on the last two axes: k%4 quarter turns,
-    then a transpose-like flip for k >= 4."""
+    """Element ``k`` (0..7) of the dihedral group D4 on the last two axes: ``k % 4`` quarter
+    turns, followed by a left-right mirror for ``k >= 4``."""
     x = torch.rot90(x, k % 4, dims=(-2, -1))
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
@@ -220,7 +221,9 @@ def train_stage(
     """Train ``model`` in place for one stage; returns (stage summary S, error or None).
 
     ``train_set`` and ``eval_set`` must already be on the model's device. Only parameters with
-    ``requires_grad`` are optimised (freezing is applied beforehand).
+    ``requires_grad`` are optimised (freezing is applied beforehand). ``train_time_s`` is the
+    stage's wall time, per-epoch evaluation included; ``peak_memory_mb`` is the CUDA allocator's
+    peak during the stage, or on the CPU the process's peak resident set so far.
     """
     images, masks = train_set
     device = images.device
@@ -257,6 +260,7 @@ def train_stage(
                 optimizer.step()
                 loss_sum += loss.detach().double() * len(idx)
             train_loss = float(loss_sum) / (len(images) * (8 if stage.augment_d4 else 1))
+            lr_used = schedule.get_last_lr()[0]
             if not math.isfinite(train_loss):
                 raise _Diverged(f"non-finite training loss ({train_loss}) in {name} epoch {epoch}")
             schedule.step()
@@ -269,7 +273,7 @@ def train_stage(
                 summary["val_loss"][key].append(v)
             summary["epochs_run"] = epoch
             if progress is not None:
-                row = {"train_loss": train_loss, "val_loss": val, "lr": schedule.get_last_lr()[0]}
+                row = {"train_loss": train_loss, "val_loss": val, "lr": lr_used}
                 row["time_s"] = time.perf_counter() - start
                 progress(name, epoch, stage.epochs, row)
     except _Diverged as exc:
@@ -336,9 +340,15 @@ def _fields_differ(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device = "cpu") -> dict:
     """The checkpoint at ``path``; a ValueError when it was written for another config."""
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} has format {ckpt.get('format')!r}; allowed: 1")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({first}); delete it to retrain"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
     want = to_jsonable(cfg)
     if ckpt["config"] != want:
         differ = ", ".join(_fields_differ(ckpt["config"], want)) or "?"
@@ -363,6 +373,8 @@ def _pretrained(cfg: PretrainConfig, root: Path, ctx: _Context) -> dict:
                     "config_hash": config_hash(cfg),
                     "record": record,
                     "state_dict": state,
+                    "package_version": __version__,
+                    "git_commit": git_commit(),
                     "torch_version": str(torch.__version__),
                     "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 }
