@@ -150,7 +150,7 @@ class Images:
     sampling_A: float
 
     def bin(self, factor: int) -> Images:
-        """Sum-free binning: the mean of ``factor × factor`` blocks (keeps intensity units)."""
+        """Mean over ``factor × factor`` blocks, as a detector pixel integrates (beam units)."""
         if factor == 1:
             return self
         a = self.array
