@@ -20,8 +20,10 @@ from hrtem_book.simulate import (
     CTF,
     Images,
     Waves,
+    image_intensities,
     interaction_constant,
     label_mask,
+    minimum_contrast_defocus,
     multislice,
     particle_wave,
     simulate_scene,
@@ -166,8 +168,6 @@ def test_dose_gives_poisson_counts():
 def test_image_mean_is_dose_times_pixel_area():
     scene = build_scene(SMOKE_SIM, "CdSe", (0.7, 1.0), np.random.default_rng(2))
     sw = simulate_scene(scene, SMOKE_SIM, 1.6, np.random.default_rng(3))
-    from hrtem_book.simulate import image_intensities
-
     clean = image_intensities(sw.waves, torch.tensor([sw.zero_defocus_A - 100.0]), SMOKE_SIM)
     # elastic scattering conserves the beam; only the band limit and envelope remove a little
     assert float(clean.array.mean()) == pytest.approx(1.0, abs=0.02)
@@ -250,3 +250,42 @@ def test_cuda_matches_cpu():
         for d in ("cpu", "cuda")
     ]
     assert (waves[0] - waves[1]).norm() / waves[0].norm() < 1e-5
+
+
+def test_phonon_images_average_intensities_not_waves():
+    rng = np.random.default_rng(0)
+    gpts, sampling = 64, 0.25
+    sim = replace(SMOKE_SIM, field_nm=gpts * sampling / 10, sampling_A=sampling, pixel_A=0.5)
+    waves = Waves(
+        torch.exp(1j * torch.as_tensor(rng.normal(0, 0.3, (2, gpts, gpts)))).to(torch.complex64),
+        sampling,
+        300e3,
+    )
+    both = image_intensities(waves, torch.tensor([-100.0]), sim).array
+    each = [
+        image_intensities(
+            Waves(waves.array[i : i + 1], sampling, 300e3), torch.tensor([-100.0]), sim
+        ).array
+        for i in range(2)
+    ]
+    torch.testing.assert_close(both, (each[0] + each[1]) / 2)
+    mean_wave = Waves(waves.array.mean(0, keepdim=True), sampling, 300e3)
+    coherent = image_intensities(mean_wave, torch.tensor([-100.0]), sim).array
+    assert (both - coherent).abs().max() > 0.01
+
+
+def test_zero_defocus_refocuses_on_the_object():
+    """A thin carbon layer 10 nm above the exit plane has its minimum contrast 10 nm (100 Å)
+    further underfocus than the same layer at the exit plane: CTF(Δf) undoes a free propagation
+    of Δf, the sign convention of abTEM (defocus = −C10)."""
+    sim = SMOKE_SIM
+    side, height = sim.field_nm * 10, 104.0
+    rng = np.random.default_rng(3)
+    layer = rng.uniform(0, [side, side, 1.0], (150, 3))
+    zeros = []
+    for z in (height - 2.0, height - 102.0):  # at the exit plane, 100 Å above it
+        atoms = ase.Atoms("C150", positions=layer + [0, 0, z], cell=[side, side, height])
+        wave = particle_wave(atoms, sim).resample(2 * sim.image_px)
+        zeros.append(minimum_contrast_defocus(wave, sim))
+    print("zero defocus [Å] at the exit plane, 100 Å above:", zeros)
+    assert zeros[1] - zeros[0] == pytest.approx(100.0, abs=5.0)
