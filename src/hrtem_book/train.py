@@ -544,8 +544,7 @@ def run(
         return _run_transfer(cfg, root, ctx)
     if isinstance(cfg, MixtureConfig):
         return _run_mixture(cfg, ctx)
-    record = _pretrained(cfg, root, ctx)["record"]
-    return {**record, "git_commit": git_commit()}
+    return _pretrained(cfg, root, ctx)["record"]  # as recorded when it was trained
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -589,9 +588,8 @@ def config_from_args(args) -> RunConfig:
     )
     if "transfer" not in domains:
         return pretrain
-    stage = profile.stage
     return TransferConfig(pretrain, domains["transfer"], args.n_transfer, args.transfer_lr,
-                          args.freeze, stage)  # fmt: skip
+                          args.freeze, profile.stage)  # fmt: skip
 
 
 def _cli(args) -> int:
