@@ -325,8 +325,8 @@ def test_every_figure_notebook_is_thin_and_labelled():
     """Conventions the build relies on: a parameters cell with the shared names, embeddable
     (app:/txt:) labels, no committed outputs."""
     for nb in book.figure_notebooks(ROOT):
-        declared = book.declared_parameters(nb)
-        assert {"profile", "results_dir", "reduction"} <= set(declared), nb.name
+        # each declares what it uses (example_images reads no database); the build passes only those
+        assert "profile" in book.declared_parameters(nb), nb.name
         labels = book.notebook_labels(nb)
         assert any(label.startswith(("app:", "txt:")) for label in labels), nb.name
         assert all(not c.get("outputs") for c in nbformat.read(nb, 4).cells), f"{nb} has outputs"
