@@ -5,3 +5,8 @@ Modules follow the chapters: ``example_images`` (ch. 2), ``architecture`` (ch. 3
 (ch. 6), ``imaging_conditions`` (ch. 7 and the dose heatmaps of ch. 9), ``noise_structure``
 (ch. 9). Shared helpers live in ``_common``.
 """
+
+
+def plural(n: int, noun: str) -> str:
+    """``"1 finished run"``, ``"3 finished runs"``: counts in the book's generated prose."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

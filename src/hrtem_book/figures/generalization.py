@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ._common import (
     axis_title,
@@ -166,6 +167,7 @@ def ood_spread(
     ax2.axvline(0.0, color="k", lw=0.8)
     ax2.set_xlabel("shift ΔS = S(after) − S(before)")
     ax2.set_ylabel("configurations")
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax2.set_title("(b) shift of the spread")
     _boxes(
         ax3,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from ._common import check_reduce, clean_select, new_figure
 from .generalization import per_configuration
@@ -107,6 +108,7 @@ def size_histograms(
         ax.set_title(title)
         ax.set_xlabel("best loss on the target structure")
     axes[0].set_ylabel("configurations")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(title="pretraining → target size", fontsize=8)
     fig.suptitle(f"Structure study by particle size; {reduce} over seeds of each configuration")
     return fig
