@@ -14,12 +14,11 @@ import io
 from collections.abc import Mapping
 
 import xarray as xr
-from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from ..datasets import sample_positions
 
-_MASK_CMAP = ListedColormap([(0, 0, 0, 0), (1.0, 0.35, 0.0, 0.45)])  # transparent / orange
+_OUTLINE = (1.0, 0.45, 0.0)  # orange mask outline
 
 
 def _domain_label(ds: xr.Dataset, domain) -> str:
@@ -43,8 +42,10 @@ def example_images_figure(
     fig = Figure(figsize=(7.6, 3.8), layout="constrained")
     ax_img, ax_mask = fig.subplots(1, 2, sharex=True, sharey=True)
     shown = ax_img.imshow(image, cmap="gray", extent=extent_nm)
-    if overlay:
-        ax_img.imshow(mask, cmap=_MASK_CMAP, vmin=0, vmax=1, extent=extent_nm)
+    if overlay:  # the outline keeps the lattice fringes inside the particle visible
+        ax_img.contour(
+            mask, levels=[0.5], colors=[_OUTLINE], linewidths=1.2, extent=extent_nm, origin="upper"
+        )
     fig.colorbar(shown, ax=ax_img, label="electrons per pixel", shrink=0.8)
     ax_img.set_title(f"{_domain_label(ds, domain)} · {split} #{index} · Δf = {used:.1f} nm")
     ax_mask.imshow(mask, cmap="gray", vmin=0, vmax=1, extent=extent_nm)
