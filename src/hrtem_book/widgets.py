@@ -27,8 +27,8 @@ from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from .figures._common import format_value
+from .results import REDUCTIONS
 
-REDUCTIONS = ("min", "mean", "median", "max")
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
 # never become filters (a figure decides which stage and evaluation domain it shows)
 NON_GRID_DIMS = ("stage", "eval_domain", "epoch")
