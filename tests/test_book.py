@@ -344,7 +344,11 @@ def test_real_book_executes_and_builds_offline(tmp_path, synthetic_results):
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
     notebooks = book.figure_notebooks(root)
     assert notebooks, "no figure notebooks"
-    result = book.build_book("smoke", root, results_dir=synthetic_results, offline=True)
+    # the simulated series are a cache keyed by config hash: share the project's
+    data = {"data_root": str(ROOT / "data")}
+    result = book.build_book(
+        "smoke", root, results_dir=synthetic_results, offline=True, parameters=data
+    )
     assert result.kind == "site" and result.path.is_dir()
     assert sorted(p.name for p in result.notebooks) == sorted(p.name for p in notebooks)
     built = {p.stem for p in (result.path / "content").glob("*.json")}

@@ -51,6 +51,8 @@ OFFLINE_CONFIG = "book/myst.offline.yml"
 VOILA_TEMPLATE = "hrtem-offline"  # book/jupyter/voila/templates/hrtem-offline
 # what the book is made of, relative to the project root (copied into the staging folder)
 BOOK_SOURCES = ("myst.yml", "refs.bib", "book", "chapters", "figures", "notebooks")
+# generated folders the notebooks read through relative paths: linked, never copied
+SHARED_FOLDERS = ("results", "data")
 
 _LABEL = re.compile(r"^\s*#\s*\|\s*label:\s*(\S+)", re.MULTILINE)
 _EMBED_REF = re.compile(r"#((?:app|txt):[\w.:-]+)")
@@ -257,7 +259,7 @@ def _relative_to_notebooks(path: Path, root: Path) -> str:
 
 def stage_book(root: Path, stage: Path, notebooks: Iterable[Path]) -> Path:
     """Copy the book's sources into ``stage`` with ``notebooks`` (parameters injected) in place
-    of the committed ones; ``stage/results`` links to the project's results."""
+    of the committed ones; ``stage/results`` and ``stage/data`` link to the project's."""
     stage.mkdir(parents=True, exist_ok=True)
     for name in BOOK_SOURCES:
         src, dst = root / name, stage / name
@@ -273,11 +275,16 @@ def stage_book(root: Path, stage: Path, notebooks: Iterable[Path]) -> Path:
             shutil.copytree(src, dst)
         elif src.is_file():
             shutil.copy2(src, dst)
-    link = stage / "results"
-    if not link.exists():
-        (root / "results").mkdir(exist_ok=True)
-        link.symlink_to((root / "results").resolve(), target_is_directory=True)
+    _link_shared(root, stage)
     return stage
+
+
+def _link_shared(root: Path, stage: Path) -> None:
+    for name in SHARED_FOLDERS:
+        link = stage / name
+        if not link.exists():
+            (root / name).mkdir(exist_ok=True)
+            link.symlink_to((root / name).resolve(), target_is_directory=True)
 
 
 # --- Jupyter server and myst -----------------------------------------------------------------
@@ -517,13 +524,15 @@ def build_book(
     reduction: str = "median",
     offline: bool | None = None,
     jobs: int | None = None,
+    parameters: dict | None = None,
     log: Log = print,
 ) -> BuildResult:
     """Database → papermill → staged MyST build → AST check (see the module docstring).
 
     ``results_dir`` given: use that database as is (tests); otherwise ``results/<profile>/``,
     completed by the sweep where a study is missing. ``offline``: None tries HTML first.
-    ``jobs``: notebooks executed at once (default: the CPU count, at most 4).
+    ``jobs``: notebooks executed at once (default: the CPU count, at most 4). ``parameters``:
+    more notebook parameters (e.g. ``data_root``), given to the notebooks that declare them.
     """
     jobs = jobs or min(4, os.cpu_count() or 1)
     if reduction not in REDUCTIONS:
@@ -544,6 +553,7 @@ def build_book(
         "profile": profile,
         "results_dir": _relative_to_notebooks(Path(results_dir), root),
         "reduction": reduction,
+        **(parameters or {}),
     }
     stage = root / "_build" / "book" / profile
     started = time.time() - 1.0  # file systems with 1 s mtime resolution
@@ -602,9 +612,7 @@ def prepare_live(profile: str, root: str | Path = ".", reduction: str = "median"
     nbs = execute_notebooks(
         figure_notebooks(root), stage / "notebooks", values, prepare_only=True, log=lambda m: None
     )
-    link = stage / "results"
-    if not link.exists():
-        link.symlink_to(root / "results", target_is_directory=True)
+    _link_shared(root, stage)
     # the apps write their placeholder on start: keep them off the committed figures/
     (stage / "figures").mkdir(exist_ok=True)
     return nbs[0].parent
