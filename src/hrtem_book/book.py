@@ -42,11 +42,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .results import REDUCTIONS
 from .studies import STUDY_NAMES
 
 DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
 SHIPPED_PROFILE = "gpu"  # preferred when its databases are committed under results/gpu/
-REDUCTIONS = ("min", "mean", "median", "max")
 OFFLINE_CONFIG = "book/myst.offline.yml"
 VOILA_TEMPLATE = "hrtem-offline"  # book/jupyter/voila/templates/hrtem-offline
 # what the book is made of, relative to the project root (copied into the staging folder)
