@@ -242,3 +242,23 @@ def test_placeholder_uses_the_caption_reduction(chapter, label, body):
         return
     assert named, f"{chapter}: caption of {label} names no reduction ('<mode> over ...')"
     assert set(named) == {_notebook_reduction(notebook)} == {png_reduction}
+
+
+# --- the figure notebooks follow the book's conventions ---------------------------------------
+NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").glob("*.ipynb") if p.stem != "example_images")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_is_thin_parameterised_and_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", []), "first code cell must be `parameters`"
+    for name in ("profile", "results_dir", "reduction", "figure_dir"):
+        assert re.search(rf"^{name}\s*=", code[0].source, re.M), f"parameters cell lacks {name}"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code)
+    apps = [c for c in code if c.source.startswith("# | label: app:")]
+    assert len(apps) <= 1, "one figure per notebook"
+    if apps:
+        label = apps[0].source.split("\n", 1)[0].removeprefix("# | label: app:")
+        assert label == path.stem.replace("_", "-")
+    assert len(code) <= 6, "figure notebooks stay thin: a few calls into hrtem_book"
