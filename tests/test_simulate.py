@@ -118,7 +118,7 @@ def test_vacuum_stays_a_plane_wave():
     assert torch.allclose(psi, torch.ones_like(psi))
 
 
-def _zeros_along_qx(ctf: CTF, gpts=4096, sampling=0.05) -> np.ndarray:
+def _zeros_along_qx(ctf: CTF, gpts=1024, sampling=0.25) -> np.ndarray:
     """Frequencies [Å⁻¹] where Im(CTF) = −sin χ changes sign along +q_x (linear interpolation)."""
     s = ctf.evaluate(gpts, sampling).imag[0, : gpts // 2].double().numpy()
     q = np.fft.fftfreq(gpts, sampling)[: gpts // 2]
