@@ -163,6 +163,20 @@ def notebook_parameters(path: Path, values: dict) -> dict:
     return {k: v for k, v in values.items() if k in declared and v is not None}
 
 
+def _first_error(executed: Path) -> str | None:
+    """``cell N raised Name: value`` for the first failed cell of an executed notebook."""
+    try:
+        nb = json.loads(executed.read_text())
+    except (OSError, ValueError):
+        return None
+    for cell in nb.get("cells", []):
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                n = cell.get("execution_count")
+                return f"cell {n} raised {output.get('ename')}: {output.get('evalue')}"
+    return None
+
+
 def execute_notebooks(
     notebooks: Iterable[Path],
     out_dir: Path,
@@ -174,38 +188,44 @@ def execute_notebooks(
 ) -> list[Path]:
     """Run each notebook with papermill (cwd = its folder) into ``out_dir``; return the outputs.
 
-    ``jobs`` notebooks run at once (one kernel each).
     ``values`` are offered to every notebook; each gets those its parameters cell declares.
+    ``prepare_only`` injects the parameters without running anything. Otherwise each notebook
+    runs in its own ``papermill`` process, ``jobs`` at a time: papermill's client is not
+    thread-safe (two executions in threads of one process hung here, a kernel idle and its
+    client waiting for a reply forever).
     """
     import papermill
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    notebooks = list(notebooks)
+    if prepare_only:
+        for nb in notebooks:
+            papermill.execute_notebook(
+                str(nb),
+                str(out_dir / nb.name),
+                parameters=notebook_parameters(nb, values),
+                prepare_only=True,
+                progress_bar=False,
+            )
+        return [out_dir / nb.name for nb in notebooks]
 
     def run(nb: Path) -> Path:
         out = out_dir / nb.name
+        cmd = [sys.executable, "-m", "papermill", str(nb), str(out), "--cwd", str(nb.parent)]
+        cmd += ["-k", "python3", "--no-progress-bar", "--log-level", "ERROR"]
+        cmd += ["-y", json.dumps(notebook_parameters(nb, values))]  # JSON is YAML
         t0 = time.perf_counter()
-        try:
-            papermill.execute_notebook(
-                str(nb),
-                str(out),
-                parameters=notebook_parameters(nb, values),
-                cwd=str(nb.parent),
-                kernel_name="python3",
-                prepare_only=prepare_only,
-                progress_bar=False,
-            )
-        except papermill.PapermillExecutionError as exc:
-            raise BookCheckError(
-                [f"cell {exc.exec_count} raised {exc.ename}: {exc.evalue} (output: {out})"],
-                where=str(nb),
-            ) from None
-        if not prepare_only:
-            log(f"book: executed {nb.name} in {time.perf_counter() - t0:.1f} s")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode:
+            tail = proc.stdout.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            reason = _first_error(out) or f"papermill failed: {tail[0]}"
+            raise BookCheckError([f"{reason} (output: {out})"], where=str(nb))
+        log(f"book: executed {nb.name} in {time.perf_counter() - t0:.1f} s")
         return out
 
-    # each notebook runs in its own kernel process; threads only wait on them
+    # threads only wait on the papermill processes
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(run, list(notebooks)))
+        return list(pool.map(run, notebooks))
 
 
 def chapter_placeholders(chapters: Iterable[Path]) -> dict[str, tuple[Path, str]]:
