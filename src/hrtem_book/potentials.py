@@ -76,14 +76,14 @@ def spatial_frequencies(gpts: int, sampling_A: float) -> np.ndarray:
 def projected_form_factors(
     elements: Sequence[str | int], gpts: int, sampling_A: float, device: str | torch.device = "cpu"
 ) -> torch.Tensor:
-    """Kernels that turn a bilinear atom deposit into projected potential, for an rFFT grid.
+    """Kernels that turn a bilinear atom deposit into projected potential on an FFT grid.
 
-    Returns a float32 tensor ``[len(elements), gpts, gpts // 2 + 1]``: V_z(q) / (pixel area ·
-    deposit compensation) [V·Å], to multiply with ``torch.fft.rfft2`` of the deposit.
+    Returns a float32 tensor ``[len(elements), gpts, gpts]``: V_z(q) / (pixel area · deposit
+    compensation) [V·Å], to multiply with ``torch.fft.fft2`` of the deposit. The kernels are
+    real and even, so they map real deposits to real potentials.
     """
-    qy = spatial_frequencies(gpts, sampling_A)
-    qx = np.fft.rfftfreq(gpts, d=sampling_A)
-    q2 = qy[:, None] ** 2 + qx[None, :] ** 2
+    q = spatial_frequencies(gpts, sampling_A)
+    q2 = q[:, None] ** 2 + q[None, :] ** 2
     arg = np.sqrt(q2) * sampling_A
     compensation = np.where(arg > 0, np.sin(arg) / np.where(arg > 0, arg, 1.0), 1.0)
     kernels = [
@@ -135,7 +135,9 @@ class Potential:
         self.device = torch.device(device)
         numbers = np.asarray(numbers)
         self.elements = [int(z) for z in np.unique(numbers)]
-        self._kernels = projected_form_factors(self.elements, self.gpts, self.sampling_A, device)
+        # 1/N² of the inverse FFT folded into the kernels (slices() runs it unnormalised)
+        kernels = projected_form_factors(self.elements, self.gpts, self.sampling_A, device)
+        self._kernels = kernels / self.gpts**2
         self.n_configs = len(positions)
         # Per atom: configuration, slice, element and the four bilinear weights/indices.
         # Kept on the device as flat arrays; a block of slices selects its atoms with a mask.
@@ -191,36 +193,44 @@ class Potential:
     def slices(self, start: int, stop: int) -> torch.Tensor:
         """Projected potential of slices ``start:stop`` [V·Å], float32 ``[configs, k, N, N]``.
 
-        Each element is transformed only over the slices that hold it (a carbon slab and the
-        particles above it share few slices), which halves the FFT work of typical scenes.
+        Two slices share one complex FFT (the deposit of slice 2j as the real part, of 2j+1 as
+        the imaginary part): the kernels are real and even, so the two potentials come back as
+        the real and imaginary parts. On CPU this costs 0.33 ms per 320² slice against 0.8 ms
+        for a real FFT pair (torch's rfft2/irfft2). Each element is transformed only over the
+        slice pairs that hold it (a carbon slab and the particles above it share few slices).
         """
         n, k = self.gpts, stop - start
-        spectrum = torch.zeros(
-            (self.n_configs, k, n, n // 2 + 1), dtype=torch.complex64, device=self.device
-        )
+        pairs = (k + 1) // 2
+        shape = (self.n_configs, pairs, n, n)
+        spectrum = torch.zeros(shape, dtype=torch.complex64, device=self.device)
         in_block = (self._slice >= start) & (self._slice < stop)
         for e in range(len(self.elements)):
             keep = in_block & (self._elem == e)
             if not bool(keep.any()):
                 continue
             sl = self._slice[keep] - start
-            lo, hi = int(sl.min()), int(sl.max()) + 1
+            lo, hi = int(sl.min()) // 2, int(sl.max()) // 2 + 1
             m = hi - lo
-            deposit = torch.zeros(
-                self.n_configs * m * n * n, dtype=torch.float32, device=self.device
-            )
+            # float view of a complex [configs, m, n, n] array: index (c, pair, y, x, re/im)
+            size = self.n_configs * m * n * n * 2
+            deposit = torch.zeros(size, dtype=torch.float32, device=self.device)
             y, x = self._y[keep], self._x[keep]
             y0, x0 = torch.floor(y), torch.floor(x)
             fy, fx = (y - y0).float(), (x - x0).float()
             y0, x0 = y0.long(), x0.long()
-            base = (self._conf[keep] * m + sl - lo) * n
+            base = (self._conf[keep] * m + sl // 2 - lo) * n
+            part = sl % 2
             for dy, dx, w in (
                 (0, 0, (1 - fy) * (1 - fx)),
                 (1, 0, fy * (1 - fx)),
                 (0, 1, (1 - fy) * fx),
                 (1, 1, fy * fx),
             ):
-                deposit.index_add_(0, (base + (y0 + dy) % n) * n + (x0 + dx) % n, w)
-            block = torch.fft.rfft2(deposit.view(self.n_configs, m, n, n))
-            spectrum[:, lo:hi] += block.mul_(self._kernels[e])
-        return torch.fft.irfft2(spectrum, s=(n, n))
+                flat = ((base + (y0 + dy) % n) * n + (x0 + dx) % n) * 2 + part
+                deposit.index_add_(0, flat, w)
+            packed = torch.view_as_complex(deposit.view(self.n_configs, m, n, n, 2))
+            spectrum[:, lo:hi] += torch.fft.fft2(packed).mul_(self._kernels[e])
+        both = torch.view_as_real(
+            torch.fft.ifft2(spectrum, norm="forward")
+        )  # [configs, pairs, n, n, re/im]
+        return both.permute(0, 1, 4, 2, 3).reshape(self.n_configs, 2 * pairs, n, n)[:, :k]
