@@ -360,11 +360,15 @@ def load_series(
     workers: int = 1,
     progress: bool = True,
 ) -> xr.Dataset:
-    """The series as an in-memory ``xr.Dataset``; generated first when missing."""
+    """The series as an ``xr.Dataset``, generated first when missing.
+
+    Opened lazily: coordinates are read at once, images when selected (a paper-scale defocus
+    series holds 14 GB of images), so :func:`domain_tensors` reads only what it returns.
+    """
     path = series_path(series, data_config, root)
     if not path.exists():
         generate(series, data_config, root, device=device, workers=workers, progress=progress)
-    return xr.load_dataset(path)
+    return xr.open_dataset(path)
 
 
 def sample_positions(ds: xr.Dataset, domain, split: str) -> np.ndarray:
@@ -393,8 +397,9 @@ def domain_tensors(
         if not 1 <= n <= sel.size:
             raise ValueError(f"n={n} images requested; allowed: 1..{sel.size} for {domain!r}")
         sel = sel[:n]
-    images = torch.from_numpy(ds["image"].values[sel].astype(np.float32))[:, None]
-    masks = torch.from_numpy(ds["mask"].values[sel].astype(np.int64))
+    # isel reads only the selected images of a lazily opened file
+    images = torch.from_numpy(ds["image"].isel(sample=sel).values.astype(np.float32))[:, None]
+    masks = torch.from_numpy(ds["mask"].isel(sample=sel).values.astype(np.int64))
     return images, masks
 
 
