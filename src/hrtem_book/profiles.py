@@ -96,20 +96,22 @@ PROFILES: dict[str, Profile] = {
         stage=LAPTOP_STAGE,
         n_pretrain=64,
         studies={
-            # 4 (pretrain, target) pairs × 2 N × 3 freeze × 2 seeds = 48 runs on 4 pretrainings;
+            # Sized by benchmarks/bench_sweep.py (README, "Performance"): all four studies with
+            # their simulation take ~10 min on this 2-core machine (goal: 20 min).
+            # 8 (pretrain, target) pairs × 2 N × 3 freeze × 2 seeds = 96 runs on 4 pretrainings;
             # every run is evaluated on all 11 defoci (eval_domain)
             "defocus": {
                 "pretrain_domain": (-10.0, 10.0),
-                "target_domain": (-10.0, 0.0, 10.0),
+                "target_domain": (-20.0, -10.0, 0.0, 10.0, 20.0),
                 "n_transfer": (16, 64),
                 "pretrain_lr": (1e-3,),
                 "transfer_lr": (1e-4,),
                 "seed": (0, 1),
             },
-            # 24 cells, 18 distinct mixtures ((-10, 10) and (10, -10) mirror each other)
+            # 48 cells, 42 distinct mixtures ((-10, 10) and (10, -10) mirror each other)
             "baseline": {
                 "domain_a": (-10.0, 10.0),
-                "domain_b": (-10.0, 0.0, 10.0),
+                "domain_b": (-20.0, -10.0, 0.0, 10.0, 20.0),
                 "mix": ("16:48", "32:32", "48:16"),
                 "lr": (1e-3,),
                 "seed": (0, 1),
