@@ -1,3 +1,3 @@
-"""hrtem-book: simulation, training, sweeps and figures of an executable HRTEM transfer-learning paper."""
+"""hrtem-book: HRTEM simulation, U-Net transfer learning, study sweeps and an executable book."""
 
 __version__ = "0.1.0"

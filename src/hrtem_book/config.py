@@ -31,7 +31,9 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, float):
         if not math.isfinite(obj):
-            raise ValueError(f"config value {obj!r} is not finite; configs hold finite numbers only")
+            raise ValueError(
+                f"config value {obj!r} is not finite; configs hold finite numbers only"
+            )
         return obj
     if obj is None or isinstance(obj, bool | int | str):
         return obj
@@ -100,7 +102,9 @@ class SimulationConfig:
             )
         lo, hi = self.particles_per_image
         if not 1 <= lo <= hi:
-            raise ValueError(f"particles_per_image={self.particles_per_image} must be 1 <= lo <= hi")
+            raise ValueError(
+                f"particles_per_image={self.particles_per_image} must be 1 <= lo <= hi"
+            )
 
     @property
     def gpts(self) -> int:
@@ -183,7 +187,9 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}: both must be >= 1")
+            raise ValueError(
+                f"epochs={self.epochs}, batch_size={self.batch_size}: both must be >= 1"
+            )
 
 
 SERIES = ("defocus", "dose", "structure")
