@@ -121,7 +121,12 @@ def ensure_database(profile: str, root: str | Path = ".", log: Log = print) -> P
     if missing:
         log(f"book: results database incomplete in {results_dir} (missing {', '.join(missing)});")
         log(f"book: running the sweep for profile {profile!r} (resumes from finished records)")
-        sweep.run_sweep(missing, profile, root, log=log)
+        # one single-threaded Dask worker per core (a 2-core laptop: 2); one core: in-process
+        cores = os.cpu_count() or 1
+        executor = "dask" if cores > 1 else "inprocess"
+        sweep.run_sweep(
+            missing, profile, root, executor=executor, workers=cores, sim_workers=cores, log=log
+        )
         results.collect(profile, root)
         missing = missing_studies(results_dir)
         if missing:
