@@ -82,16 +82,23 @@ def projected_form_factors(
     compensation) [V·Å], to multiply with ``torch.fft.fft2`` of the deposit. The kernels are
     real and even, so they map real deposits to real potentials.
     """
+    kernels = [_form_factor(_symbol(e), int(gpts), float(sampling_A)) for e in elements]
+    kernels = np.stack(kernels) if kernels else np.zeros((0, gpts, gpts))
+    return torch.as_tensor(kernels, dtype=torch.float32, device=device)
+
+
+@lru_cache(maxsize=64)
+def _form_factor(symbol: str, gpts: int, sampling_A: float) -> np.ndarray:
+    """One element's kernel of :func:`projected_form_factors` (float64, read-only). Cached: every
+    scene of a dataset shares the grid, and the kernel costs ~2 ms per element at 320²."""
     q = spatial_frequencies(gpts, sampling_A)
     q2 = q[:, None] ** 2 + q[None, :] ** 2
     arg = np.sqrt(q2) * sampling_A
     compensation = np.where(arg > 0, np.sin(arg) / np.where(arg > 0, arg, 1.0), 1.0)
-    kernels = [
-        PROJECTION_PREFACTOR_V_A2 * scattering_factor(e, q2) / (compensation * sampling_A**2)
-        for e in elements
-    ]
-    kernels = np.stack(kernels) if kernels else np.zeros((0,) + q2.shape)
-    return torch.as_tensor(kernels, dtype=torch.float32, device=device)
+    kernel = PROJECTION_PREFACTOR_V_A2 * scattering_factor(symbol, q2)
+    kernel /= compensation * sampling_A**2
+    kernel.flags.writeable = False
+    return kernel
 
 
 def slicing(height_A: float, slice_thickness_A: float) -> tuple[int, float]:
@@ -136,11 +143,16 @@ class Potential:
         numbers = np.asarray(numbers)
         self.elements = [int(z) for z in np.unique(numbers)]
         # 1/N² of the inverse FFT folded into the kernels (slices() runs it unnormalised)
-        kernels = projected_form_factors(self.elements, self.gpts, self.sampling_A, device)
-        self._kernels = kernels / self.gpts**2
+        self._kernels = _scaled_kernels(
+            tuple(self.elements), self.gpts, self.sampling_A, self.device
+        )
         self.n_configs = len(positions)
-        # Per atom: configuration, slice, element and the four bilinear weights/indices.
-        # Kept on the device as flat arrays; a block of slices selects its atoms with a mask.
+        n = self.gpts
+        # Per atom: configuration, slice, element, bilinear weights and grid indices, computed
+        # once here (not per slice block), with the atoms stably sorted by (element, slice):
+        # a block's atoms of one element are then a contiguous range, found from a table of
+        # offsets instead of boolean masks. The stable sort keeps the atoms of one slice in
+        # their input order, so the deposits accumulate in the same order (same float bits).
         elem_index = np.searchsorted(self.elements, numbers)
         conf, sl, el, y, x = [], [], [], [], []
         for c, pos in enumerate(positions):
@@ -152,15 +164,34 @@ class Potential:
             y.append(pos[:, 1] / self.sampling_A)
             x.append(pos[:, 0] / self.sampling_A)
 
-        def cat(v, dtype):
-            return torch.as_tensor(np.concatenate(v) if v else np.zeros(0), dtype=dtype)
+        def cat(v, dtype=None):
+            return np.concatenate(v).astype(dtype) if v else np.zeros(0, dtype)
 
-        self._conf = cat(conf, torch.int64).to(self.device)
-        self._slice = cat(sl, torch.int64).to(self.device)
-        self._elem = cat(el, torch.int64).to(self.device)
+        key = cat(el, np.int64) * self.n_slices + cat(sl, np.int64)
+        order = np.argsort(key, kind="stable")
+        counts = np.bincount(key, minlength=len(self.elements) * self.n_slices)
+        # _counts[e, s]: atoms of element e in slice s; _offsets[e, s]: first of them
+        self._counts = counts.reshape(len(self.elements), self.n_slices)
+        self._offsets = (np.cumsum(counts) - counts).reshape(self._counts.shape)
+
+        def dev(v, dtype):
+            return torch.as_tensor(v[order], dtype=dtype).to(self.device)
+
+        self._conf = dev(cat(conf, np.int64), torch.int64)
+        self._slice = dev(cat(sl, np.int64), torch.int64)
         # float64 pixel coordinates: float32 would lose ~1e-4 px at 1000 px
-        self._y = cat(y, torch.float64).to(self.device)
-        self._x = cat(x, torch.float64).to(self.device)
+        y, x = dev(cat(y, float), torch.float64), dev(cat(x, float), torch.float64)
+        y0, x0 = torch.floor(y), torch.floor(x)
+        fy, fx = (y - y0).float(), (x - x0).float()
+        y0, x0 = y0.long(), x0.long()
+        # the four neighbours in the order (dy, dx) = (0, 0), (1, 0), (0, 1), (1, 1): [4, atoms]
+        self._weights = torch.stack(
+            [(1 - fy) * (1 - fx), fy * (1 - fx), (1 - fy) * fx, fy * fx]
+        ).contiguous()
+        self._pixels = torch.stack(
+            [((y0 + dy) % n) * n + (x0 + dx) % n for dy, dx in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        ).contiguous()
+        self._buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_atoms(
@@ -186,51 +217,70 @@ class Potential:
     @property
     def occupied(self) -> np.ndarray:
         """Bool ``[n_slices]``: slices holding at least one atom (in any configuration)."""
-        occ = np.zeros(self.n_slices, bool)
-        occ[np.unique(self._slice.cpu().numpy())] = True
-        return occ
+        return self._counts.sum(0) > 0
 
     def slices(self, start: int, stop: int) -> torch.Tensor:
-        """Projected potential of slices ``start:stop`` [V·Å], float32 ``[configs, k, N, N]``.
+        """Projected potential of slices ``start:stop`` [V·Å], float32 ``[configs, k, N, N]``."""
+        n, k = self.gpts, stop - start
+        both = torch.view_as_real(self.packed_slices(start, stop))  # [configs, pairs, n, n, 2]
+        return both.permute(0, 1, 4, 2, 3).reshape(self.n_configs, -1, n, n)[:, :k].clone()
+
+    def packed_slices(self, start: int, stop: int) -> torch.Tensor:
+        """Slices ``start:stop`` two to a complex number: complex64 ``[configs, ceil(k/2), N, N]``
+        whose real part is slice ``start + 2j`` and imaginary part slice ``start + 2j + 1`` [V·Å]
+        (zero past ``stop``). The tensor is a buffer of this object, overwritten by the next call.
 
         Two slices share one complex FFT (the deposit of slice 2j as the real part, of 2j+1 as
         the imaginary part): the kernels are real and even, so the two potentials come back as
         the real and imaginary parts. On CPU this costs 0.33 ms per 320² slice against 0.8 ms
         for a real FFT pair (torch's rfft2/irfft2). Each element is transformed only over the
         slice pairs that hold it (a carbon slab and the particles above it share few slices).
+        Buffers are reused between calls: fresh multi-MB tensors cost page faults on CPU.
         """
-        n, k = self.gpts, stop - start
+        n, k, c = self.gpts, stop - start, self.n_configs
         pairs = (k + 1) // 2
-        shape = (self.n_configs, pairs, n, n)
-        spectrum = torch.zeros(shape, dtype=torch.complex64, device=self.device)
-        in_block = (self._slice >= start) & (self._slice < stop)
+        spectrum = self._buffer("spectrum", (c, pairs, n, n), torch.complex64).zero_()
         for e in range(len(self.elements)):
-            keep = in_block & (self._elem == e)
-            if not bool(keep.any()):
+            held = np.flatnonzero(self._counts[e, start:stop])
+            if not len(held):
                 continue
-            sl = self._slice[keep] - start
-            lo, hi = int(sl.min()) // 2, int(sl.max()) // 2 + 1
+            lo, hi = int(held[0]) // 2, int(held[-1]) // 2 + 1
             m = hi - lo
-            # float view of a complex [configs, m, n, n] array: index (c, pair, y, x, re/im)
-            size = self.n_configs * m * n * n * 2
-            deposit = torch.zeros(size, dtype=torch.float32, device=self.device)
-            y, x = self._y[keep], self._x[keep]
-            y0, x0 = torch.floor(y), torch.floor(x)
-            fy, fx = (y - y0).float(), (x - x0).float()
-            y0, x0 = y0.long(), x0.long()
-            base = (self._conf[keep] * m + sl // 2 - lo) * n
-            part = sl % 2
-            for dy, dx, w in (
-                (0, 0, (1 - fy) * (1 - fx)),
-                (1, 0, fy * (1 - fx)),
-                (0, 1, (1 - fy) * fx),
-                (1, 1, fy * fx),
-            ):
-                flat = ((base + (y0 + dy) % n) * n + (x0 + dx) % n) * 2 + part
-                deposit.index_add_(0, flat, w)
-            packed = torch.view_as_complex(deposit.view(self.n_configs, m, n, n, 2))
-            spectrum[:, lo:hi] += torch.fft.fft2(packed).mul_(self._kernels[e])
-        both = torch.view_as_real(
-            torch.fft.ifft2(spectrum, norm="forward")
-        )  # [configs, pairs, n, n, re/im]
-        return both.permute(0, 1, 4, 2, 3).reshape(self.n_configs, 2 * pairs, n, n)[:, :k]
+            first = int(self._offsets[e, start])
+            atoms = slice(first, first + int(self._counts[e, start:stop].sum()))
+            sl = self._slice[atoms] - start
+            # index into the float view of a complex [configs, m, n, n] array
+            base = (self._conf[atoms] * m + sl // 2 - lo) * (n * n)
+            flat = (base + self._pixels[:, atoms]) * 2 + sl % 2
+            deposit = self._buffer("deposit", (c * m * n * n * 2,), torch.float32).zero_()
+            # one index_add_ over the four neighbours, in the order of four separate calls
+            deposit.index_add_(0, flat.reshape(-1), self._weights[:, atoms].reshape(-1))
+            packed = torch.view_as_complex(deposit.view(c, m, n, n, 2))
+            transformed = self._buffer("transformed", (c, m, n, n), torch.complex64)
+            torch.fft.fft2(packed, out=transformed)
+            # real and imaginary parts times the real kernel: what complex × real computes
+            # (same bits), without promoting the kernel to a complex copy on every call
+            torch.view_as_real(transformed).mul_(self._kernels[e])
+            spectrum[:, lo:hi] += transformed
+        out = self._buffer("potential", (c, pairs, n, n), torch.complex64)
+        return torch.fft.ifft2(spectrum, norm="forward", out=out)
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A reusable tensor of ``shape`` (a view of a buffer grown to the largest request)."""
+        size = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self._buffers[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return buf[:size].view(shape)
+
+
+@lru_cache(maxsize=16)
+def _scaled_kernels(
+    elements: tuple[int, ...], gpts: int, sampling_A: float, device
+) -> torch.Tensor:
+    """:func:`projected_form_factors` / N² (the unnormalised inverse FFT's factor), each value
+    twice along a last axis, ``[elements, N, N, 2]``, to scale the real and imaginary parts of
+    a complex spectrum in one contiguous pass (a broadcast size-1 axis is ~10× slower on CPU).
+    Cached per grid and species; read-only (shared by every potential of a dataset)."""
+    kernels = projected_form_factors(elements, gpts, sampling_A, device) / gpts**2
+    return kernels[..., None].expand(*kernels.shape, 2).contiguous()
