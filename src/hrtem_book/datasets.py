@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import SERIES, DataConfig, config_hash, normalize_domain, stable_json
 
-GENERATOR_VERSION = 3  # bump when the images change for an unchanged config (even by rounding)
+GENERATOR_VERSION = 4  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
 SPLITS = ("train", "val")
 SIZES = ("small", "large")
