@@ -143,6 +143,48 @@ def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, fake):
     assert "ok" in db["status"].values and set(np.unique(db["status"].values)) <= {"ok", "excluded"}
 
 
+def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
+    """A diverged pretraining leaves a weightless checkpoint (train.run); a retry must not reload
+    that recorded failure but train again, while a plain rerun keeps it."""
+    import torch
+
+    from hrtem_book import train
+
+    grid = build_grid("defocus", SMOKE)
+    pre_hash, pre = next(iter(grid.pretrains.items()))
+    FAIL.add(pre_hash)
+    _sweep(tmp_path, run_fn=fake_run)
+    run_root = tmp_path / "results" / "smoke"
+    ckpt = train.checkpoint_path(run_root, pre)
+    failed = {
+        "format": train.CHECKPOINT_FORMAT,
+        "config": to_jsonable(pre),
+        "config_hash": pre_hash,
+        "record": {"status": "failed"},
+        "state_dict": None,
+    }
+    ckpt.parent.mkdir(parents=True)
+    torch.save(failed, ckpt)
+    _sweep(tmp_path, run_fn=fake_run)  # no retry: the failure and its checkpoint stay
+    assert ckpt.exists()
+    seen = []
+
+    def run_fn(cfg, *, root, device="cpu"):
+        if isinstance(cfg, PretrainConfig):
+            seen.append(train.checkpoint_path(root, cfg).exists())
+        return fake_run(cfg, root=root, device=device)
+
+    FAIL.clear()
+    retry = _sweep(tmp_path, run_fn=run_fn, retry_failed=True)
+    assert (retry.done, retry.failed, seen) == (1 + len(grid.runs), 0, [False])
+    # a checkpoint with weights is never deleted, even when its record failed
+    torch.save({**failed, "state_dict": {}}, ckpt)
+    record_path = records_dir(tmp_path, "smoke", "defocus") / f"{pre_hash}.json"
+    write_record(record_path, {**read_record(record_path), "status": "failed"})
+    _sweep(tmp_path, run_fn=fake_run, retry_failed=True)
+    assert ckpt.exists()
+
+
 def test_corrupt_records_and_stale_temporary_files_are_redone(tmp_path, fake):
     _sweep(tmp_path, run_fn=fake_run)
     folder = records_dir(tmp_path, "smoke", "dose")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import RunConfig, TransferConfig, config_hash, to_jsonable
+from .config import PretrainConfig, RunConfig, TransferConfig, config_hash, to_jsonable
 from .profiles import Profile, get_profile
 from .studies import STUDIES, STUDY_NAMES, build_grid
 
@@ -135,6 +135,28 @@ def remove_stale_tmp(folder: Path) -> int:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def drop_failed_checkpoint(cfg: PretrainConfig, run_root: Path) -> bool:
+    """Delete the checkpoint of a diverged pretraining before it is retried; True if deleted.
+
+    ``train.run`` stores a diverged pretraining as a checkpoint without weights, so that its
+    transfer runs fail at once instead of each retraining it; left in place, a retry would only
+    reload that recorded failure. A checkpoint that holds weights (or cannot be read) is kept.
+    """
+    from . import train  # lazily: only when a failed pretraining is retried
+
+    path = train.checkpoint_path(run_root, cfg)
+    if not path.is_file():
+        return False
+    try:
+        ckpt = train.load_checkpoint(path, cfg)
+    except ValueError:  # unreadable or another config: train.run reports it when the run starts
+        return False
+    if ckpt.get("state_dict") is not None:
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 # --- running one config (on a worker or in process) -------------------------------------------
@@ -395,12 +417,16 @@ def run_sweep(
     todo: list[_Task] = []
     if run_fn is None:
         prepare_data(studies, profile, root, workers=sim_workers, progress=progress)
+    # runs see results/<profile> (checkpoints there; data/<profile> beside results/)
+    run_root = profile_dir(root, profile.name).resolve()
     for task in tasks:
         rec = read_record(task.path)
         if rec is not None and (rec["status"] == "ok" or not retry_failed):
             records[task.hash] = rec
             summary.skipped += 1
         else:
+            if rec is not None and isinstance(task.cfg, PretrainConfig):
+                drop_failed_checkpoint(task.cfg, run_root)
             todo.append(task)
 
     # transfer runs wait for the pretraining whose checkpoint they load
@@ -414,8 +440,6 @@ def run_sweep(
         else:
             ready.append(task)
 
-    # runs see results/<profile> (checkpoints there; data/<profile> beside results/)
-    run_root = profile_dir(root, profile.name).resolve()
     if executor == "inprocess" or not todo:
         ex: Any = InProcessExecutor(run_root, device, run_fn)
     else:
