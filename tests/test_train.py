@@ -265,6 +265,22 @@ def test_mixture_trains_on_both_domains(data, tmp_path):
     assert record["stages"]["mixture"]["epochs_run"] == STAGE.epochs
 
 
+def test_mixture_with_a_zero_share_trains_on_the_other_domain(data, tmp_path):
+    # studies.parse_mix allows "0:n"; such a mixture is one domain alone, never an error
+    cfg = MixtureConfig(
+        data=SMOKE_DATA,
+        series="defocus",
+        domains=(-10, 10),
+        n_images=(0, 8),
+        lr=3e-3,
+        seed=0,
+        model=NARROW_MODEL,
+        stage=replace(STAGE, epochs=1),
+    )
+    record = train.run(cfg, root=tmp_path, data=data)
+    assert record["status"] == "ok" and record["stages"]["mixture"]["epochs_run"] == 1
+
+
 # --- failures ---------------------------------------------------------------------------------
 def test_diverging_run_fails_without_raising(data, tmp_path):
     record = train.run(pretrain_cfg(lr=1e30), root=tmp_path, data=data)

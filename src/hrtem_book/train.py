@@ -470,7 +470,9 @@ def _run_transfer(cfg: TransferConfig, root: Path, ctx: _Context) -> dict:
 
 
 def _run_mixture(cfg: MixtureConfig, ctx: _Context) -> dict:
-    parts = [ctx.tensors(d, "train", n) for d, n in zip(cfg.domains, cfg.n_images, strict=True)]
+    # a mix such as "0:512" (studies.parse_mix allows a zero share) trains on one domain alone
+    pairs = [(d, n) for d, n in zip(cfg.domains, cfg.n_images, strict=True) if n != 0]
+    parts = [ctx.tensors(d, "train", n) for d, n in pairs]
     train_set = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model = ctx.model(cfg.model, cfg.seed)
     summary, error = train_stage(
