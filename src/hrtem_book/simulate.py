@@ -67,6 +67,7 @@ CALIBRATION_FINE_STEP_NM = 0.1
 # than one large batch (measured at 320²: 16 MB → 0.18 s, 256 MB → 0.31 s per exit wave); a
 # GPU wants large batches
 _BLOCK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
+_OPTICS_CHUNK_POINTS = 2**17  # complex points per batch of CTF images (1 MB: stays in cache)
 
 
 def wavelength_A(energy_eV: float) -> float:
@@ -121,13 +122,24 @@ class CTF:
 
     def evaluate(self, gpts: int, sampling_A: float, device="cpu") -> torch.Tensor:
         """Complex64 ``[gpts, gpts]`` (float defocus) or ``[n_defoci, gpts, gpts]``."""
+        return self._transfer(self._terms(gpts, sampling_A, device), self.defocus_A)
+
+    def _terms(self, gpts: int, sampling_A: float, device) -> tuple[torch.Tensor, ...]:
+        """The defocus-independent parts of :meth:`evaluate`: (π λ q², the C_s phase, E(q))."""
         lam = wavelength_A(self.energy_eV)
         q2 = _frequencies2(gpts, sampling_A, device)
-        defocus = torch.as_tensor(self.defocus_A, dtype=torch.float32, device=device)
-        shape = defocus.shape + (1, 1)
-        c10 = -defocus.reshape(shape)
-        chi = math.pi * lam * q2 * c10 + 0.5 * math.pi * self.cs_A * lam**3 * q2**2
+        defocus_term = math.pi * lam * q2
+        cs_term = 0.5 * math.pi * self.cs_A * lam**3 * q2**2
         envelope = torch.exp(-((0.5 * math.pi * lam * self.focal_spread_A * q2) ** 2))
+        return defocus_term, cs_term, envelope
+
+    @staticmethod
+    def _transfer(terms: tuple[torch.Tensor, ...], defocus_A) -> torch.Tensor:
+        """exp(−iχ) E(q) for ``defocus_A`` (a float or a 1D tensor) from :meth:`_terms`."""
+        defocus_term, cs_term, envelope = terms
+        defocus = torch.as_tensor(defocus_A, dtype=torch.float32, device=envelope.device)
+        c10 = -defocus.reshape(defocus.shape + (1, 1))
+        chi = defocus_term * c10 + cs_term
         return torch.polar(envelope.expand_as(chi).contiguous(), -chi)
 
     def zero_crossings(self, n: int = 3) -> np.ndarray:
@@ -328,12 +340,21 @@ def image_intensities(waves: Waves, defocus_A: torch.Tensor, sim: SimulationConf
     """Noise-free images ``[n_defoci, image_px, image_px]`` in beam units: the CTF applied to each
     phonon's wave (optics grid) and the intensities averaged over phonons, then 2×2-binned."""
     defocus_A = torch.as_tensor(defocus_A, dtype=torch.float32).reshape(-1)
+    # the waves' spectrum and the defocus-independent CTF terms once for all defoci (the
+    # zero-defocus calibration images 62 of them), then the operations of Waves.apply_ctf
+    terms = CTF(sim.energy_eV, 0.0, sim.cs_A, sim.focal_spread_A)._terms(
+        waves.gpts, waves.sampling_A, waves.array.device
+    )
+    spec = torch.fft.fft2(waves.array)  # [phonons, M, M]
+    # defoci in chunks of ~2¹⁷ complex points (8 at a time on the laptop's 128² optics grid;
+    # larger batches leave the cache and were slower), one at a time at paper scale
+    chunk = max(1, _OPTICS_CHUNK_POINTS // spec.numel())
     out = []
-    for d in defocus_A:  # one defocus at a time bounds memory at paper scale
-        ctf = CTF(sim.energy_eV, float(d), sim.cs_A, sim.focal_spread_A)
-        out.append(waves.apply_ctf(ctf).intensity().array.mean(0))
+    for d in torch.split(defocus_A, chunk):
+        h = CTF._transfer(terms, d)[:, None]  # [chunk, 1, M, M]
+        out.append(torch.fft.ifft2(spec * h).abs().square().mean(1))
     factor = round(sim.pixel_A / waves.sampling_A)
-    return Images(torch.stack(out), waves.sampling_A).bin(factor)
+    return Images(torch.cat(out), waves.sampling_A).bin(factor)
 
 
 def minimum_contrast_defocus(wave: Waves, sim: SimulationConfig) -> float:
