@@ -118,12 +118,23 @@ def _with_studies(changes: dict):
         ({"baseline": {"mix": ("half",)}}, "mix='half' is not allowed"),
         ({"dose": {"freeze": ("all",)}}, "freeze='all'; allowed: none, encoder, decoder"),
         ({"structure": {"target_domain": ("Au-small",)}}, "not domains of the profile's"),
+        ({"dose": {"n_transfer": (4, 8)}}, "n_transfer=(4, 8) is a fixed setting here"),
+        ({"structure": {"pretrain_lr": "1e-3"}}, "pretrain_lr='1e-3' is a fixed setting"),
+        ({"dose": {"n_transfer": 4.5}}, "allowed: one value, an integer"),
     ],
 )
 def test_bad_study_overrides_are_clear_errors(studies, fragment):
     with pytest.raises(ValueError) as err:
         build_grid(next(iter(studies)), _with_studies(studies))
     assert fragment in str(err.value)
+
+
+def test_fixed_settings_take_the_type_of_their_axis():
+    # 1 and 1.0 (or 4 and 4.0) are one setting: the same run configs, the same hashes
+    as_float = build_grid("dose", _with_studies({"dose": {"pretrain_lr": 1.0, "n_transfer": 4}}))
+    as_int = build_grid("dose", _with_studies({"dose": {"pretrain_lr": 1, "n_transfer": 4.0}}))
+    assert list(as_int.runs) == list(as_float.runs)
+    assert as_int.fixed["n_transfer"] == 4 and isinstance(as_int.fixed["n_transfer"], int)
 
 
 def test_unknown_study_lists_allowed():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import numbers
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -215,6 +216,23 @@ class StudyGrid:
         return {config_hash(p): p for p in seen.values()}
 
 
+_FIXED_TYPES = {"pretrain_lr": float, "transfer_lr": float, "n_transfer": int}
+
+
+def _fixed_value(study: str, key: str, value: Any) -> Any:
+    """A fixed setting as the type its axis would have (so 1 and 1.0 give one config hash)."""
+    cast = _FIXED_TYPES.get(key)
+    if cast is None:
+        return value
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or (cast is int and value != int(value)):
+        kind = "an integer" if cast is int else "a number"
+        raise ValueError(
+            f"study {study!r}: {key}={value!r} is a fixed setting here; allowed: one value, {kind}"
+        )
+    return cast(value)
+
+
 def _resolve_values(spec: StudySpec, data: DataConfig, overrides: dict) -> tuple[dict, dict]:
     coords = paper_values(spec.name, data)
     fixed = dict(spec.fixed)
@@ -225,7 +243,7 @@ def _resolve_values(spec: StudySpec, data: DataConfig, overrides: dict) -> tuple
                 raise ValueError(f"study {spec.name!r}: axis {key!r} needs at least one value")
             coords[key] = vals
         elif key in fixed:
-            fixed[key] = values
+            fixed[key] = _fixed_value(spec.name, key, values)
         else:
             allowed = ", ".join(list(coords) + list(fixed))
             raise ValueError(
