@@ -107,6 +107,22 @@ def test_d4_is_the_dihedral_group_and_keeps_images_and_masks_aligned():
     assert torch.equal(train._augment(images, ks)[:, 0] > 0, train._augment(masks, ks) == 1)
 
 
+@pytest.mark.parametrize("n, d4", [(5, False), (9, False), (8, False), (3, True)])
+def test_an_epoch_sees_every_image_once_and_never_a_batch_of_one(n, d4):
+    stage = StageConfig(batch_size=4, augment_d4=d4)
+    batches = list(train._batches(n, stage, torch.Generator().manual_seed(0)))
+    pairs = [(i, k) for idx, ks in batches for i, k in zip(idx.tolist(), ks.tolist(), strict=True)]
+    assert sorted(pairs) == [(i, k) for i in range(n) for k in range(8 if d4 else 1)]
+    assert min(len(idx) for idx, _ in batches) > 1
+
+
+def test_a_remainder_of_one_image_trains(data, tmp_path):
+    # 5 images in batches of 4: a lone last image at a 1×1 bottleneck broke BatchNorm
+    record = train.run(pretrain_cfg(n_train=5, stage=replace(STAGE, epochs=1)), root=tmp_path,
+                       data=data)  # fmt: skip
+    assert record["status"] == "ok"
+
+
 def test_select_takes_the_first_images_by_index(data):
     images, masks = train.select(data, 0.0, "val", 3)
     assert images.shape == (3, 1, PX, PX) and images.dtype == torch.float32

@@ -116,11 +116,18 @@ def d4(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _batches(n: int, stage: StageConfig, gen: torch.Generator) -> Iterator[tuple]:
-    """(image indices, D4 element per image) of every minibatch of one epoch."""
+    """(image indices, D4 element per image) of every minibatch of one epoch.
+
+    A last minibatch of a single image joins the one before: BatchNorm in training mode cannot
+    normalise one image whose deepest feature map is 1×1 (the smoke model at 32²).
+    """
     copies = 8 if stage.augment_d4 else 1
     order = torch.randperm(n * copies, generator=gen)
-    for start in range(0, len(order), stage.batch_size):
-        chunk = order[start : start + stage.batch_size]
+    starts = list(range(0, len(order), stage.batch_size))
+    if len(starts) > 1 and len(order) - starts[-1] == 1:
+        starts.pop()
+    for start, stop in zip(starts, starts[1:] + [len(order)], strict=True):
+        chunk = order[start:stop]
         yield chunk % n, chunk // n
 
 
