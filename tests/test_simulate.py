@@ -14,7 +14,13 @@ import pytest
 import scipy.constants as const
 import torch
 
-from hrtem_book.potentials import Potential, lobato_parameters, scattering_factor, slicing
+from hrtem_book.potentials import (
+    PROJECTION_PREFACTOR_V_A2,
+    Potential,
+    lobato_parameters,
+    scattering_factor,
+    slicing,
+)
 from hrtem_book.profiles import get_profile
 from hrtem_book.simulate import (
     CTF,
@@ -109,6 +115,37 @@ def test_image_after_ctf_matches_abtem(abtem_reference):
     waves = multislice(pot, 300e3)
     image = waves.apply_ctf(CTF(300e3, 50.0, -1.5e5, 10.0)).intensity().array[0].numpy()
     assert np.corrcoef(image.ravel(), ref_image.ravel())[0, 1] > 0.999
+
+
+def test_potential_slices_integrate_to_the_forward_scattering_factor():
+    """Each slice's projected potential integrates over the field to h²/(2π m₀ e) · Σ f_e(0)
+    of its atoms (the q = 0 Fourier component); empty slices are zero, and the result does not
+    depend on how a range of slices is split into calls (the potential reuses work buffers
+    between calls and packs two slices into one complex FFT, whose rounding leaks ~1e-7 of a
+    slice into its partner)."""
+    rng = np.random.default_rng(0)
+    side, sampling = 12.8, 0.2
+    symbols = ["C", "Cd", "Se", "C", "Cu"]
+    z = [1.0, 5.0, 5.5, 13.0, 13.9]  # slices 0, 2, 2, 6, 6 of 2 Å; 1, 3, 4, 5, 7 empty
+    atoms = ase.Atoms(symbols, positions=np.c_[rng.uniform(0, side, (5, 2)), z])
+    atoms.cell, atoms.pbc = [side, side, 16.0], True
+    shifted = atoms.copy()
+    shifted.positions[:, :2] += 0.37  # a second configuration
+    pot = Potential.from_atoms([atoms, shifted], sampling_A=sampling, slice_thickness_A=2.0)
+    full = pot.slices(0, pot.n_slices).double()
+    assert full.shape == (2, 8, 64, 64)
+    integral = full.sum((-2, -1)) * sampling**2  # [V·Å³]
+    expected = np.zeros(8)
+    for symbol, zi in zip(symbols, z, strict=True):
+        expected[int(zi // 2)] += PROJECTION_PREFACTOR_V_A2 * scattering_factor(symbol, 0.0)
+    for c in range(2):
+        np.testing.assert_allclose(integral[c].numpy(), expected, rtol=1e-5, atol=1e-3)
+    assert full[:, [1, 3, 4, 5, 7]].abs().max() < 1e-6 * full.abs().max()
+    assert torch.equal(pot.slices(0, pot.n_slices).double(), full)  # reused buffers
+    for split in ([0, 3, 8], [0, 1, 2, 5, 6, 8], [2, 7]):
+        parts = torch.cat([pot.slices(a, b) for a, b in zip(split[:-1], split[1:], strict=True)], 1)
+        ref = full[:, split[0] : split[-1]]
+        assert (parts.double() - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
 def test_vacuum_stays_a_plane_wave():
