@@ -142,6 +142,22 @@ def test_freezing_keeps_parameters_and_batchnorm_statistics(option):
             assert changed == set(after), f"{name}: {sorted(set(after) - changed)[:3]} stayed"
 
 
+def test_backward_stops_at_a_frozen_encoder_but_crosses_a_frozen_decoder():
+    # the claim of chapter 6 ("What freezing saves"): gradients flow head -> decoder -> encoder
+    reached = {}
+    for option in ("encoder", "decoder"):
+        torch.manual_seed(0)
+        model = freeze(build_model(NARROW_MODEL), option)
+        features = []
+        model.encoder.register_forward_hook(lambda mod, inp, out, f=features: f.extend(out))
+        loss = F.cross_entropy(model(torch.randn(2, 1, 32, 32)), torch.zeros(2, 32, 32).long())
+        loss.backward()
+        reached[option] = any(f.requires_grad for f in features)
+        trainable = model.encoder if option == "decoder" else model.decoder
+        assert all(p.grad is not None for p in trainable.parameters())
+    assert reached == {"encoder": False, "decoder": True}
+
+
 def test_freeze_none_undoes_a_previous_freeze():
     model = build_model(NARROW_MODEL)
     total = count_parameters(model)[1]
