@@ -126,12 +126,8 @@ class CTF:
 
     def _terms(self, gpts: int, sampling_A: float, device) -> tuple[torch.Tensor, ...]:
         """The defocus-independent parts of :meth:`evaluate`: (π λ q², the C_s phase, E(q))."""
-        lam = wavelength_A(self.energy_eV)
-        q2 = _frequencies2(gpts, sampling_A, device)
-        defocus_term = math.pi * lam * q2
-        cs_term = 0.5 * math.pi * self.cs_A * lam**3 * q2**2
-        envelope = torch.exp(-((0.5 * math.pi * lam * self.focal_spread_A * q2) ** 2))
-        return defocus_term, cs_term, envelope
+        key = (self.energy_eV, self.cs_A, self.focal_spread_A, gpts, sampling_A, device)
+        return _ctf_terms(*key)
 
     @staticmethod
     def _transfer(terms: tuple[torch.Tensor, ...], defocus_A) -> torch.Tensor:
@@ -153,6 +149,18 @@ class CTF:
                 if abs(np.imag(u)) < 1e-12 and np.real(u) > 0:
                     roots.append(math.sqrt(np.real(u)))
         return np.sort(np.array(roots))[:n]
+
+
+@lru_cache(maxsize=8)
+def _ctf_terms(energy_eV, cs_A, focal_spread_A, gpts, sampling_A, device):
+    """:meth:`CTF._terms`, cached per lens and grid (read-only): every image of a series shares
+    them, and at 320² they cost as much as the two FFTs of applying the CTF."""
+    lam = wavelength_A(energy_eV)
+    q2 = _frequencies2(gpts, sampling_A, device)
+    defocus_term = math.pi * lam * q2
+    cs_term = 0.5 * math.pi * cs_A * lam**3 * q2**2
+    envelope = torch.exp(-((0.5 * math.pi * lam * focal_spread_A * q2) ** 2))
+    return defocus_term, cs_term, envelope
 
 
 @dataclass(frozen=True)
