@@ -281,13 +281,16 @@ def multislice(potential: Potential, energy_eV: float) -> Waves:
             # torch.polar on CPU, and the strided read replaces a separate reordering copy
             pair_view = t_buf[:, : 2 * pairs].unflatten(1, (pairs, 2))
             torch.complex(cos.permute(0, 1, 4, 2, 3), sin.permute(0, 1, 4, 2, 3), out=pair_view)
-            spec = torch.fft.fft2(t_buf[:, :k])
-            torch.view_as_real(spec).mul_(aperture)  # [N, N, 2]: see _scaled_aperture
-            t = torch.fft.ifft2(spec, norm="forward")
             for j in range(k):
+                # band-limited transmission function, one slice at a time: it stays in cache
+                # for the step below (a block-wide FFT of the transmission functions made
+                # the multislice ~9 % slower on CPU)
+                spec = torch.fft.fft2(t_buf[:, j])
+                torch.view_as_real(spec).mul_(aperture)  # [N, N, 2]: see _scaled_aperture
+                t = torch.fft.ifft2(spec, norm="forward")
                 # in place, and without out=: torch's CPU FFT writes out= through a copy
                 # (6 % slower per step); the freed result's memory is reused by the next FFT
-                psi = torch.fft.fft2(psi.mul_(t[:, j]))
+                psi = torch.fft.fft2(psi.mul_(t))
                 psi = torch.fft.ifft2(psi.mul_(prop), norm="forward")
         fresh, start = False, stop
     return Waves(psi, potential.sampling_A, energy_eV)
