@@ -223,7 +223,7 @@ class Potential:
         """Projected potential of slices ``start:stop`` [V·Å], float32 ``[configs, k, N, N]``."""
         n, k = self.gpts, stop - start
         both = torch.view_as_real(self.packed_slices(start, stop))  # [configs, pairs, n, n, 2]
-        return both.permute(0, 1, 4, 2, 3).reshape(self.n_configs, -1, n, n)[:, :k].clone()
+        return both.permute(0, 1, 4, 2, 3).reshape(self.n_configs, -1, n, n)[:, :k]
 
     def packed_slices(self, start: int, stop: int) -> torch.Tensor:
         """Slices ``start:stop`` two to a complex number: complex64 ``[configs, ceil(k/2), N, N]``
@@ -258,9 +258,12 @@ class Potential:
             deposit = self._buffer("deposit", (c * m * n * n * 2,), torch.float32, zeros=True)
             # one index_add_ over the four neighbours, in the order of four separate calls
             deposit.index_add_(0, flat, self._weights[:, atoms].reshape(-1))
-            # (no out=: torch's CPU FFT writes out= through a copy of a fresh result)
-            transformed = torch.fft.fft2(torch.view_as_complex(deposit.view(c, m, n, n, 2)))
-            deposit.index_fill_(0, flat, 0.0)
+            try:
+                # (no out=: torch's CPU FFT writes out= through a copy of a fresh result)
+                packed = torch.view_as_complex(deposit.view(c, m, n, n, 2))
+                transformed = torch.fft.fft2(packed)
+            finally:
+                deposit.index_fill_(0, flat, 0.0)
             # real and imaginary parts times the real kernel: what complex × real computes,
             # without promoting the kernel to a complex copy on every call
             torch.view_as_real(transformed).mul_(self._kernels[e])
