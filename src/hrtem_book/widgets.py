@@ -96,6 +96,10 @@ def save_placeholder(fig: Figure, path: str | Path, *, reduction: str, **metadat
 class FigureApp:
     """A figure function bound to a Dataset, with controls generated from its coordinates.
 
+    ``filters`` names the grid axes that get a multi-select (default: every grid axis),
+    ``initial`` preselects values of some of them, ``reduction`` is the default Reduction mode,
+    ``colour_scale`` adds a colour-range slider spanning the finite values of ``ds[colour_var]``.
+
     Attributes: ``filters`` (axis → SelectMultiple), ``reduction`` (Dropdown), ``vlim``
     (FloatRangeSlider or None), ``output`` (the Output the figure is drawn into), ``figure``
     (the latest Figure) and ``widget`` (the whole app, a VBox).
@@ -282,28 +286,5 @@ class ChoiceApp:
         display(self.widget)
 
 
-def figure_app(
-    figure_fn: FigureFunction,
-    ds: xr.Dataset,
-    *,
-    filters: Sequence[str] | None = None,
-    initial: Mapping[str, Sequence] | None = None,
-    reduction: str = "median",
-    colour_scale: bool = False,
-    colour_var: str = "best_loss",
-) -> FigureApp:
-    """An interactive app for ``figure_fn`` on ``ds`` (see :class:`FigureApp`).
-
-    ``filters`` names the grid axes that get a multi-select (default: every grid axis),
-    ``initial`` preselects values of some of them, ``reduction`` is the default Reduction mode,
-    ``colour_scale`` adds a colour-range slider spanning the finite values of ``ds[colour_var]``.
-    """
-    return FigureApp(
-        figure_fn,
-        ds,
-        filters=filters,
-        initial=initial,
-        reduction=reduction,
-        colour_scale=colour_scale,
-        colour_var=colour_var,
-    )
+# the name the notebooks call; FigureApp's constructor is the whole factory
+figure_app = FigureApp
