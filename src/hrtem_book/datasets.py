@@ -84,9 +84,6 @@ def validate(series: str, data: DataConfig) -> None:
     for size in data.sizes:
         if size not in SIZES:
             raise ValueError(f"unknown particle size {size!r}; allowed: {', '.join(SIZES)}")
-    for d in (*data.doses, data.defocus_series_dose, data.structure_series_dose):
-        if not d > 0:
-            raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")
     field_A = sim.field_nm * 10
     for name, step in (("sampling_A", sim.sampling_A), ("pixel_A", sim.pixel_A)):
         if abs(field_A / step - round(field_A / step)) > 1e-6:
