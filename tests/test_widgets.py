@@ -119,6 +119,21 @@ def test_placeholder_records_its_reduction(defocus, tmp_path):
     assert meta["reduction"] == "mean" and meta["profile"] == "synthetic"
 
 
+def test_placeholder_reuses_the_figure_drawn_on_start(defocus, tmp_path):
+    calls = []
+
+    def counted(ds, **kwargs):
+        calls.append(kwargs)
+        return imaging_conditions(ds, **kwargs)
+
+    app = figure_app(counted, defocus, reduction="mean")
+    app.save_placeholder(tmp_path / "fig.png")
+    assert len(calls) == 1  # the notebooks save right after start: one render, not two
+    app.reduction.value = "max"
+    app.save_placeholder(tmp_path / "fig.png")
+    assert len(calls) == 3 and calls[-1]["reduce"] == "mean"
+
+
 def test_option_labels_are_short_and_distinct():
     from hrtem_book.figures._common import format_value
 

@@ -85,10 +85,15 @@ def save_placeholder(fig: Figure, path: str | Path, *, reduction: str, **metadat
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    return _write_placeholder(fig, path, {"reduction": reduction}, metadata)
+
+
+def _write_placeholder(
+    fig: Figure, path: str | Path, head: Mapping[str, str], metadata: Mapping[str, Any]
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"reduction": reduction, "Software": "hrtem-book"}
-    meta.update({k: str(v) for k, v in metadata.items()})
+    meta = {**head, "Software": "hrtem-book", **{k: str(v) for k, v in metadata.items()}}
     path.write_bytes(figure_png(fig, metadata=meta))
     return path
 
@@ -224,7 +229,10 @@ class FigureApp:
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Write the placeholder PNG of the figure at the app's initial settings."""
-        fig = self.figure_fn(self.ds, **self.default_kwargs)
+        if self.figure is not None and self.kwargs() == self.default_kwargs:
+            fig = self.figure  # still the settings drawn on start: no second render
+        else:
+            fig = self.figure_fn(self.ds, **self.default_kwargs)
         reduction = self.default_kwargs["reduce"]
         return save_placeholder(fig, path, reduction=reduction, **metadata)
 
@@ -274,13 +282,12 @@ class ChoiceApp:
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Placeholder of the default choice; ``reduction`` is "none": no results are reduced."""
-        fig = self.fn(self.options[self.default])
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"reduction": "none", "choice": self.default, "Software": "hrtem-book"}
-        meta.update({k: str(v) for k, v in metadata.items()})
-        path.write_bytes(figure_png(fig, metadata=meta))
-        return path
+        if self.figure is not None and self.choice.value == self.default:
+            fig = self.figure  # the default choice is on display: no second render
+        else:
+            fig = self.fn(self.options[self.default])
+        head = {"reduction": "none", "choice": self.default}
+        return _write_placeholder(fig, path, head, metadata)
 
     def _ipython_display_(self) -> None:
         display(self.widget)
