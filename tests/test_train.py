@@ -85,6 +85,20 @@ def transfer_cfg(freeze: str = "none", **changes) -> TransferConfig:
     return replace(base, **changes)
 
 
+def mixture_cfg(**changes) -> MixtureConfig:
+    base = MixtureConfig(
+        data=SMOKE_DATA,
+        series="defocus",
+        domains=(-10, 10),
+        n_images=(4, 12),
+        lr=3e-3,
+        seed=0,
+        model=NARROW_MODEL,
+        stage=STAGE,
+    )
+    return replace(base, **changes)
+
+
 # --- building blocks --------------------------------------------------------------------------
 def test_standardize_gives_mean_zero_variance_one_per_image():
     x = torch.rand(3, 1, 16, 16) * torch.tensor([1.0, 50.0, 1e4]).view(3, 1, 1, 1) + 7
@@ -265,17 +279,7 @@ def test_truncated_checkpoint_is_a_clear_error(data, tmp_path):
 
 
 def test_mixture_trains_on_both_domains(data, tmp_path):
-    cfg = MixtureConfig(
-        data=SMOKE_DATA,
-        series="defocus",
-        domains=(-10, 10),
-        n_images=(4, 12),
-        lr=3e-3,
-        seed=0,
-        model=NARROW_MODEL,
-        stage=STAGE,
-    )
-    record = train.run(cfg, root=tmp_path, data=data)
+    record = train.run(mixture_cfg(), root=tmp_path, data=data)
     assert record["status"] == "ok" and record["kind"] == "mixture"
     assert set(record["stages"]) == {"mixture"}
     assert record["stages"]["mixture"]["epochs_run"] == STAGE.epochs
@@ -283,16 +287,7 @@ def test_mixture_trains_on_both_domains(data, tmp_path):
 
 def test_mixture_with_a_zero_share_trains_on_the_other_domain(data, tmp_path):
     # studies.parse_mix allows "0:n"; such a mixture is one domain alone, never an error
-    cfg = MixtureConfig(
-        data=SMOKE_DATA,
-        series="defocus",
-        domains=(-10, 10),
-        n_images=(0, 8),
-        lr=3e-3,
-        seed=0,
-        model=NARROW_MODEL,
-        stage=replace(STAGE, epochs=1),
-    )
+    cfg = mixture_cfg(n_images=(0, 8), stage=replace(STAGE, epochs=1))
     record = train.run(cfg, root=tmp_path, data=data)
     assert record["status"] == "ok" and record["stages"]["mixture"]["epochs_run"] == 1
 
