@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import resource
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
-from . import __version__
+from . import __version__, results
 from .config import (
     FREEZE_OPTIONS,
     SERIES,
@@ -297,17 +296,7 @@ def train_stage(
 # --- checkpoints and provenance --------------------------------------------------------------
 def git_commit() -> str | None:
     """The commit of the package's source tree, or None outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return results.git_commit() or None
 
 
 def checkpoint_path(root: Path, cfg: PretrainConfig) -> Path:
