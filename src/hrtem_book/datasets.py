@@ -263,14 +263,13 @@ def generate(
                 bar.update(unit.stop - unit.start)
     for s in group:
         if not series_path(s, data, root).exists():
-            _merge(s, data, root, units)
-    if all(series_path(s, data, root).exists() for s in group):
-        for s in group:
-            shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
-        try:
-            (root / ".chunks").rmdir()  # only when no other series is half done
-        except OSError:
-            pass
+            _merge(s, data, root, units)  # writes the series file or raises
+    for s in group:
+        shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
+    try:
+        (root / ".chunks").rmdir()  # only when no other series is half done
+    except OSError:
+        pass
     return series_path(series, data, root)
 
 
