@@ -109,8 +109,7 @@ def axis_title(ds: xr.Dataset, what: str) -> str:
     """``"pretraining defocus [nm]"`` etc. from the database's series."""
     series = str(ds.attrs.get("series", "domain"))
     unit = domain_unit(series)
-    name = {"structure": "structure"}.get(series, series)
-    return f"{what} {name}" + (f" [{unit}]" if unit else "")
+    return f"{what} {series}" + (f" [{unit}]" if unit else "")
 
 
 def value_range(*arrays: xr.DataArray) -> tuple[float, float]:
@@ -163,7 +162,3 @@ def draw_heatmap(
 
 def new_figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def reduction_note(reduce: str, over: str = "the filtered models") -> str:
-    return f"{reduce} over {over}"
