@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import math
 import os
 import pickle
@@ -593,6 +592,8 @@ def config_from_args(args) -> RunConfig:
 def _cli(args) -> int:
     from tqdm import tqdm
 
+    from .sweep import write_record
+
     cfg = config_from_args(args)
     base = Path(args.root)
     root = base / "results" / args.profile
@@ -618,10 +619,7 @@ def _cli(args) -> int:
                  progress=progress)  # fmt: skip
     bar.close()
     out = root / "records" / "train" / f"{record['config_hash']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out)
+    write_record(out, record)
     print(f"{record['status']}: {record['error'] or 'record'} -> {out}")
     return 0 if record["status"] == "ok" else 1
 
