@@ -39,7 +39,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .studies import STUDIES, get_study
+from .studies import STUDIES, get_study, parse_mix
 
 SCHEMA_VERSION = 1
 STATUS_VALUES = ("ok", "failed", "missing", "excluded")
@@ -376,7 +376,7 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
         for s, stage in enumerate(spec.stages):
             for e, dom in enumerate(eval_domains):
                 if stage == "mixture":
-                    n_a, n_b = (int(p) for p in cell["mix"].split(":"))
+                    n_a, n_b = parse_mix(cell["mix"])
                     w = n_a / (n_a + n_b)
                     gap = w * _domain_gap(a, dom, scale) + (1 - w) * _domain_gap(b, dom, scale)
                     floor = 0.08
