@@ -23,7 +23,7 @@ from ._common import (
     reduce_da,
     selected,
 )
-from .generalization import per_configuration
+from .generalization import per_configuration, stage_losses
 
 AXIS_NAMES = {
     "n_transfer": "transfer dataset size [images]",
@@ -37,8 +37,7 @@ def target_losses(
     ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, var: str = "best_loss"
 ) -> xr.DataArray:
     """Loss on each cell's target domain after ``stage`` (grid dims, unreduced)."""
-    da = selected(ds, var, {**clean_select(ds, select), "stage": [stage]})
-    return loss_on(da.squeeze("stage", drop=True), "target_domain")
+    return loss_on(stage_losses(ds, stage, select, var), "target_domain")
 
 
 def _group_label(values: tuple) -> str:
