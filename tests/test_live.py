@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -33,20 +31,6 @@ FIGURE = ".widget-output img"  # widgets.FigureApp draws a PNG into an ipywidget
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    # a static file: requesting "/" would already start a kernel
-    url = f"http://127.0.0.1:{port}/voila/static/voila.js"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"voila exited with status {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise TimeoutError(f"voila not ready at {url}")
-
-
 @pytest.fixture
 def voila_app(tmp_path):
     """Voilà serving the imaging-conditions notebook against a synthetic database."""
@@ -67,7 +51,8 @@ def voila_app(tmp_path):
     log = open(tmp_path / "voila.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=nb.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(port, proc)
+        # a static file: requesting "/" would already start a kernel
+        book._wait_http(f"http://127.0.0.1:{port}/voila/static/voila.js", proc, 90.0, "voila")
         yield f"http://127.0.0.1:{port}/"
     finally:
         book.stop_process(proc)
