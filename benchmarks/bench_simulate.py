@@ -133,7 +133,7 @@ def bench_paper(device: str, n_scenes: int) -> float:
         scene = build_scene(sim, "CdSe", data.series_radius_nm, rng)
         t = time.perf_counter()
         sw = simulate_scene(scene, sim, blur, rng, device)
-        noisy_images(sw, [-10.0], [300.0], sim, rng)
+        noisy_images(sw, [-10.0], [300.0], sim, [rng])
         _sync(device)
         if i:
             times.append(time.perf_counter() - t)

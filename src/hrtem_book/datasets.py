@@ -190,12 +190,13 @@ def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
         sw = simulate_scene(scene, sim, blur, scene_rng, device)
         mask = sw.mask.cpu().numpy()
         for series, (doms, defoci, doses) in plan.items():
-            imgs, used = [], []
-            for dom, defocus, dose in zip(doms, defoci, doses, strict=True):
-                rng = _rng(data, series, str(dom), unit.split, index, "optics")
-                offset = defocus + rng.normal(0.0, sim.defocus_jitter_nm)
-                imgs.append(noisy_images(sw, [offset], [dose], sim, rng)[0])
-                used.append(offset)
+            # one generator per image: its defocus jitter, then its noise
+            rngs = [_rng(data, series, str(dom), unit.split, index, "optics") for dom in doms]
+            used = [
+                defocus + rng.normal(0.0, sim.defocus_jitter_nm)
+                for defocus, rng in zip(defoci, rngs, strict=True)
+            ]
+            imgs = noisy_images(sw, used, doses, sim, rngs)
             parts[series].append(_samples(series, doms, unit.split, index, imgs, mask, used, sw))
     for series, samples in parts.items():
         _atomic_netcdf(xr.concat(samples, "sample"), _chunk_file(series, data, root, unit))

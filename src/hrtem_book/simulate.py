@@ -47,6 +47,7 @@ the gaps between columns.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -419,13 +420,16 @@ def noisy_images(
     defocus_nm: np.ndarray,
     dose_per_A2: np.ndarray,
     sim: SimulationConfig,
-    rng: np.random.Generator,
+    rngs: Sequence[np.random.Generator],
 ) -> np.ndarray:
-    """Counts ``[k, image_px, image_px]`` float32 for k (defocus offset [nm], dose) pairs."""
+    """Counts ``[k, image_px, image_px]`` float32 for k (defocus offset [nm], dose) pairs, the
+    noise of image i drawn from ``rngs[i]``; the noise-free images come from one
+    :func:`image_intensities` call (one FFT of the waves for all k)."""
     defocus_A = scene_waves.zero_defocus_A + 10.0 * np.asarray(defocus_nm, float)
     clean = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A), sim)
+    doses = np.asarray(dose_per_A2, float)
     out = [
         replace(clean, array=clean.array[i]).poisson_noise(float(d), rng).array
-        for i, d in enumerate(np.asarray(dose_per_A2, float))
+        for i, (d, rng) in enumerate(zip(doses, rngs, strict=True))
     ]
     return torch.stack(out).cpu().numpy()
