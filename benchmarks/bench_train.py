@@ -36,7 +36,6 @@ import xarray as xr
 
 from hrtem_book import train
 from hrtem_book.config import PretrainConfig, StageConfig, TransferConfig
-from hrtem_book.datasets import domains as series_domains
 from hrtem_book.datasets import load_series, series_path
 from hrtem_book.models import build_model, count_parameters
 from hrtem_book.profiles import PROFILES
@@ -77,7 +76,7 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
     rng = np.random.default_rng(seed)
     px = data.sim.image_px
     doms, splits, index = [], [], []
-    for d in series_domains(series, data):
+    for d in data.domains(series):
         for split, n in (("train", data.n_train), ("val", data.n_val)):
             doms += [d] * n
             splits += [split] * n
@@ -125,7 +124,7 @@ def laptop_run(args) -> None:
         data, source = load_series(series, profile.data, args.data_root), "simulated"
     else:
         data, source = random_series(series, profile.data), "random images"
-    doms = series_domains(series, profile.data)
+    doms = profile.data.domains(series)
     pre = PretrainConfig(
         data=profile.data,
         series=series,

@@ -23,7 +23,7 @@ from hrtem_book.cli import main
 from hrtem_book.config import PretrainConfig, TransferConfig, config_hash, to_jsonable
 from hrtem_book.profiles import get_profile
 from hrtem_book.results import build_database, collect, load_database
-from hrtem_book.studies import STUDIES, build_grid, series_domains
+from hrtem_book.studies import STUDIES, build_grid
 from hrtem_book.sweep import (
     load_cluster_config,
     make_cluster,
@@ -52,7 +52,7 @@ def fake_run(cfg, *, root, device="cpu"):
     if h in FAIL:
         raise RuntimeError(f"boom {h}")
     rng = np.random.default_rng(int(h, 16) % 2**32)
-    doms = series_domains(base.series, base.data)
+    doms = base.data.domains(base.series)
 
     def stage():
         curves = {str(d): sorted(rng.random(2).tolist(), reverse=True) for d in doms}

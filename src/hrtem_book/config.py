@@ -151,6 +151,17 @@ class DataConfig:
     structure_series_dose: float = 300.0  # [e⁻/Å²]
     seed: int = 0
 
+    def domains(self, series: str) -> tuple[float | str, ...]:
+        """Every domain of ``series`` in storage order: defoci [nm], doses [e⁻/Å²] or
+        structure names ``"<lattice>-<size>"``."""
+        if series == "defocus":
+            return tuple(float(d) for d in self.defoci_nm)
+        if series == "dose":
+            return tuple(float(d) for d in self.doses)
+        if series == "structure":
+            return tuple(f"{lat}-{size}" for lat in self.lattices for size in self.sizes)
+        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
+
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_val < 1:
             raise ValueError(f"n_train={self.n_train}, n_val={self.n_val}: both must be >= 1")

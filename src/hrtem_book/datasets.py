@@ -63,16 +63,6 @@ def _check_series(series: str) -> None:
         raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
 
 
-def domains(series: str, data: DataConfig) -> list[float | str]:
-    """Domain values of a series, in storage order."""
-    _check_series(series)
-    if series == "defocus":
-        return [float(d) for d in data.defoci_nm]
-    if series == "dose":
-        return [float(d) for d in data.doses]
-    return [f"{lat}-{size}" for lat in data.lattices for size in data.sizes]
-
-
 def validate(series: str, data: DataConfig) -> None:
     """Raise a one-line ValueError for a value the generator cannot honour."""
     from .structures import get_lattice
@@ -125,7 +115,7 @@ class _Unit:
 
 
 def _units(series: str, data: DataConfig) -> list[_Unit]:
-    doms = [None] if series in ("defocus", "dose") else domains("structure", data)
+    doms = [None] if series in ("defocus", "dose") else data.domains("structure")
     group = "structure" if series == "structure" else "cdse"
     out = []
     for dom in doms:
@@ -162,12 +152,12 @@ def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
         lattice, radii = "CdSe", data.series_radius_nm
         plan = {  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²])
             "defocus": (
-                domains("defocus", data),
+                data.domains("defocus"),
                 list(data.defoci_nm),
                 [data.defocus_series_dose] * len(data.defoci_nm),
             ),
             "dose": (
-                domains("dose", data),
+                data.domains("dose"),
                 [data.dose_series_defocus_nm] * len(data.doses),
                 list(data.doses),
             ),
@@ -302,7 +292,7 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         raise FileNotFoundError(f"chunks missing for {series}: {', '.join(missing[:3])}")
     parts = [_objects(xr.load_dataset(f)) for f in files]
     ds = xr.concat(parts, "sample")
-    order = {d: i for i, d in enumerate(domains(series, data))}
+    order = {d: i for i, d in enumerate(data.domains(series))}
     key = np.lexsort(
         (
             ds["index"].values,

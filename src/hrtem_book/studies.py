@@ -126,21 +126,10 @@ def get_study(name: str) -> StudySpec:
         raise ValueError(f"unknown study {name!r}; allowed: {', '.join(STUDIES)}") from None
 
 
-def series_domains(series: str, data: DataConfig) -> tuple:
-    """All domains of a dataset series in a DataConfig (the evaluation domains)."""
-    if series == "defocus":
-        return tuple(float(d) for d in data.defoci_nm)
-    if series == "dose":
-        return tuple(float(d) for d in data.doses)
-    if series == "structure":
-        return tuple(f"{lattice}-{size}" for lattice in data.lattices for size in data.sizes)
-    raise ValueError(f"unknown series {series!r}; allowed: defocus, dose, structure")
-
-
 def paper_values(study: str, data: DataConfig) -> dict[str, tuple]:
     """The paper's axis values; domain axes default to every domain of ``data``."""
     spec = get_study(study)
-    domains = series_domains(spec.series, data)
+    domains = data.domains(spec.series)
     if study == "defocus":
         return {
             "pretrain_domain": PAPER_PRETRAIN_DEFOCI_NM,
@@ -249,7 +238,7 @@ def _resolve_values(spec: StudySpec, data: DataConfig, overrides: dict) -> tuple
             raise ValueError(
                 f"study {spec.name!r} has no axis or setting {key!r}; allowed: {allowed}"
             )
-    available = series_domains(spec.series, data)
+    available = data.domains(spec.series)
     for axis in spec.domain_axes:
         vals = tuple(normalize_domain(spec.series, v) for v in coords[axis])
         missing = [v for v in vals if v not in available]
@@ -338,6 +327,6 @@ def build_grid(study: str, profile) -> StudyGrid:
         spec=spec,
         coords=coords,
         fixed=fixed,
-        eval_domains=series_domains(spec.series, data),
+        eval_domains=data.domains(spec.series),
         cells=cells,
     )

@@ -54,7 +54,6 @@ from .config import (
     to_jsonable,
 )
 from .datasets import domain_tensors, load_series
-from .datasets import domains as series_domains
 from .models import build_model, count_parameters, freeze
 
 CHECKPOINT_FORMAT = 1
@@ -556,7 +555,7 @@ def config_from_args(args) -> RunConfig:
     profile = get_profile(args.profile)
     if args.series not in SERIES:
         raise ValueError(f"--series {args.series!r}; allowed: {', '.join(SERIES)}")
-    allowed = series_domains(args.series, profile.data)
+    allowed = profile.data.domains(args.series)
     domains = {}
     for flag in ("pretrain", "transfer"):
         text = getattr(args, flag)
