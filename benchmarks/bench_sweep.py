@@ -27,10 +27,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import psutil  # noqa: E402
 
+from hrtem_book.layout import Layout  # noqa: E402
 from hrtem_book.profiles import get_profile  # noqa: E402
 from hrtem_book.results import collect  # noqa: E402
 from hrtem_book.studies import STUDY_NAMES  # noqa: E402
-from hrtem_book.sweep import prepare_data, records_dir, run_sweep  # noqa: E402
+from hrtem_book.sweep import prepare_data, run_sweep  # noqa: E402
 
 GOAL_WALL_S = 20 * 60
 GOAL_RSS_MB = 4096
@@ -83,7 +84,7 @@ def reuse_savings(root: Path, profile: str) -> dict:
     once = per_transfer = transfer = mixture = 0.0
     n_pre = n_transfer = 0
     for study in STUDY_NAMES:
-        for path in records_dir(root, profile, study).glob("*.json"):
+        for path in Layout(root, profile).records_dir(study).glob("*.json"):
             rec = json.loads(path.read_text())
             if rec["status"] != "ok":
                 continue
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with PeakRSS() as rss:
         t0, c0 = time.perf_counter(), cpu_s()
-        prepare_data(STUDY_NAMES, profile, root, workers=args.sim_workers)
+        prepare_data(STUDY_NAMES, profile, Layout(root, profile.name), workers=args.sim_workers)
         t1, c1 = time.perf_counter(), cpu_s()
         summary = run_sweep(
             "all", profile, root, executor=args.executor, workers=args.workers, progress=True

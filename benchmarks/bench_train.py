@@ -8,7 +8,7 @@ GPU) our training loop against a plain fp32 loop.
 CPU part: forward + backward + Adam step of each profile's model at its image size
 (``data.sim.image_px``) and minibatch (``stage.batch_size``; the paper model runs a smaller batch
 on CPU, ``--paper-batch``, since one 640² step of 16 takes minutes); then the wall time of one
-laptop pretraining and one transfer run through :func:`hrtem_book.train.run`, on the laptop
+laptop pretraining and one transfer run through :func:`hrtem_book.runs.run`, on the laptop
 defocus series when ``--data-root`` holds it, else on random images of the same shapes (speed
 does not depend on the pixel values).
 
@@ -29,16 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import xarray as xr
 
-from hrtem_book import train
+from hrtem_book import runs, train
 from hrtem_book.config import PretrainConfig, StageConfig, TransferConfig
 from hrtem_book.datasets import load_series, series_path
+from hrtem_book.layout import Layout
 from hrtem_book.models import build_model, count_parameters
 from hrtem_book.profiles import PROFILES
+from hrtem_book.testing import random_series
 
 
 def _sync(device: torch.device) -> None:
@@ -61,7 +61,7 @@ def step_rate(
         if i == warmup:
             _sync(device)
             start = clock()
-        with train._autocast(device):
+        with train.autocast(device):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -69,31 +69,6 @@ def step_rate(
         opt.step()
     _sync(device)
     return batch * steps / (clock() - start)
-
-
-def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
-    """A dataset in the series schema with random images: for timing only."""
-    rng = np.random.default_rng(seed)
-    px = data.sim.image_px
-    doms, splits, index = [], [], []
-    for d in data.domains(series):
-        for split, n in (("train", data.n_train), ("val", data.n_val)):
-            doms += [d] * n
-            splits += [split] * n
-            index += list(range(n))
-    n = len(doms)
-    return xr.Dataset(
-        {
-            "image": (("sample", "y", "x"), rng.poisson(400, (n, px, px)).astype(np.float32)),
-            "mask": (("sample", "y", "x"), (rng.random((n, px, px)) < 0.25).astype(np.uint8)),
-        },
-        coords={
-            "domain": ("sample", doms),
-            "split": ("sample", splits),
-            "index": ("sample", index),
-        },
-        attrs={"series": series},
-    )
 
 
 def cpu_part(args) -> None:
@@ -142,7 +117,8 @@ def laptop_run(args) -> None:
           "when other processes run; CPU time is this process's alone)")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         start, cpu = time.perf_counter(), time.process_time()
-        rec = train.run(pre, root=Path(tmp), data=data)
+        layout = Layout(Path(tmp), profile.name)
+        rec = runs.run(pre, layout, data=data)
         t_pre, c_pre = time.perf_counter() - start, time.process_time() - cpu
         print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s wall, {c_pre:6.2f} s CPU "
               f"({rec['status']})")  # fmt: skip
@@ -151,12 +127,12 @@ def laptop_run(args) -> None:
         ):
             cfg = TransferConfig(pre, doms[-1], n_transfer, 1e-4, freeze_option, profile.stage)
             start, cpu = time.perf_counter(), time.process_time()
-            rec = train.run(cfg, root=Path(tmp), data=data)
+            rec = runs.run(cfg, layout, data=data)
             t, c = time.perf_counter() - start, time.process_time() - cpu
             print(f"transfer  {n_transfer:4d} images, freeze {freeze_option:7}: {t:6.2f} s wall, "
                   f"{c:6.2f} s CPU ({rec['status']})")  # fmt: skip
     # eval share: one pass over every domain's n_eval validation images
-    ctx = train._Context("cpu", data, None)
+    ctx = runs.Context("cpu", data, None)
     eval_set = ctx.eval_set(profile.stage.n_eval)
     torch.manual_seed(0)
     model = build_model(profile.model)
@@ -201,7 +177,7 @@ def compare_loops(device: torch.device, model_cfg, px: int, n: int, batch: int) 
     ours = build_model(model_cfg).to(device, memory_format=torch.channels_last)
     # the paper's stage: D4 on n/8 images gives n samples per epoch, as many as the plain loop's
     stage = StageConfig(epochs=1, batch_size=batch, augment_d4=True)
-    base = tuple(train._to_device(t[: n // 8], device) for t in (images, masks))
+    base = tuple(train.to_device(t[: n // 8], device) for t in (images, masks))
     no_eval = train.EvalSet.from_sets({})
     warm = tuple(t[: max(1, batch // 2)] for t in base)
     train.train_stage(ours, warm, no_eval, stage, 1e-4, 0, "warmup")

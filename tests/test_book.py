@@ -2,7 +2,7 @@
 
 Planted faults (a missing ``#app:`` target, a broken cross-reference, a failing cell) are built in
 a tiny book in ``tmp_path`` so that each build takes seconds; the real book is built once against
-synthetic databases (``results.synthetic_database``).
+synthetic databases (``testing.synthetic_database``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -18,11 +19,17 @@ import nbformat
 import pytest
 
 from hrtem_book import book, results
+from hrtem_book.cli import main
+from hrtem_book.layout import Layout
+from hrtem_book.profiles import PROFILES, get_profile
 from hrtem_book.studies import STUDY_NAMES
+from hrtem_book.testing import synthetic_database
+
+SMOKE = get_profile("smoke")
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_myst = pytest.mark.skipif(
-    shutil.which("myst") is None and not (Path(book.sys.executable).parent / "myst").exists(),
+    shutil.which("myst") is None and not (Path(sys.executable).parent / "myst").exists(),
     reason="mystmd is not installed (make setup installs the book extra)",
 )
 
@@ -53,7 +60,7 @@ def synthetic_results(tmp_path_factory) -> Path:
     """A small valid database for every study, as the notebooks read it."""
     folder = tmp_path_factory.mktemp("results") / "smoke"
     for study in STUDY_NAMES:
-        results.save_database(results.synthetic_database(study), folder / f"{study}.nc")
+        results.save_database(synthetic_database(study), folder / f"{study}.nc")
     return folder
 
 
@@ -127,7 +134,7 @@ def _tiny_book(root: Path, chapter: str = CHAPTER, extra_cells: tuple[str, ...] 
 
 
 def _build_tiny(root: Path, results_dir: Path):
-    return book.build_book("smoke", root, results_dir=results_dir, offline=True, log=lambda m: None)
+    return book.build_book(SMOKE, root, results_dir=results_dir, offline=True, log=lambda m: None)
 
 
 @needs_myst
@@ -265,7 +272,9 @@ def test_theme_unavailable_recognises_the_offline_failure():
 
 
 # --- database step and defaults ----------------------------------------------------------------
-def test_default_profile_prefers_a_shipped_database(tmp_path):
+def test_default_profile_prefers_a_shipped_database(tmp_path, monkeypatch):
+    # the shipped profile must be a defined profile too (see the next test)
+    monkeypatch.setitem(PROFILES, book.SHIPPED_PROFILE, PROFILES["laptop"])
     assert book.default_profile(tmp_path) == book.DEFAULT_PROFILE
     shipped = tmp_path / "results" / book.SHIPPED_PROFILE
     shipped.mkdir(parents=True)
@@ -276,41 +285,56 @@ def test_default_profile_prefers_a_shipped_database(tmp_path):
     assert book.default_profile(tmp_path) == book.SHIPPED_PROFILE
 
 
+def test_shipped_databases_of_an_undefined_profile_are_not_chosen(tmp_path, monkeypatch):
+    """Databases committed under results/<shipped>/ are used only once that profile exists:
+    `make book` must never pick a name that get_profile rejects."""
+    monkeypatch.delitem(PROFILES, book.SHIPPED_PROFILE, raising=False)
+    shipped = Layout(tmp_path, book.SHIPPED_PROFILE).results_dir
+    shipped.mkdir(parents=True)
+    for study in STUDY_NAMES:
+        (shipped / f"{study}.nc").touch()
+    assert book.default_profile(tmp_path) == book.DEFAULT_PROFILE
+    get_profile(book.default_profile(tmp_path))  # always a defined profile
+
+
 def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
     from hrtem_book import sweep
 
     calls = []
 
     def fake_sweep(studies, profile, root, **kw):
-        calls.append(("sweep", tuple(studies), profile))
+        calls.append(("sweep", tuple(studies), profile.name))
 
     def fake_collect(profile, root, studies=None):
-        calls.append(("collect", profile))
+        calls.append(("collect", profile.name))
         for study in STUDY_NAMES:
-            (sweep.profile_dir(root, profile) / f"{study}.nc").touch()
+            Layout(root, profile.name).database_path(study).touch()
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(results, "collect", fake_collect)
     (tmp_path / "results" / "smoke").mkdir(parents=True)
     (tmp_path / "results" / "smoke" / "defocus.nc").touch()
-    out = book.ensure_database("smoke", tmp_path, log=lambda m: None)
+    out = book.ensure_database(SMOKE, tmp_path, log=lambda m: None)
     assert out == tmp_path / "results" / "smoke"
     assert calls == [
         ("sweep", tuple(s for s in STUDY_NAMES if s != "defocus"), "smoke"),
         ("collect", "smoke"),
     ]
     calls.clear()
-    book.ensure_database("smoke", tmp_path, log=lambda m: None)
+    book.ensure_database(SMOKE, tmp_path, log=lambda m: None)
     assert calls == []  # complete: nothing runs
 
 
-def test_bad_inputs_fail_with_one_clear_line(tmp_path):
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown reduction 'avg'; allowed: min, mean"):
-        book.build_book("smoke", tmp_path, results_dir=tmp_path, reduction="avg")
-    with pytest.raises(ValueError, match="unknown profile 'nope'"):
-        book.build_book("nope", tmp_path, results_dir=tmp_path)
+        book.build_book(SMOKE, tmp_path, results_dir=tmp_path, reduction="avg")
+    # the profile is resolved once, at the command line
+    assert main(["book", "--profile", "nope", "--root", str(tmp_path)]) == 2
+    assert "unknown profile 'nope'" in capsys.readouterr().err
+    (tmp_path / "notebooks").mkdir()
+    shutil.copy(ROOT / "notebooks" / "study_overview.ipynb", tmp_path / "notebooks")
     with pytest.raises(FileNotFoundError, match="no database for defocus"):
-        book.build_book("smoke", tmp_path, results_dir=tmp_path)
+        book.build_book(SMOKE, tmp_path, results_dir=tmp_path)
 
 
 def test_notebook_without_parameters_cell_is_refused(tmp_path):
@@ -347,7 +371,7 @@ def test_real_book_from_a_real_smoke_sweep(tmp_path):
     notebooks = book.figure_notebooks(root)
     assert notebooks, "no figure notebooks"
     started = time.time() - 1.0
-    result = book.build_book("smoke", root, offline=True)
+    result = book.build_book(SMOKE, root, offline=True)
     placeholders = book.chapter_placeholders(sorted((root / "chapters").glob("*.md")))
     assert placeholders and all(p.stat().st_mtime >= started for p, _ in placeholders.values())
     assert book.missing_studies(root / "results" / "smoke") == []

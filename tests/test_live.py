@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from hrtem_book import book, results
+from hrtem_book.book.processes import free_port, stop_process, wait_http
 from hrtem_book.studies import STUDY_NAMES
+from hrtem_book.testing import synthetic_database
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "imaging_conditions.ipynb"
@@ -38,7 +40,7 @@ def voila_app(tmp_path):
         pytest.fail(f"{NOTEBOOK} is missing")
     results_dir = tmp_path / "results"
     for study in STUDY_NAMES:
-        results.save_database(results.synthetic_database(study), results_dir / f"{study}.nc")
+        results.save_database(synthetic_database(study), results_dir / f"{study}.nc")
     values = {
         "profile": "smoke",
         "results_dir": str(results_dir),
@@ -46,16 +48,16 @@ def voila_app(tmp_path):
         "figure_dir": str(tmp_path / "figures"),
     }
     (nb,) = book.execute_notebooks([NOTEBOOK], tmp_path / "notebooks", values, prepare_only=True)
-    port = book._free_port()
+    port = free_port()
     cmd, env = book.voila_command(nb, port, ROOT, connection_dir=tmp_path / "voila-connections")
     log = open(tmp_path / "voila.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=nb.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         # a static file: requesting "/" would already start a kernel
-        book._wait_http(f"http://127.0.0.1:{port}/voila/static/voila.js", proc, 90.0, "voila")
+        wait_http(f"http://127.0.0.1:{port}/voila/static/voila.js", proc, 90.0, "voila")
         yield f"http://127.0.0.1:{port}/"
     finally:
-        book.stop_process(proc)
+        stop_process(proc)
         log.close()
 
 

@@ -11,10 +11,10 @@ from hrtem_book.results import (
     load_database,
     query,
     save_database,
-    synthetic_database,
     validate_database,
 )
 from hrtem_book.studies import STUDIES
+from hrtem_book.testing import synthetic_database
 
 
 def _hand_database() -> xr.Dataset:

@@ -21,19 +21,21 @@ import xarray as xr
 from hrtem_book import datasets
 from hrtem_book.cli import main
 from hrtem_book.config import PretrainConfig, TransferConfig, config_hash, to_jsonable
+from hrtem_book.executors import load_cluster_config, make_cluster
+from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
+from hrtem_book.records import read_record, write_record
 from hrtem_book.results import build_database, collect, load_database
 from hrtem_book.studies import STUDIES, build_grid
-from hrtem_book.sweep import (
-    load_cluster_config,
-    make_cluster,
-    read_record,
-    records_dir,
-    run_sweep,
-    write_record,
-)
+from hrtem_book.sweep import run_sweep
 
 SMOKE = get_profile("smoke")
+
+
+def records_dir(root, profile: str, study: str):
+    return Layout(root, profile).records_dir(study)
+
+
 N_SMOKE_RUNS = sum(
     len(build_grid(s, SMOKE).runs) + len(build_grid(s, SMOKE).pretrains) for s in STUDIES
 )
@@ -44,7 +46,7 @@ CALLS: list[str] = []
 FAIL: set[str] = set()
 
 
-def fake_run(cfg, *, root, device="cpu"):
+def fake_run(cfg, *, layout, device="cpu"):
     """A record in the format of train.run, with losses derived from the config hash."""
     h = config_hash(cfg)
     CALLS.append(h)
@@ -148,16 +150,16 @@ def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
     that recorded failure but train again, while a plain rerun keeps it."""
     import torch
 
-    from hrtem_book import train
+    from hrtem_book import checkpoints
 
     grid = build_grid("defocus", SMOKE)
     pre_hash, pre = next(iter(grid.pretrains.items()))
     FAIL.add(pre_hash)
     _sweep(tmp_path, run_fn=fake_run)
-    run_root = tmp_path / "results" / "smoke"
-    ckpt = train.checkpoint_path(run_root, pre)
+    layout = Layout(tmp_path, "smoke")
+    ckpt = checkpoints.checkpoint_path(layout, pre)
     failed = {
-        "format": train.CHECKPOINT_FORMAT,
+        "format": checkpoints.CHECKPOINT_FORMAT,
         "config": to_jsonable(pre),
         "config_hash": pre_hash,
         "record": {"status": "failed"},
@@ -169,10 +171,10 @@ def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
     assert ckpt.exists()
     seen = []
 
-    def run_fn(cfg, *, root, device="cpu"):
+    def run_fn(cfg, *, layout, device="cpu"):
         if isinstance(cfg, PretrainConfig):
-            seen.append(train.checkpoint_path(root, cfg).exists())
-        return fake_run(cfg, root=root, device=device)
+            seen.append(checkpoints.checkpoint_path(layout, cfg).exists())
+        return fake_run(cfg, layout=layout, device=device)
 
     FAIL.clear()
     retry = _sweep(tmp_path, run_fn=run_fn, retry_failed=True)

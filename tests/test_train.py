@@ -1,8 +1,8 @@
 """Training stages, pretrain → transfer with checkpoint reuse, mixtures, records and the CLI.
 
-The tests train on a small synthetic series in the dataset schema (docs/ARCHITECTURE.md): discs
-on Poisson-like noise whose contrast depends on the "defocus" domain and flips sign across it,
-like HRTEM phase contrast through focus, so the domains differ and transfer is meaningful.
+The tests train on a small synthetic series in the dataset schema (``testing.synthetic_series``):
+discs on noise whose contrast depends on the "defocus" domain and flips sign across it, like
+HRTEM phase contrast through focus, so the domains differ and transfer is meaningful.
 """
 
 from __future__ import annotations
@@ -18,45 +18,26 @@ import pytest
 import torch
 import xarray as xr
 
-from hrtem_book import train
+from hrtem_book import checkpoints, runs, train
 from hrtem_book.cli import main as cli_main
 from hrtem_book.config import MixtureConfig, PretrainConfig, StageConfig, TransferConfig
+from hrtem_book.layout import Layout
 from hrtem_book.models import build_model, count_parameters
 from hrtem_book.profiles import NARROW_MODEL, SMOKE_DATA, SMOKE_STAGE, get_profile
+from hrtem_book.testing import SYNTHETIC_DOMAINS, synthetic_series
 
-DOMAINS = (-10.0, 0.0, 10.0)  # the smoke profile's defoci [nm]
+DOMAINS = SYNTHETIC_DOMAINS  # the smoke profile's defoci [nm]
 PX = 32  # the smoke profile's image size (3.2 nm at 1 Å per pixel)
 STAGE = StageConfig(epochs=3, batch_size=4, augment_d4=False, n_eval=6)
 
 
-def synthetic_series(n_train: int = 16, n_val: int = 8, seed: int = 0) -> xr.Dataset:
-    """Discs (the "particles", mask 1) on noise; the disc contrast is 0.06·domain, or 0.3 at 0."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:PX, :PX]
-    rows = []
-    for domain in DOMAINS:
-        contrast = 0.06 * domain if domain else 0.3
-        for split, n in (("train", n_train), ("val", n_val)):
-            for index in range(n):
-                mask = np.zeros((PX, PX), bool)
-                for _ in range(rng.integers(1, 4)):
-                    cy, cx = rng.uniform(4, PX - 4, 2)
-                    mask |= (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(2.5, 5.0) ** 2
-                image = 100.0 * (1 + contrast * mask) + rng.normal(0, 10, (PX, PX))
-                rows.append((image.astype(np.float32), mask.astype(np.uint8), domain, split, index))
-    images, masks, domain, split, index = zip(*rows, strict=True)
-    return xr.Dataset(
-        {
-            "image": (("sample", "y", "x"), np.stack(images)),
-            "mask": (("sample", "y", "x"), np.stack(masks)),
-        },
-        coords={
-            "domain": ("sample", np.array(domain)),
-            "split": ("sample", np.array(split)),
-            "index": ("sample", np.array(index)),
-        },
-        attrs={"series": "defocus"},
-    )  # fmt: skip
+def run(cfg, *, root, **kw) -> dict:
+    """``runs.run`` with the layout of the smoke profile in the project folder ``root``."""
+    return runs.run(cfg, Layout(root, "smoke"), **kw)
+
+
+def checkpoint_path(root, cfg: PretrainConfig):
+    return checkpoints.checkpoint_path(Layout(root, "smoke"), cfg)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +113,7 @@ def test_an_epoch_sees_every_image_once_and_never_a_batch_of_one(n, d4):
 
 def test_a_remainder_of_one_image_trains(data, tmp_path):
     # 5 images in batches of 4: a lone last image at a 1×1 bottleneck broke BatchNorm
-    record = train.run(pretrain_cfg(n_train=5, stage=replace(STAGE, epochs=1)), root=tmp_path,
+    record = run(pretrain_cfg(n_train=5, stage=replace(STAGE, epochs=1)), root=tmp_path,
                        data=data)  # fmt: skip
     assert record["status"] == "ok"
 
@@ -149,7 +130,7 @@ def test_select_takes_the_first_images_by_index(data):
 
 # --- one stage --------------------------------------------------------------------------------
 def test_record_format_and_falling_loss(data, tmp_path):
-    record = train.run(pretrain_cfg(), root=tmp_path, data=data)
+    record = run(pretrain_cfg(), root=tmp_path, data=data)
     assert record["status"] == "ok" and record["error"] is None and record["kind"] == "pretrain"
     assert set(record) == {
         "config_hash", "kind", "config", "status", "error", "stages",
@@ -172,7 +153,7 @@ def test_record_format_and_falling_loss(data, tmp_path):
 
 def test_pretrained_model_beats_untrained_on_its_domain(data, tmp_path):
     cfg = pretrain_cfg()
-    record = train.run(cfg, root=tmp_path, data=data)
+    record = run(cfg, root=tmp_path, data=data)
     torch.manual_seed(cfg.seed)
     untrained = build_model(cfg.model)
     val = train.select(data, cfg.domain, "val", STAGE.n_eval)
@@ -181,9 +162,9 @@ def test_pretrained_model_beats_untrained_on_its_domain(data, tmp_path):
 
 def test_cpu_training_is_deterministic(data, tmp_path):
     cfg = transfer_cfg("encoder")
-    first = train.run(cfg, root=tmp_path / "a", data=data)
-    again = train.run(cfg, root=tmp_path / "b", data=data)  # pretrains again, in another root
-    loaded = train.run(cfg, root=tmp_path / "a", data=data)  # reuses the checkpoint
+    first = run(cfg, root=tmp_path / "a", data=data)
+    again = run(cfg, root=tmp_path / "b", data=data)  # pretrains again, in another root
+    loaded = run(cfg, root=tmp_path / "a", data=data)  # reuses the checkpoint
     for other in (again, loaded):
         assert other["stages"] == _without_time(first["stages"], other["stages"])
 
@@ -203,7 +184,7 @@ def test_d4_augmentation_multiplies_the_epoch(data, tmp_path, monkeypatch):
     original = train._batches
     batches = lambda n, stage, gen: (calls.append(b) or b for b in original(n, stage, gen))  # noqa: E731
     monkeypatch.setattr(train, "_batches", batches)
-    record = train.run(cfg, root=tmp_path, data=data)
+    record = run(cfg, root=tmp_path, data=data)
     assert record["status"] == "ok"
     assert sorted(
         (i.item(), k.item()) for idx, ks in calls for i, k in zip(idx, ks, strict=True)
@@ -213,13 +194,13 @@ def test_d4_augmentation_multiplies_the_epoch(data, tmp_path, monkeypatch):
 # --- pretrain → transfer ----------------------------------------------------------------------
 def test_transfer_runs_share_one_pretraining(data, tmp_path, monkeypatch):
     calls = []
-    original = train._train_pretrain
-    monkeypatch.setattr(train, "_train_pretrain", lambda *a: calls.append(1) or original(*a))
-    records = [train.run(transfer_cfg(f), root=tmp_path, data=data) for f in ("none", "encoder")]
-    path = train.checkpoint_path(tmp_path, pretrain_cfg())
+    original = runs.train_pretrain
+    monkeypatch.setattr(runs, "train_pretrain", lambda *a: calls.append(1) or original(*a))
+    records = [run(transfer_cfg(f), root=tmp_path, data=data) for f in ("none", "encoder")]
+    path = checkpoint_path(tmp_path, pretrain_cfg())
     mtime = path.stat().st_mtime_ns
-    records.append(train.run(transfer_cfg("decoder"), root=tmp_path, data=data))
-    records.append(train.run(pretrain_cfg(), root=tmp_path, data=data))  # loads, never retrains
+    records.append(run(transfer_cfg("decoder"), root=tmp_path, data=data))
+    records.append(run(pretrain_cfg(), root=tmp_path, data=data))  # loads, never retrains
     assert len(calls) == 1 and path.stat().st_mtime_ns == mtime
     assert all(r["status"] == "ok" for r in records)
     pretrain_stages = [r["stages"]["pretrain"] for r in records]
@@ -233,26 +214,26 @@ def test_concurrent_transfer_runs_train_their_pretraining_once(data, tmp_path, m
     """Two workers (threads here; the lock is per open file, so processes behave alike) start
     transfer runs of one pretraining at once: one trains it, the other waits and loads it."""
     calls = []
-    original = train._train_pretrain
-    monkeypatch.setattr(train, "_train_pretrain", lambda *a: calls.append(1) or original(*a))
+    original = runs.train_pretrain
+    monkeypatch.setattr(runs, "train_pretrain", lambda *a: calls.append(1) or original(*a))
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(train.run, transfer_cfg(f), root=tmp_path, data=data)
+        jobs = [pool.submit(run, transfer_cfg(f), root=tmp_path, data=data)
                 for f in ("none", "encoder")]  # fmt: skip
         records = [job.result() for job in jobs]
     assert len(calls) == 1
     assert records[0]["stages"]["pretrain"] == records[1]["stages"]["pretrain"]
-    assert not list(train.checkpoint_path(tmp_path, pretrain_cfg()).parent.glob(".*.tmp"))
+    assert not list(checkpoint_path(tmp_path, pretrain_cfg()).parent.glob(".*.tmp"))
 
 
 def test_transfer_keeps_frozen_encoder_and_its_batchnorm(data, tmp_path, monkeypatch):
     cfg = transfer_cfg("encoder")
-    train.run(cfg, root=tmp_path, data=data)
-    ckpt = train.load_checkpoint(train.checkpoint_path(tmp_path, cfg.pretrain), cfg.pretrain)
+    run(cfg, root=tmp_path, data=data)
+    ckpt = checkpoints.load_checkpoint(checkpoint_path(tmp_path, cfg.pretrain), cfg.pretrain)
     calls = []
     original = train.train_stage
     stage = lambda model, *a, **k: calls.append(model) or original(model, *a, **k)  # noqa: E731
     monkeypatch.setattr(train, "train_stage", stage)
-    train.run(cfg, root=tmp_path, data=data)
+    run(cfg, root=tmp_path, data=data)
     state = calls[0].state_dict()
     encoder = [k for k in state if k.startswith("encoder.") and state[k].is_floating_point()]
     decoder = [k for k in state if k.startswith("decoder.") and state[k].is_floating_point()]
@@ -262,24 +243,24 @@ def test_transfer_keeps_frozen_encoder_and_its_batchnorm(data, tmp_path, monkeyp
 
 
 def test_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
-    train.run(pretrain_cfg(), root=tmp_path, data=data)
+    run(pretrain_cfg(), root=tmp_path, data=data)
     other = pretrain_cfg(lr=1e-4)
-    source = train.checkpoint_path(tmp_path, pretrain_cfg())
-    shutil.copy(source, train.checkpoint_path(tmp_path, other))
+    source = checkpoint_path(tmp_path, pretrain_cfg())
+    shutil.copy(source, checkpoint_path(tmp_path, other))
     with pytest.raises(ValueError, match=r"written for config .* \(fields differ: lr\)"):
-        train.run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
+        run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
 
 
 def test_truncated_checkpoint_is_a_clear_error(data, tmp_path):
-    train.run(pretrain_cfg(), root=tmp_path, data=data)
-    path = train.checkpoint_path(tmp_path, pretrain_cfg())
+    run(pretrain_cfg(), root=tmp_path, data=data)
+    path = checkpoint_path(tmp_path, pretrain_cfg())
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=r"checkpoint .* is unreadable .*; delete it to retrain"):
-        train.run(transfer_cfg(), root=tmp_path, data=data)
+        run(transfer_cfg(), root=tmp_path, data=data)
 
 
 def test_mixture_trains_on_both_domains(data, tmp_path):
-    record = train.run(mixture_cfg(), root=tmp_path, data=data)
+    record = run(mixture_cfg(), root=tmp_path, data=data)
     assert record["status"] == "ok" and record["kind"] == "mixture"
     assert set(record["stages"]) == {"mixture"}
     assert record["stages"]["mixture"]["epochs_run"] == STAGE.epochs
@@ -288,39 +269,39 @@ def test_mixture_trains_on_both_domains(data, tmp_path):
 def test_mixture_with_a_zero_share_trains_on_the_other_domain(data, tmp_path):
     # studies.parse_mix allows "0:n"; such a mixture is one domain alone, never an error
     cfg = mixture_cfg(n_images=(0, 8), stage=replace(STAGE, epochs=1))
-    record = train.run(cfg, root=tmp_path, data=data)
+    record = run(cfg, root=tmp_path, data=data)
     assert record["status"] == "ok" and record["stages"]["mixture"]["epochs_run"] == 1
 
 
 # --- failures ---------------------------------------------------------------------------------
 def test_diverging_run_fails_without_raising(data, tmp_path):
-    record = train.run(pretrain_cfg(lr=1e30), root=tmp_path, data=data)
+    record = run(pretrain_cfg(lr=1e30), root=tmp_path, data=data)
     assert record["status"] == "failed"
     assert "non-finite training loss" in record["error"]
     assert record["stages"]["pretrain"]["epochs_run"] == 0
     json.dumps(record, allow_nan=False)
-    transfer = train.run(transfer_cfg(pretrain=pretrain_cfg(lr=1e30)), root=tmp_path, data=data)
+    transfer = run(transfer_cfg(pretrain=pretrain_cfg(lr=1e30)), root=tmp_path, data=data)
     assert transfer["status"] == "failed" and transfer["error"].startswith("pretraining failed")
 
 
 def test_injected_nan_image_fails_the_run(data, tmp_path):
     broken = data.copy(deep=True)
     broken["image"][0, 0, 0] = np.nan  # the first training image of domain -10
-    record = train.run(pretrain_cfg(), root=tmp_path, data=broken)
+    record = run(pretrain_cfg(), root=tmp_path, data=broken)
     assert record["status"] == "failed" and "nan" in record["error"]
 
 
 def test_bad_run_inputs_are_value_errors(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="domain 5.0 is not in the series; allowed: -10.0, 0.0"):
-        train.run(pretrain_cfg(domain=5.0), root=tmp_path, data=data)
+        run(pretrain_cfg(domain=5.0), root=tmp_path, data=data)
     with pytest.raises(ValueError, match=r"n=17 images requested; allowed: 1\.\.16"):
-        train.run(pretrain_cfg(n_train=17), root=tmp_path, data=data)
+        run(pretrain_cfg(n_train=17), root=tmp_path, data=data)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available; allowed: 'cpu'"):
-            train.run(pretrain_cfg(), root=tmp_path, device="cuda", data=data)
+            run(pretrain_cfg(), root=tmp_path, device="cuda", data=data)
     monkeypatch.setenv("HRTEM_BOOK_THREADS", "two")
     with pytest.raises(ValueError, match="HRTEM_BOOK_THREADS='two'"):
-        train.run(pretrain_cfg(), root=tmp_path, data=data)
+        run(pretrain_cfg(), root=tmp_path, data=data)
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -348,7 +329,7 @@ def test_cli_bad_arguments_exit_2_with_one_line(args, message, tmp_path, capsys)
 
 
 def test_cli_trains_and_writes_a_record(data, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(train, "_default_loader", lambda root, device: lambda s, d: data)
+    monkeypatch.setattr(runs, "open_series", lambda *args, **kw: data)
     argv = ["train", "--series", "defocus", "--pretrain", "-10", "--transfer", "10",
             "--n-transfer", "8", "--freeze", "encoder", "--profile", "smoke",
             "--root", str(tmp_path)]  # fmt: skip
@@ -366,8 +347,8 @@ def test_cli_trains_and_writes_a_record(data, tmp_path, monkeypatch, capsys):
 # --- the real smoke series --------------------------------------------------------------------
 @pytest.mark.slow
 def test_pretrain_and_transfer_on_the_simulated_smoke_series(tmp_path):
-    """End to end through the default loader: the series is simulated into data/smoke beside
-    results/smoke (about 10 s), then pretrained and transferred."""
+    """End to end through the default loader: the series is simulated into data/smoke of the
+    project folder (about 10 s), then pretrained and transferred."""
     profile = get_profile("smoke")
     pre = PretrainConfig(
         data=profile.data,
@@ -380,7 +361,7 @@ def test_pretrain_and_transfer_on_the_simulated_smoke_series(tmp_path):
         n_train=profile.n_pretrain,
     )
     cfg = TransferConfig(pre, domain=10, n_train=4, lr=1e-4, freeze="encoder", stage=profile.stage)
-    record = train.run(cfg, root=tmp_path / "results" / "smoke")
+    record = run(cfg, root=tmp_path)
     assert record["status"] == "ok", record["error"]
     assert len(list((tmp_path / "data" / "smoke").glob("defocus-*.nc"))) == 1
     for stage in ("pretrain", "transfer"):
@@ -393,8 +374,8 @@ def test_pretrain_and_transfer_on_the_simulated_smoke_series(tmp_path):
 def test_cuda_run_matches_the_cpu_run_closely(data, tmp_path):
     """bf16 autocast + channels_last on the GPU: same record layout, losses near the CPU's."""
     cfg = transfer_cfg("encoder")
-    gpu = train.run(cfg, root=tmp_path / "gpu", device="cuda", data=data)
-    cpu = train.run(cfg, root=tmp_path / "cpu", data=data)
+    gpu = run(cfg, root=tmp_path / "gpu", device="cuda", data=data)
+    cpu = run(cfg, root=tmp_path / "cpu", data=data)
     assert gpu["status"] == "ok" and set(gpu["stages"]) == {"pretrain", "transfer"}
     for stage in ("pretrain", "transfer"):
         g, c = gpu["stages"][stage]["train_loss"], cpu["stages"][stage]["train_loss"]

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from hrtem_book.figures.imaging_conditions import imaging_conditions  # noqa: E402
-from hrtem_book.results import synthetic_database  # noqa: E402
+from hrtem_book.testing import synthetic_database  # noqa: E402
 from hrtem_book.widgets import (  # noqa: E402
     REDUCTIONS,
     axis_options,

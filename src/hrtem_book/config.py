@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .series import Domain, get_series, normalize_domain
+
 HASH_LENGTH = 16  # hex characters of sha256 used in run ids and file names
 
 
@@ -151,16 +153,10 @@ class DataConfig:
     structure_series_dose: float = 300.0  # [e⁻/Å²]
     seed: int = 0
 
-    def domains(self, series: str) -> tuple[float | str, ...]:
+    def domains(self, series: str) -> tuple[Domain, ...]:
         """Every domain of ``series`` in storage order: defoci [nm], doses [e⁻/Å²] or
-        structure names ``"<lattice>-<size>"``."""
-        if series == "defocus":
-            return tuple(float(d) for d in self.defoci_nm)
-        if series == "dose":
-            return tuple(float(d) for d in self.doses)
-        if series == "structure":
-            return tuple(f"{lat}-{size}" for lat in self.lattices for size in self.sizes)
-        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
+        structure names ``"<lattice>-<size>"`` (see :mod:`hrtem_book.series`)."""
+        return get_series(series).domains(self)
 
     def __post_init__(self) -> None:
         if self.n_train < 1 or self.n_val < 1:
@@ -203,18 +199,7 @@ class StageConfig:
             )
 
 
-SERIES = ("defocus", "dose", "structure")
 FREEZE_OPTIONS = ("none", "encoder", "decoder")
-Domain = float | str  # defocus [nm], dose [e⁻/Å²] or structure name "<lattice>-<size>"
-
-
-def normalize_domain(series: str, value: Domain) -> Domain:
-    """Canonical domain value: floats for defocus/dose (so -10 and -10.0 hash alike)."""
-    if series not in SERIES:
-        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
-    if series == "structure":
-        return str(value)
-    return float(value)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ renames), so an interrupted run continues with the first missing chunk. Finished
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -38,13 +37,15 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import SERIES, DataConfig, config_hash, normalize_domain, stable_json
+from .config import DataConfig, config_hash, stable_json
+from .layout import Layout, atomic_write, chunk_dir, chunks_root, series_file
+from .profiles import get_profile
+from .series import SERIES, get_series, scene_group
 
 GENERATOR_VERSION = 4  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
 SPLITS = ("train", "val")
 SIZES = ("small", "large")
-_GROUP = {"defocus": ("defocus", "dose"), "dose": ("defocus", "dose"), "structure": ("structure",)}
 
 
 def series_hash(series: str, data: DataConfig) -> str:
@@ -54,13 +55,12 @@ def series_hash(series: str, data: DataConfig) -> str:
 
 
 def series_path(series: str, data: DataConfig, root: str | Path) -> Path:
-    """Path of the finished series: ``<root>/<series>-<hash>.nc``."""
-    return Path(root) / f"{series}-{series_hash(series, data)}.nc"
+    """Path of the finished series in the data folder ``root``: ``<series>-<hash>.nc``."""
+    return series_file(root, series, series_hash(series, data))
 
 
 def _check_series(series: str) -> None:
-    if series not in SERIES:
-        raise ValueError(f"unknown series {series!r}; allowed: {', '.join(SERIES)}")
+    get_series(series)
 
 
 def validate(series: str, data: DataConfig) -> None:
@@ -86,9 +86,9 @@ def validate(series: str, data: DataConfig) -> None:
             f"pixel_A={sim.pixel_A} Å leaves {sim.image_px} pixels across the "
             f"{sim.field_nm} nm field; allowed: at least 16"
         )
-    radii = {"defocus": [data.series_radius_nm], "dose": [data.series_radius_nm]}
-    radii["structure"] = [getattr(data, f"{s}_radius_nm") for s in data.sizes]
-    for lo, hi in radii[series]:
+    spec = get_series(series)
+    doms = data.domains(series)[:1] if spec.shared_scenes else data.domains(series)
+    for lo, hi in dict.fromkeys(spec.scene(data, d)[1] for d in doms):
         if not 0 < lo <= hi <= sim.field_nm / 2:
             raise ValueError(
                 f"particle radius range ({lo}, {hi}) nm is not allowed for the {sim.field_nm} nm "
@@ -101,9 +101,9 @@ def validate(series: str, data: DataConfig) -> None:
 
 @dataclass(frozen=True)
 class _Unit:
-    """One chunk of scenes: ``domain`` is None for the shared CdSe scenes."""
+    """One chunk of scenes: ``domain`` is None for scenes shared by every domain of the group."""
 
-    group: str  # "cdse" or "structure"
+    group: str  # the scene group (hrtem_book.series.SeriesSpec.scene_group)
     domain: str | None
     split: str
     start: int
@@ -111,18 +111,23 @@ class _Unit:
 
     @property
     def name(self) -> str:
-        return f"{self.domain or 'cdse'}_{self.split}_{self.start:05d}"
+        return f"{self.domain or self.group}_{self.split}_{self.start:05d}"
 
 
 def _units(series: str, data: DataConfig) -> list[_Unit]:
-    doms = [None] if series in ("defocus", "dose") else data.domains("structure")
-    group = "structure" if series == "structure" else "cdse"
+    spec = get_series(series)
+    doms = [None] if spec.shared_scenes else data.domains(series)
+    group = spec.scene_group
     out = []
     for dom in doms:
         for split, n in zip(SPLITS, (data.n_train, data.n_val), strict=True):
             for s in range(0, n, CHUNK_SCENES):
                 out.append(_Unit(group, dom, split, s, min(s + CHUNK_SCENES, n)))
     return out
+
+
+def _group_series(group: str) -> tuple[str, ...]:
+    return tuple(s for s in SERIES if get_series(s).scene_group == group)
 
 
 def _code(text: str) -> int:
@@ -135,7 +140,7 @@ def _rng(data: DataConfig, *keys) -> np.random.Generator:
 
 
 def _chunk_dir(series: str, data: DataConfig, root: Path) -> Path:
-    return root / ".chunks" / f"{series}-{series_hash(series, data)}"
+    return chunk_dir(root, series, series_hash(series, data))
 
 
 def _chunk_file(series: str, data: DataConfig, root: Path, unit: _Unit) -> Path:
@@ -148,30 +153,12 @@ def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
     from .structures import build_scene, get_lattice
 
     sim = data.sim
-    if unit.group == "cdse":
-        lattice, radii = "CdSe", data.series_radius_nm
-        plan = {  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²])
-            "defocus": (
-                data.domains("defocus"),
-                list(data.defoci_nm),
-                [data.defocus_series_dose] * len(data.defoci_nm),
-            ),
-            "dose": (
-                data.domains("dose"),
-                [data.dose_series_defocus_nm] * len(data.doses),
-                list(data.doses),
-            ),
-        }
-    else:
-        lattice, size = unit.domain.rsplit("-", 1)
-        radii = getattr(data, f"{size}_radius_nm")
-        plan = {
-            "structure": (
-                [unit.domain],
-                [data.structure_series_defocus_nm],
-                [data.structure_series_dose],
-            )
-        }
+    plan = {}  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²])
+    for series in _group_series(unit.group):
+        doms = data.domains(series) if unit.domain is None else (unit.domain,)
+        optics = [get_series(series).optics(data, d) for d in doms]
+        plan[series] = (doms, [o[0] for o in optics], [o[1] for o in optics])
+    lattice, radii = get_series(next(iter(plan))).scene(data, unit.domain)
     blur = get_lattice(lattice).label_blur_A
     parts: dict[str, list[xr.Dataset]] = {s: [] for s in plan}
     for index in range(unit.start, unit.stop):
@@ -194,8 +181,9 @@ def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
 
 def _samples(series, doms, split, index, imgs, mask, used, sw) -> xr.Dataset:
     k = len(doms)
-    dom = np.array(doms, dtype=object if series == "structure" else np.float64)
-    if series == "structure":
+    spec = get_series(series)
+    dom = np.array(doms, dtype=spec.dtype())
+    if not spec.numeric:
         dom = dom.astype(str)
     return xr.Dataset(
         {
@@ -213,10 +201,7 @@ def _samples(series, doms, split, index, imgs, mask, used, sw) -> xr.Dataset:
 
 
 def _atomic_netcdf(ds: xr.Dataset, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    ds.to_netcdf(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, ds.to_netcdf)
 
 
 # --- generation and loading ---------------------------------------------------------------------
@@ -238,7 +223,7 @@ def generate(
     """
     validate(series, data)
     root = Path(root)
-    group = _GROUP[series]
+    group = scene_group(series)
     units = _units(series, data)
     todo = [u for u in units if not all(_chunk_file(s, data, root, u).exists() for s in group)]
     if not all(series_path(s, data, root).exists() for s in group):
@@ -258,7 +243,7 @@ def generate(
     for s in group:
         shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
     try:
-        (root / ".chunks").rmdir()  # only when no other series is half done
+        chunks_root(root).rmdir()  # only when no other series is half done
     except OSError:
         pass
     return series_path(series, data, root)
@@ -297,7 +282,7 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         (
             ds["index"].values,
             [SPLITS.index(s) for s in ds["split"].values],
-            [order[normalize_domain(series, d)] for d in ds["domain"].values],
+            [order[get_series(series).normalize(d)] for d in ds["domain"].values],
         )
     )
     ds = ds.isel(sample=key)
@@ -324,7 +309,7 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         seed=data.seed,
         generator_version=GENERATOR_VERSION,
         pixel_A=sim.pixel_A,
-        domain_units={"defocus": "nm", "dose": "e⁻/Å²", "structure": "lattice-size"}[series],
+        domain_units=get_series(series).unit or "name",
     )
     _atomic_netcdf(ds, series_path(series, data, root))
 
@@ -362,9 +347,9 @@ def sample_positions(ds: xr.Dataset, domain, split: str) -> np.ndarray:
     """Positions along ``sample`` of one domain and split, in image-index order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    dom = normalize_domain(ds.attrs["series"], domain)
+    spec = get_series(ds.attrs["series"])
     values = ds["domain"].values
-    hit = np.isclose(values.astype(float), dom) if isinstance(dom, float) else values == dom
+    hit = spec.matches(values, spec.normalize(domain))
     sel = np.flatnonzero(hit & (ds["split"].values == split))
     if sel.size == 0:
         allowed = ", ".join(str(v) for v in dict.fromkeys(values.tolist()))
@@ -394,26 +379,25 @@ def domain_tensors(
 
 
 def register_cli(subparsers) -> None:
-    """``hrtem-book simulate --series S --profile NAME [--out DIR] [--device D] [--workers N]``."""
+    """``hrtem-book simulate --series S --profile NAME [--root DIR] [--out DIR] [--device D]``."""
     p = subparsers.add_parser("simulate", help="simulate a dataset series (cached, resumable)")
     p.add_argument("--series", required=True, help=f"one of: {', '.join(SERIES)}")
     p.add_argument("--profile", required=True, help="profile name (see hrtem_book.profiles)")
-    p.add_argument("--out", default=None, help="output folder (default: data/<profile>)")
+    p.add_argument("--root", default=".", help="project folder holding data/ (default .)")
+    p.add_argument("--out", default=None, help="output folder (default: <root>/data/<profile>)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--workers", type=int, default=1, help="CPU processes (default 1)")
     p.set_defaults(func=_cli_simulate)
 
 
 def _cli_simulate(args: argparse.Namespace) -> int:
-    from .profiles import get_profile
-
     _check_series(args.series)
     profile = get_profile(args.profile)
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} is not allowed: it must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device} is not available here; allowed: cpu")
-    out = Path(args.out) if args.out else Path("data") / profile.name
+    out = Path(args.out) if args.out else Layout(args.root, profile.name).data_dir
     path = generate(args.series, profile.data, out, device=args.device, workers=args.workers)
     print(path)
     return 0

@@ -28,8 +28,6 @@ from 1. Attrs: ``study``, ``series``, ``profile``, ``package_version``, ``git_co
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import subprocess
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -39,7 +37,11 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .studies import STUDIES, get_study, parse_mix
+from .layout import Layout, atomic_write, git_commit
+from .profiles import Profile, get_profile
+from .records import read_record
+from .series import get_series, match_mask
+from .studies import STUDIES, build_grid, get_study
 
 SCHEMA_VERSION = 1
 STATUS_VALUES = ("ok", "failed", "missing", "excluded")
@@ -60,19 +62,17 @@ def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     }
 
 
-def git_commit(repo: Path | None = None) -> str:
-    """Commit of the working tree ("" outside a git checkout); stored as provenance."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo or Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+def check_reduction(
+    reduce: str | None, *, name: str = "reduce", allow_none: bool = False
+) -> str | None:
+    """``reduce`` if it is one of :data:`REDUCTIONS` (or None where allowed); otherwise a
+    ValueError naming the argument ``name``, the value and what is allowed."""
+    if reduce is None and allow_none:
+        return None
+    if reduce not in REDUCTIONS:
+        allowed = ", ".join(REDUCTIONS) + (", None" if allow_none else "")
+        raise ValueError(f"{name}={reduce!r}: unknown reduction {reduce!r}; allowed: {allowed}")
+    return reduce
 
 
 def empty_database(
@@ -134,15 +134,7 @@ def empty_database(
 def save_database(ds: xr.Dataset, path: str | Path) -> Path:
     """Validate and write ``ds`` to netCDF atomically (temporary file, then rename)."""
     validate_database(ds, source="dataset to save")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        ds.to_netcdf(tmp, engine="netcdf4")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: ds.to_netcdf(tmp, engine="netcdf4"))
 
 
 def load_database(path: str | Path, study: str | None = None) -> xr.Dataset:
@@ -235,13 +227,7 @@ def _match_indices(coord: xr.DataArray, wanted: Iterable) -> list[int]:
     values = coord.values
     out = []
     for w in wanted:
-        if values.dtype.kind in "fiu" and not isinstance(w, str):
-            try:
-                hits = np.flatnonzero(np.isclose(values.astype(float), float(w), rtol=1e-9, atol=0))
-            except (TypeError, ValueError):
-                hits = np.array([], dtype=int)
-        else:
-            hits = np.flatnonzero(values.astype(str) == str(w))
+        hits = np.flatnonzero(match_mask(values, w))
         if hits.size == 0:
             raise ValueError(
                 f"{coord.name}={w!r} is not in the database; allowed: {values.tolist()}"
@@ -276,8 +262,7 @@ def query(
             raise ValueError(f"{var} has no axis {dim!r}; allowed: {', '.join(da.dims)}")
     if len(set(keep)) != len(keep):
         raise ValueError(f"keep={keep} repeats an axis")
-    if reduce is not None and reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduce!r}; allowed: {', '.join(REDUCTIONS)}, None")
+    check_reduction(reduce, allow_none=True)
     for dim, wanted in (select or {}).items():
         if isinstance(wanted, str) or not isinstance(wanted, Iterable):
             wanted = [wanted]
@@ -293,122 +278,14 @@ def query(
     return out.transpose(*keep)
 
 
-# --- synthetic database (tests, widget development) -------------------------------------------
-_SYNTHETIC_COORDS = {
-    "defocus": {
-        "pretrain_domain": [-10.0, 0.0, 10.0],
-        "target_domain": [-10.0, 0.0, 10.0],
-        "n_transfer": [64, 128],
-        "pretrain_lr": [1e-3, 1e-4],
-        "transfer_lr": [1e-4, 1e-5],
-        "freeze": ["none", "encoder", "decoder"],
-        "seed": [0, 1],
-    },
-    "baseline": {
-        "domain_a": [-10.0, 0.0],
-        "domain_b": [-10.0, 0.0, 10.0],
-        "mix": ["128:384", "256:256", "384:128"],
-        "lr": [1e-3, 1e-4],
-        "seed": [0, 1],
-    },
-    "dose": {
-        "pretrain_domain": [30.0, 150.0, 600.0],
-        "target_domain": [30.0, 150.0, 600.0],
-        "freeze": ["none", "encoder", "decoder"],
-        "seed": [0, 1],
-    },
-    "structure": {
-        "pretrain_domain": ["CdSe-small", "CdSe-large", "Cu-small"],
-        "target_domain": ["CdSe-small", "CdSe-large", "Cu-small"],
-        "freeze": ["none", "encoder", "decoder"],
-        "seed": [0, 1],
-    },
-}
-_SYNTHETIC_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
-_SYNTHETIC_PARAMS = {"none": 921_000.0, "encoder": 160_000.0, "decoder": 761_000.0}
-
-
-def _domain_gap(a, b, scale: float) -> float:
-    """Dimensionless distance between two domains (0 = same); drives the synthetic losses."""
-    if isinstance(a, str):
-        lat_a, size_a = a.rsplit("-", 1)
-        lat_b, size_b = b.rsplit("-", 1)
-        return 1.0 * (lat_a != lat_b) + 0.4 * (size_a != size_b)
-    if scale == 0:  # dose: ratios matter
-        return abs(np.log(a / b)) / np.log(20.0)
-    return abs(a - b) / scale
-
-
-def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Dataset:
-    """A small database of ``study`` with plausible, deterministic values (for tests and widgets).
-
-    Loss grows with the distance between training and evaluation domain; transfer brings the
-    target domain down (more with more data, less with a frozen encoder); seeds add noise. The
-    cell with every axis at its first value that is not excluded is marked ``failed`` (NaN), as a
-    real sweep would record a diverged run.
-    """
-    spec = get_study(study)
-    rng = np.random.default_rng(seed)
-    coords = _SYNTHETIC_COORDS[study]
-    eval_domains = list(dict.fromkeys(coords[spec.domain_axes[0]] + coords[spec.domain_axes[1]]))
-    fixed = {} if study in ("defocus", "baseline") else dict(_SYNTHETIC_FIXED)
-    ds = empty_database(study, coords, eval_domains, n_epochs, profile="synthetic", fixed=fixed)
-    scale = {"defocus": 10.0, "baseline": 10.0, "dose": 0.0, "structure": 1.0}[study]
-    epochs = np.arange(1, n_epochs + 1)
-    status = ds["status"].values
-    hashes = ds["config_hash"].values
-    history = ds["history"].values
-    times = ds["train_time_s"].values
-    params = ds["trainable_params"].values
-    failed_marked = False
-    for idx in np.ndindex(status.shape):
-        cell = {a: coords[a][i] for a, i in zip(spec.axes, idx, strict=True)}
-        a, b = cell[spec.domain_axes[0]], cell[spec.domain_axes[1]]
-        if a == b:
-            status[idx] = "excluded"
-            continue
-        hashes[idx] = f"{rng.integers(0, 2**63):016x}"[:16]
-        if not failed_marked:
-            status[idx] = "failed"
-            failed_marked = True
-            continue
-        status[idx] = "ok"
-        for s, stage in enumerate(spec.stages):
-            for e, dom in enumerate(eval_domains):
-                if stage == "mixture":
-                    n_a, n_b = parse_mix(cell["mix"])
-                    w = n_a / (n_a + n_b)
-                    gap = w * _domain_gap(a, dom, scale) + (1 - w) * _domain_gap(b, dom, scale)
-                    floor = 0.08
-                elif stage == "pretrain":
-                    gap, floor = _domain_gap(a, dom, scale), 0.10
-                else:
-                    gap = min(_domain_gap(b, dom, scale), _domain_gap(a, dom, scale) + 0.3)
-                    n = cell.get("n_transfer", 128)
-                    floor = 0.07 + 0.02 * np.log2(512 / n)
-                    floor += {"none": 0.0, "encoder": 0.03, "decoder": 0.015}[cell["freeze"]]
-                end = floor + 0.25 * gap + 0.01 * rng.standard_normal()
-                curve = end + (0.7 - end) * np.exp(-(epochs - 1) / 1.5)
-                history[idx + (s, e)] = curve + 0.005 * rng.standard_normal(n_epochs)
-            times[idx + (s,)] = 20.0 + 5.0 * rng.random()
-            freeze = cell.get("freeze", "none") if stage == "transfer" else "none"
-            params[idx + (s,)] = _SYNTHETIC_PARAMS[freeze]
-    ds["best_loss"].values[...] = np.nanmin(
-        np.where(np.isfinite(history), history, np.inf), axis=-1
-    )
-    ds["best_loss"] = ds["best_loss"].where(np.isfinite(ds["best_loss"]))
-    ds["final_loss"].values[...] = history[..., -1]
-    return ds
-
-
 # --- records → database -----------------------------------------------------------------------
 def _domain_index(series: str, eval_domains: Iterable) -> dict[str, int]:
     """Record keys are ``str(domain)``; numeric keys are matched by value ("-10" = "-10.0")."""
+    spec = get_series(series)
     out = {}
     for i, d in enumerate(eval_domains):
         out[str(d)] = i
-        if series != "structure":
-            out[repr(float(d))] = i
+        out[spec.key(d)] = i
     return out
 
 
@@ -463,16 +340,13 @@ def _finite(value) -> float:
     return value if np.isfinite(value) else np.nan
 
 
-def build_database(study: str, profile, root: str | Path = ".") -> xr.Dataset:
+def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.Dataset:
     """The database of ``study`` for ``profile`` from the records under ``root/results``."""
-    from .studies import build_grid
-    from .sweep import read_record, records_dir
-
     grid = build_grid(study, profile)
-    folder = records_dir(root, profile.name, study)
+    layout = Layout(root, profile.name)
     records = {}
     for h in grid.runs:
-        rec = read_record(folder / f"{h}.json")
+        rec = read_record(layout.record_path(study, h))
         if rec is not None:
             records[h] = rec
     n_epochs = profile.stage.epochs
@@ -489,29 +363,24 @@ def build_database(study: str, profile, root: str | Path = ".") -> xr.Dataset:
     return ds
 
 
-def collect(profile, root: str | Path = ".", studies: Iterable[str] | None = None) -> dict:
+def collect(profile: Profile, root: str | Path = ".", studies: Iterable[str] | None = None) -> dict:
     """Write ``results/<profile>/<study>.nc`` for every study with records; return the paths."""
-    from .profiles import get_profile
-    from .sweep import profile_dir
-
-    profile = get_profile(profile) if isinstance(profile, str) else profile
+    layout = Layout(root, profile.name)
     out = {}
     for study in studies or STUDIES:
         ds = build_database(study, profile, root)
         if ds.attrs["n_records"] == 0:
             continue
-        out[study] = save_database(ds, profile_dir(root, profile.name) / f"{study}.nc")
+        out[study] = save_database(ds, layout.database_path(study))
     return out
 
 
 def _cli(args) -> int:
-    from .profiles import get_profile
-
     profile = get_profile(args.profile)
     paths = collect(profile, args.root)
     if not paths:
         raise FileNotFoundError(
-            f"no records under {Path(args.root) / 'results' / profile.name / 'records'}; run "
+            f"no records under {Layout(args.root, profile.name).records_root}; run "
             f"`hrtem-book sweep --study all --profile {profile.name}` first"
         )
     for study, path in paths.items():

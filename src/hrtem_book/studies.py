@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -52,15 +53,50 @@ PAPER_SEEDS = (0, 1, 2)  # three replicates
 PAPER_PRETRAIN_DEFOCI_NM = (-10.0, -5.0, 0.0, 5.0, 10.0)
 
 
+def _transfer_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
+    """Every ordered pair of the series' domains, all freezing options, three replicates."""
+    domains = data.domains(series)
+    return {
+        "pretrain_domain": domains,
+        "target_domain": domains,
+        "freeze": FREEZE_OPTIONS,
+        "seed": PAPER_SEEDS,
+    }
+
+
+def _defocus_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
+    return {
+        "pretrain_domain": PAPER_PRETRAIN_DEFOCI_NM,
+        "target_domain": data.domains(series),
+        "n_transfer": (64, 128, 256, 512),
+        "pretrain_lr": (1e-3, 1e-4),
+        "transfer_lr": (1e-4, 1e-5),
+        "freeze": FREEZE_OPTIONS,
+        "seed": PAPER_SEEDS,
+    }
+
+
+def _baseline_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
+    return {
+        "domain_a": PAPER_PRETRAIN_DEFOCI_NM,
+        "domain_b": data.domains(series),
+        "mix": ("128:384", "256:256", "384:128"),
+        "lr": (1e-3, 1e-4),
+        "seed": PAPER_SEEDS,
+    }
+
+
 @dataclass(frozen=True)
 class StudySpec:
-    """Shape of one study: its axes (database dims), stages and fixed settings."""
+    """Shape of one study: its axes (database dims), stages, fixed settings and the paper's
+    axis values (``paper(data, series) -> {axis: values}``)."""
 
     name: str
     series: str  # dataset series the runs train on
     kind: str  # "transfer" (pretrain → transfer) or "mixture" (one stage on two domains)
     axes: tuple[str, ...]
     domain_axes: tuple[str, ...]  # axes whose values are domains of ``series``
+    paper: Callable[[DataConfig, str], dict[str, tuple]] = _transfer_paper_values
     fixed: dict[str, Any] = field(default_factory=dict)  # settings held constant (paper values)
     description: str = ""
 
@@ -86,6 +122,7 @@ STUDIES: dict[str, StudySpec] = {
             "seed",
         ),
         domain_axes=("pretrain_domain", "target_domain"),
+        paper=_defocus_paper_values,
         description="Transfer between defoci [nm]: data size, learning rates, freezing.",
     ),
     "baseline": StudySpec(
@@ -94,6 +131,7 @@ STUDIES: dict[str, StudySpec] = {
         kind="mixture",
         axes=("domain_a", "domain_b", "mix", "lr", "seed"),
         domain_axes=("domain_a", "domain_b"),
+        paper=_baseline_paper_values,
         description="One stage on a mixture of two defoci; mix 'n_a:n_b' images of a and b.",
     ),
     "dose": StudySpec(
@@ -129,31 +167,7 @@ def get_study(name: str) -> StudySpec:
 def paper_values(study: str, data: DataConfig) -> dict[str, tuple]:
     """The paper's axis values; domain axes default to every domain of ``data``."""
     spec = get_study(study)
-    domains = data.domains(spec.series)
-    if study == "defocus":
-        return {
-            "pretrain_domain": PAPER_PRETRAIN_DEFOCI_NM,
-            "target_domain": domains,
-            "n_transfer": (64, 128, 256, 512),
-            "pretrain_lr": (1e-3, 1e-4),
-            "transfer_lr": (1e-4, 1e-5),
-            "freeze": FREEZE_OPTIONS,
-            "seed": PAPER_SEEDS,
-        }
-    if study == "baseline":
-        return {
-            "domain_a": PAPER_PRETRAIN_DEFOCI_NM,
-            "domain_b": domains,
-            "mix": ("128:384", "256:256", "384:128"),
-            "lr": (1e-3, 1e-4),
-            "seed": PAPER_SEEDS,
-        }
-    return {
-        "pretrain_domain": domains,
-        "target_domain": domains,
-        "freeze": FREEZE_OPTIONS,
-        "seed": PAPER_SEEDS,
-    }
+    return spec.paper(data, spec.series)
 
 
 def parse_mix(mix: str) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from .figures._common import format_value
-from .results import REDUCTIONS
+from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
 # never become filters (a figure decides which stage and evaluation domain it shows)
@@ -83,8 +83,7 @@ def save_placeholder(fig: Figure, path: str | Path, *, reduction: str, **metadat
     The book's captions name the reduction of their placeholder; the ``reduction`` text chunk lets
     a test compare the two without re-running anything.
     """
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+    check_reduction(reduction, name="reduction")
     return _write_placeholder(fig, path, {"reduction": reduction}, metadata)
 
 
@@ -121,8 +120,7 @@ class FigureApp:
         colour_scale: bool = False,
         colour_var: str = "best_loss",
     ) -> None:
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(REDUCTIONS)}")
+        check_reduction(reduction, name="reduction")
         self.figure_fn = figure_fn
         self.ds = ds
         initial = dict(initial or {})

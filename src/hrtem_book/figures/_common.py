@@ -17,16 +17,15 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..results import REDUCTIONS, query
+from ..results import check_reduction, query
+from ..series import get_series, match_index
 
 CMAP = "viridis_r"  # low loss = bright: the eye goes to the good transfers
 MISSING_COLOUR = "0.85"  # excluded (target = pretraining domain) and all-NaN cells
 
 
 def check_reduce(reduce: str) -> str:
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"reduce={reduce!r}; allowed: {', '.join(REDUCTIONS)}")
-    return reduce
+    return check_reduction(reduce)
 
 
 def as_list(values: Any) -> list:
@@ -56,14 +55,6 @@ def reduce_da(da: xr.DataArray, reduce: str, keep: Sequence[str]) -> xr.DataArra
     return query(da.to_dataset(name=name), name, None, check_reduce(reduce), keep=keep)
 
 
-def _index_of(values: np.ndarray, value: Any) -> int:
-    if values.dtype.kind in "fiu" and not isinstance(value, str):
-        hits = np.flatnonzero(np.isclose(values.astype(float), float(value), rtol=1e-9, atol=0))
-    else:
-        hits = np.flatnonzero(values.astype(str) == str(value))
-    return int(hits[0]) if hits.size else -1
-
-
 def loss_on(da: xr.DataArray, axis: str) -> xr.DataArray:
     """The loss evaluated on the domain named by ``axis`` (e.g. each cell's target domain).
 
@@ -72,7 +63,7 @@ def loss_on(da: xr.DataArray, axis: str) -> xr.DataArray:
     The role of each value comes from the axis, never from sorting domain values.
     """
     ev = da["eval_domain"].values
-    idx = np.array([_index_of(ev, v) for v in da[axis].values])
+    idx = np.array([match_index(ev, v) for v in da[axis].values])
     take = xr.DataArray(np.clip(idx, 0, None), dims=axis)
     out = da.isel(eval_domain=take).drop_vars("eval_domain", errors="ignore")
     return out.where(xr.DataArray(idx >= 0, dims=axis))
@@ -95,7 +86,7 @@ def format_value(value: Any) -> str:
 
 
 def domain_unit(series: str) -> str:
-    return {"defocus": "nm", "dose": "e⁻/Å²"}.get(series, "")
+    return get_series(series).unit
 
 
 def domain_label(value: Any) -> str:
@@ -107,9 +98,7 @@ def domain_label(value: Any) -> str:
 
 def axis_title(ds: xr.Dataset, what: str) -> str:
     """``"pretraining defocus [nm]"`` etc. from the database's series."""
-    series = str(ds.attrs.get("series", "domain"))
-    unit = domain_unit(series)
-    return f"{what} {series}" + (f" [{unit}]" if unit else "")
+    return get_series(str(ds.attrs["series"])).title(what)
 
 
 def value_range(*arrays: xr.DataArray) -> tuple[float, float]:

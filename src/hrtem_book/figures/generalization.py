@@ -29,6 +29,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..series import match_mask
 from ._common import (
     axis_title,
     check_reduce,
@@ -61,11 +62,11 @@ def id_loss(losses: xr.DataArray, trained_on: str) -> xr.DataArray:
 
 
 def _own_domain_mask(losses: xr.DataArray, trained_on: str) -> xr.DataArray:
-    ev = losses["eval_domain"]
-    own = losses[trained_on]
-    if ev.dtype.kind in "fiu" and own.dtype.kind in "fiu":
-        return xr.apply_ufunc(np.isclose, ev, own, kwargs={"rtol": 1e-9, "atol": 0.0})
-    return ev.astype(str) == own.astype(str)
+    """True where the evaluation domain is the domain the model was trained on."""
+    ev = losses["eval_domain"].values
+    own = losses[trained_on].values
+    mask = np.stack([match_mask(ev, v) for v in own], axis=-1)  # [eval_domain, trained_on]
+    return xr.DataArray(mask, dims=("eval_domain", trained_on))
 
 
 def ood_gap(losses: xr.DataArray, trained_on: str) -> xr.DataArray:

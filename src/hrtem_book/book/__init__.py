@@ -1,0 +1,139 @@
+"""The book: figure notebooks → MyST site → AST check, and the live apps.
+
+    hrtem-book book                        # laptop profile (or the shipped gpu database)
+    hrtem-book book --profile smoke        # any profile; `make book PROFILE=smoke`
+    hrtem-book book --check-only           # re-check the last built site
+    hrtem-book live --profile laptop       # the notebooks' apps in Voilà on localhost
+
+:func:`build_book` makes sure the results databases exist (running the sweep where one is
+missing), executes the figure notebooks with papermill, builds the staged book with MyST and
+checks the built AST (:mod:`.build` explains each step).
+
+One module per job: :mod:`.notebooks` (labels, parameters, papermill, placeholders),
+:mod:`.build` (database step, staging, myst), :mod:`.check` (the AST check), :mod:`.live`
+(Voilà) and :mod:`.processes` (servers started and stopped by PID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..layout import Layout, myst_build_dir
+from ..profiles import get_profile
+from ..results import REDUCTIONS
+from .build import (
+    BOOK_SOURCES,
+    DEFAULT_PROFILE,
+    SHIPPED_PROFILE,
+    BuildResult,
+    build_book,
+    build_site,
+    default_profile,
+    ensure_database,
+    missing_studies,
+    stage_book,
+    theme_unavailable,
+)
+from .check import BookCheckError, check_page, check_site
+from .live import prepare_live, serve_live, voila_command
+from .notebooks import (
+    chapter_placeholders,
+    check_placeholders,
+    declared_parameters,
+    execute_notebooks,
+    figure_notebooks,
+    notebook_labels,
+)
+
+__all__ = [
+    "BOOK_SOURCES",
+    "DEFAULT_PROFILE",
+    "SHIPPED_PROFILE",
+    "BookCheckError",
+    "BuildResult",
+    "build_book",
+    "build_site",
+    "chapter_placeholders",
+    "check_page",
+    "check_placeholders",
+    "check_site",
+    "declared_parameters",
+    "default_profile",
+    "ensure_database",
+    "execute_notebooks",
+    "figure_notebooks",
+    "missing_studies",
+    "notebook_labels",
+    "prepare_live",
+    "serve_live",
+    "stage_book",
+    "theme_unavailable",
+    "voila_command",
+]
+
+
+# --- command line --------------------------------------------------------------------------
+def _cli_book(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    profile = get_profile(args.profile or default_profile(root))
+    if args.check_only:
+        site = myst_build_dir(Layout(root, profile.name).book_stage) / "site"
+        check_site(site, site.parent.parent / "chapters")
+        print(f"book: the site in {site} passes the AST check")
+        return 0
+    offline = {"auto": None, "yes": True, "no": False}[args.offline]
+    try:
+        result = build_book(
+            profile,
+            root,
+            results_dir=args.results_dir,
+            reduction=args.reduction,
+            offline=offline,
+        )
+    except BookCheckError as exc:
+        print(f"hrtem-book book: FAILED: {exc}", file=sys.stderr)
+        return 1
+    print(f"book: profile {profile.name!r}: {result.describe()}")
+    if result.kind == "site":
+        print(
+            "book: for the HTML book run `make book` on a machine with network access "
+            "(it needs the book-theme from api.mystmd.org)"
+        )
+    return 0
+
+
+def _cli_live(args: argparse.Namespace) -> int:
+    root = Path(args.root).resolve()
+    return serve_live(get_profile(args.profile or default_profile(root)), root, args.port)
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "book",
+        help="execute the figure notebooks and build the book (HTML, or the checked offline site)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--profile", help=f"results profile (default: {DEFAULT_PROFILE}, or gpu if shipped)"
+    )
+    p.add_argument("--root", default=".", help="project folder holding myst.yml")
+    p.add_argument(
+        "--results-dir", help="use this database folder as is (default results/<profile>)"
+    )
+    p.add_argument("--reduction", default="median", choices=REDUCTIONS)
+    p.add_argument(
+        "--offline",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="auto: HTML with the book-theme, the offline site if it cannot be fetched",
+    )
+    p.add_argument("--check-only", action="store_true", help="only check the last built site")
+    p.set_defaults(func=_cli_book)
+
+    p = subparsers.add_parser("live", help="serve the figure notebooks' apps with Voilà")
+    p.add_argument("--profile", help="results profile (default as for `book`)")
+    p.add_argument("--root", default=".", help="project folder holding notebooks/")
+    p.add_argument("--port", type=int, default=8866)
+    p.set_defaults(func=_cli_live)

@@ -1,0 +1,266 @@
+"""Build the executable book: results database → figure notebooks → MyST site → AST check.
+
+Steps of :func:`build_book`:
+
+1. the results database ``results/<profile>/<study>.nc`` of every study exists, else the sweep
+   runs (resumably) and its records are collected;
+2. every figure notebook runs under papermill with the profile's parameters, which (re)writes the
+   static placeholders in ``figures/``;
+3. the book is staged in ``_build/book/<profile>/`` with those parameters injected into its
+   notebooks (so ``myst --execute`` computes every figure and number from the chosen profile),
+   and built with ``myst build --html``; where the book-theme cannot be fetched (offline) with
+   ``myst --config book/myst.offline.yml build --site`` instead;
+4. the built AST is checked (:func:`hrtem_book.book.check.check_site`), because MyST silently
+   drops an embed whose ``#app:``/``#txt:`` label does not exist.
+
+The Jupyter server used by ``--execute`` is started here and stopped by its PID: left to itself,
+mystmd starts one per build, refuses to run it as root, and leaves it running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import results, sweep
+from ..layout import GENERATED_FOLDERS, Layout, database_file, myst_build_dir
+from ..profiles import PROFILES, Profile
+from ..results import check_reduction
+from ..studies import STUDY_NAMES
+from .check import BookCheckError, check_site
+from .notebooks import Log, check_placeholders, execute_notebooks, figure_notebooks
+from .processes import jupyter_server
+
+DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
+SHIPPED_PROFILE = "gpu"  # preferred once defined and its databases are committed under results/
+OFFLINE_CONFIG = "book/myst.offline.yml"
+# what the book is made of, relative to the project root (copied into the staging folder)
+BOOK_SOURCES = ("myst.yml", "refs.bib", "book", "chapters", "figures", "notebooks")
+# mystmd prints these when it cannot download a site template (no network, no theme server)
+_THEME_FETCH_FAILED = re.compile(
+    r"(api\.mystmd\.org/templates\S*\s+failed|Could not find template|ENOTFOUND|EAI_AGAIN"
+    r"|ECONNREFUSED|ETIMEDOUT|getaddrinfo)"
+)
+
+
+@dataclass
+class BuildResult:
+    kind: str  # "html" (myst build --html, book-theme) or "site" (offline AST-only site)
+    path: Path  # the folder to open or publish
+    stage: Path  # the staged book that was built
+    notebooks: list[Path] = field(default_factory=list)  # papermill outputs
+
+    def describe(self) -> str:
+        if self.kind == "html":
+            return f"built the HTML book (myst build --html) in {self.path}"
+        return (
+            f"built the OFFLINE site (myst build --site: checked AST, no HTML; the book-theme "
+            f"could not be fetched) in {self.path}"
+        )
+
+
+# --- profiles and databases ------------------------------------------------------------------
+def default_profile(root: str | Path = ".") -> str:
+    """The shipped profile (``gpu``) when it is a defined profile and its databases are in the
+    repository (``results/gpu/*.nc``), else the laptop profile."""
+    shipped = Layout(root, SHIPPED_PROFILE).results_dir
+    if SHIPPED_PROFILE in PROFILES and not missing_studies(shipped):
+        return SHIPPED_PROFILE
+    return DEFAULT_PROFILE
+
+
+def missing_studies(results_dir: str | Path) -> list[str]:
+    """The studies without a database in the folder ``results_dir``."""
+    return [s for s in STUDY_NAMES if not database_file(results_dir, s).is_file()]
+
+
+def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) -> Path:
+    """``results/<profile>/``, running the sweep (resumably) and collecting it where incomplete."""
+    results_dir = Layout(root, profile.name).results_dir
+    missing = missing_studies(results_dir)
+    if missing:
+        log(f"book: results database incomplete in {results_dir} (missing {', '.join(missing)});")
+        log(f"book: running the sweep for profile {profile.name!r} (resumes from finished records)")
+        # one single-threaded Dask worker per core (a 2-core laptop: 2); one core: in-process
+        cores = os.cpu_count() or 1
+        executor = "dask" if cores > 1 else "inprocess"
+        sweep.run_sweep(
+            missing, profile, root, executor=executor, workers=cores, sim_workers=cores, log=log
+        )
+        results.collect(profile, root)
+        missing = missing_studies(results_dir)
+        if missing:
+            raise FileNotFoundError(
+                f"the sweep left no database for {', '.join(missing)} in {results_dir}"
+            )
+    return results_dir
+
+
+# --- staging -------------------------------------------------------------------------------
+def relative_to_notebooks(path: Path, root: Path) -> str:
+    """``path`` as the notebooks see it: relative to ``notebooks/`` inside the project, else
+    absolute (papermill runs with cwd = notebooks/, as does a staged copy)."""
+    path = path.resolve()
+    try:
+        path.relative_to(root.resolve())
+    except ValueError:
+        return str(path)
+    return os.path.relpath(path, root.resolve() / "notebooks")
+
+
+def stage_book(root: Path, stage: Path, notebooks: Iterable[Path]) -> Path:
+    """Copy the book's sources into ``stage`` with ``notebooks`` (parameters injected) in place
+    of the committed ones; ``stage/results`` and ``stage/data`` link to the project's."""
+    stage.mkdir(parents=True, exist_ok=True)
+    for name in BOOK_SOURCES:
+        src, dst = root / name, stage / name
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        elif dst.exists() or dst.is_symlink():
+            dst.unlink()
+        if name == "notebooks":
+            dst.mkdir()
+            for nb in notebooks:
+                shutil.copy2(nb, dst / nb.name)
+        elif src.is_dir():
+            shutil.copytree(src, dst)
+        elif src.is_file():
+            shutil.copy2(src, dst)
+    link_shared(root, stage)
+    return stage
+
+
+def link_shared(root: Path, stage: Path) -> None:
+    """Link the project's generated folders into ``stage`` (the notebooks read them there)."""
+    for name in GENERATED_FOLDERS:
+        link = stage / name
+        if not link.exists():
+            (root / name).mkdir(exist_ok=True)
+            link.symlink_to((root / name).resolve(), target_is_directory=True)
+
+
+def myst_executable() -> str:
+    local = Path(sys.executable).parent / "myst"
+    found = str(local) if local.exists() else shutil.which("myst")
+    if not found:
+        raise FileNotFoundError("the `myst` command is missing; install the book extra: make setup")
+    return found
+
+
+def run_myst(args: list[str], cwd: Path, env: dict, log: Log = print) -> tuple[int, str]:
+    """Run ``myst <args>`` in ``cwd``; return its exit status and output (also logged)."""
+    proc = subprocess.run(
+        [myst_executable(), *args],
+        cwd=cwd,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # drop the framed "update available" notice (noise offline) and collapse repeated lines
+    # (widget cells print "Exception opening new comm" per widget: MyST executes without comms)
+    lines: list[str] = []
+    repeats = 0
+    for line in proc.stdout.splitlines():
+        if re.match(r"^\s*[│╭╰]", line):
+            continue
+        if lines and line == lines[-1]:
+            repeats += 1
+            continue
+        if repeats:
+            log(f"  myst: (previous line repeated {repeats} more times)")
+            repeats = 0
+        lines.append(line)
+        log(f"  myst: {line}")
+    return proc.returncode, "\n".join(lines)
+
+
+def theme_unavailable(returncode: int, output: str) -> bool:
+    """Whether a failed ``myst build --html`` failed because the theme could not be fetched."""
+    return returncode != 0 and bool(_THEME_FETCH_FAILED.search(output))
+
+
+def build_site(
+    stage: Path, *, offline: bool | None = None, jobs: int = 1, log: Log = print
+) -> tuple[str, Path]:
+    """Build the staged book: HTML with the book-theme, else (offline) the checked AST site."""
+    runtime = myst_build_dir(stage) / "logs"
+    with jupyter_server(stage, runtime / "jupyter-server.log") as env:
+        if offline is not True:
+            args = ["build", "--html", "--execute", f"--execute-parallel={jobs}", "--strict"]
+            log("book: myst " + " ".join(args))
+            rc, output = run_myst(args, stage, env, log)
+            if rc == 0:
+                check_site(myst_build_dir(stage) / "site", stage / "chapters", output)
+                return "html", myst_build_dir(stage) / "html"
+            if offline is False or not theme_unavailable(rc, output):
+                raise BookCheckError([f"myst build --html failed with status {rc}"], str(stage))
+            log("book: the book-theme cannot be fetched (offline?): building the offline site")
+        args = ["--config", OFFLINE_CONFIG, "build", "--site", "--execute", "--strict"]
+        args.append(f"--execute-parallel={jobs}")
+        log("book: myst " + " ".join(args))
+        rc, output = run_myst(args, stage, env, log)
+        site = myst_build_dir(stage) / "site"
+        try:
+            check_site(site, stage / "chapters", output)
+        except BookCheckError as exc:
+            status = [f"myst build --site failed with status {rc}"] if rc else []
+            raise BookCheckError(status + exc.problems, str(site)) from None
+        if rc:
+            raise BookCheckError([f"myst build --site failed with status {rc}"], str(stage))
+        return "site", site
+
+
+def build_book(
+    profile: Profile,
+    root: str | Path = ".",
+    *,
+    results_dir: str | Path | None = None,
+    reduction: str = "median",
+    offline: bool | None = None,
+    jobs: int | None = None,
+    parameters: dict | None = None,
+    log: Log = print,
+) -> BuildResult:
+    """Database → papermill → staged MyST build → AST check (see the module docstring).
+
+    ``results_dir`` given: use that database as is (tests); otherwise ``results/<profile>/``,
+    completed by the sweep where a study is missing. ``offline``: None tries HTML first.
+    ``jobs``: notebooks executed at once (default: the CPU count, at most 4). ``parameters``:
+    more notebook parameters (e.g. ``project_root``), given to the notebooks that declare them.
+    """
+    jobs = jobs or min(4, os.cpu_count() or 1)
+    check_reduction(reduction, name="reduction")
+    root = Path(root).resolve()
+    layout = Layout(root, profile.name)
+    notebooks = figure_notebooks(root)
+    if not notebooks:
+        raise FileNotFoundError(f"no figure notebooks in {root / 'notebooks'}")
+    if results_dir is None:
+        results_dir = ensure_database(profile, root, log)
+    elif missing := missing_studies(results_dir):
+        raise FileNotFoundError(f"no database for {', '.join(missing)} in {results_dir}")
+    values = {
+        "profile": profile.name,
+        "results_dir": relative_to_notebooks(Path(results_dir), root),
+        "reduction": reduction,
+        **(parameters or {}),
+    }
+    stage = layout.book_stage
+    started = time.time() - 1.0  # file systems with 1 s mtime resolution
+    log(f"book: executing {len(notebooks)} notebooks with papermill ({values})")
+    out = myst_build_dir(stage) / "papermill"
+    executed = execute_notebooks(notebooks, out, values, jobs=jobs, log=log)
+    chapters = sorted((root / "chapters").glob("*.md"))
+    if problems := check_placeholders(chapters, started):
+        raise BookCheckError(problems, where="placeholders")
+    stage_book(root, stage, executed)
+    kind, path = build_site(stage, offline=offline, jobs=jobs, log=log)
+    return BuildResult(kind, path, stage, executed)

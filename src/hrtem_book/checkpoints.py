@@ -1,0 +1,112 @@
+"""Checkpoints of pretrainings: saved once, locked while being made, checked against their config.
+
+A checkpoint lives at ``Layout.checkpoint_path(config_hash(cfg))`` and holds::
+
+    {"format": 1, "config": <to_jsonable(cfg)>, "config_hash": str, "record": <the pretraining's
+     record>, "state_dict": <weights, or None when the pretraining failed>, "package_version",
+     "git_commit", "torch_version", "created"}
+
+A failed pretraining is saved without weights, so that every transfer run that loads it fails at
+once instead of retraining it. :func:`obtain` trains a missing checkpoint under a file lock, so
+concurrent workers wait for one another instead of training the same pretraining twice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .config import PretrainConfig, config_hash, to_jsonable
+from .layout import Layout, atomic_write, file_lock, provenance
+
+CHECKPOINT_FORMAT = 1
+
+
+def checkpoint_path(layout: Layout, cfg: PretrainConfig) -> Path:
+    return layout.checkpoint_path(config_hash(cfg))
+
+
+def save_checkpoint(path: Path, cfg: PretrainConfig, record: dict, state_dict: dict | None):
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": to_jsonable(cfg),
+        "config_hash": config_hash(cfg),
+        "record": record,
+        "state_dict": state_dict,
+        **provenance(),
+        "torch_version": str(torch.__version__),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    }
+    atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def _fields_differ(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _fields_differ(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device = "cpu") -> dict:
+    """The checkpoint at ``path``; a ValueError when it is unreadable or of another config."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"checkpoint {path} is unreadable ({first}); delete it to retrain"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
+    want = to_jsonable(cfg)
+    if ckpt["config"] != want:
+        differ = ", ".join(_fields_differ(ckpt["config"], want)) or "?"
+        raise ValueError(
+            f"checkpoint {path} was written for config {ckpt['config_hash']}, "
+            f"not {config_hash(cfg)} (fields differ: {differ})"
+        )
+    return ckpt
+
+
+def obtain(
+    layout: Layout,
+    cfg: PretrainConfig,
+    train: Callable[[], tuple[dict, dict | None]],
+    device: str | torch.device = "cpu",
+) -> dict:
+    """The checkpoint of ``cfg``: loaded when present, else made once by ``train() -> (record,
+    state_dict or None)`` under a lock and saved."""
+    path = checkpoint_path(layout, cfg)
+    if not path.exists():
+        with file_lock(path.with_name(path.name + ".lock")):
+            if not path.exists():  # another worker may have finished it while we waited
+                record, state = train()
+                save_checkpoint(path, cfg, record, state)
+    return load_checkpoint(path, cfg, device)
+
+
+def drop_failed_checkpoint(layout: Layout, cfg: PretrainConfig) -> bool:
+    """Delete the checkpoint of a diverged pretraining before it is retried; True if deleted.
+
+    Left in place, a retry would only reload that recorded failure. A checkpoint that holds
+    weights (or cannot be read) is kept.
+    """
+    path = checkpoint_path(layout, cfg)
+    if not path.is_file():
+        return False
+    try:
+        ckpt = load_checkpoint(path, cfg)
+    except ValueError:  # unreadable or another config: the run reports it when it starts
+        return False
+    if ckpt.get("state_dict") is not None:
+        return False
+    path.unlink(missing_ok=True)
+    return True

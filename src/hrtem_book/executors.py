@@ -1,0 +1,202 @@
+"""Executors: where the runs of a sweep execute — in this process or on a Dask cluster.
+
+An executor takes run configs (``submit``) and hands back finished records (``wait_any``); the
+scheduling (what runs when, what is recorded) is :mod:`hrtem_book.sweep`'s.
+:class:`InProcessExecutor` runs each config at once; :class:`DaskExecutor` submits to a Dask
+``LocalCluster`` of single-threaded worker processes, an existing scheduler
+(``scheduler_address``) or a cluster described by a YAML file (:func:`load_cluster_config`)::
+
+    kind: slurm            # or: local
+    jobs: 4                # SLURM jobs to start (local: ignored; use n_workers)
+    cluster:               # keyword arguments of dask_jobqueue.SLURMCluster (or LocalCluster)
+      cores: 8
+      processes: 8         # one single-threaded worker per core
+      memory: 32GB
+      walltime: "04:00:00"
+      queue: gpu
+      job_extra_directives: ["--gres=gpu:1"]
+    device: cuda           # optional: torch device of the runs
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import RunConfig, config_hash
+from .layout import Layout
+from .records import RECORD_STATUSES, failure_record
+
+RunFn = Callable[..., dict]
+
+
+# --- running one config (on a worker or in process) -------------------------------------------
+def train_run(cfg: RunConfig, *, layout: Layout, device: str = "cpu") -> dict:
+    """The real run function: :func:`hrtem_book.runs.run`."""
+    from . import runs  # lazily, for speed: a scheduler process never needs torch
+
+    return runs.run(cfg, layout, device=device)
+
+
+def execute(
+    cfg: RunConfig, layout: Layout, device: str = "cpu", run_fn: RunFn | None = None
+) -> dict:
+    """Run one config and return its record; exceptions become a failed record, never escape.
+
+    Workers use one torch thread each: several training processes share the cores.
+    """
+    import torch  # lazily, as above
+
+    torch.set_num_threads(1)
+    h = config_hash(cfg)
+    try:
+        record = (run_fn or train_run)(cfg, layout=layout, device=device)
+    except Exception as exc:  # a crash of one run must not stop the sweep
+        tail = traceback.format_exc(limit=-3)
+        return failure_record(cfg, f"{type(exc).__name__}: {exc}\n{tail}")
+    if not isinstance(record, dict) or record.get("status") not in RECORD_STATUSES:
+        return failure_record(cfg, f"run returned a malformed record: {str(record)[:200]}")
+    if record.get("config_hash") != h:
+        return failure_record(cfg, f"record hash {record.get('config_hash')!r} is not {h!r}")
+    return record
+
+
+# --- executors ------------------------------------------------------------------------------
+class _Done:
+    """Handle of a run that already finished (hashable by identity)."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+
+class InProcessExecutor:
+    """Runs each submitted config immediately, in this process."""
+
+    capacity = 1
+
+    def __init__(self, layout: Layout, device: str, run_fn: RunFn | None):
+        self.layout, self.device, self.run_fn = layout, device, run_fn
+
+    def submit(self, cfg: RunConfig, priority: int = 0) -> Any:
+        return _Done(execute(cfg, self.layout, self.device, self.run_fn))
+
+    def wait_any(self, handles: list) -> list[tuple[Any, dict]]:
+        return [(h, h.record) for h in handles]
+
+    def close(self) -> None:
+        pass
+
+
+class DaskExecutor:
+    """Runs configs on a Dask distributed cluster (local processes, SLURM jobs, or a scheduler)."""
+
+    capacity = 10**9  # submit everything that is ready; the scheduler queues it
+
+    def __init__(
+        self,
+        layout: Layout,
+        device: str,
+        run_fn: RunFn | None,
+        *,
+        workers: int = 2,
+        cluster_config: dict | None = None,
+        scheduler_address: str | None = None,
+    ):
+        from distributed import Client
+
+        resolved = Layout(layout.root.resolve(), layout.profile)  # workers may start elsewhere
+        self.layout, self.device, self.run_fn = resolved, device, run_fn
+        self.cluster = None
+        if scheduler_address:
+            self.client = Client(scheduler_address)
+        else:
+            self.cluster = make_cluster(cluster_config or {"kind": "local"}, workers)
+            self.client = Client(self.cluster)
+
+    def submit(self, cfg: RunConfig, priority: int = 0) -> Any:
+        return self.client.submit(
+            execute,
+            cfg,
+            self.layout,
+            self.device,
+            self.run_fn,
+            key=f"run-{config_hash(cfg)}",
+            priority=priority,
+            pure=False,
+        )
+
+    def wait_any(self, handles: list) -> list[tuple[Any, dict]]:
+        from distributed import wait
+
+        done, _ = wait(handles, return_when="FIRST_COMPLETED")
+        out = []
+        for fut in done:
+            try:
+                out.append((fut, fut.result()))
+            except Exception as exc:  # a lost worker (killed, out of memory)
+                out.append((fut, {"_error": f"{type(exc).__name__}: {exc}"}))
+        return out
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+_CLUSTER_KEYS = ("kind", "jobs", "cluster", "device")
+
+
+def load_cluster_config(path: str | Path) -> dict:
+    """Read and check a cluster YAML file (see the module docstring)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"cluster config {path} not found")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping with keys {', '.join(_CLUSTER_KEYS)}")
+    unknown = sorted(set(cfg) - set(_CLUSTER_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; allowed: {', '.join(_CLUSTER_KEYS)}")
+    if cfg.get("kind", "local") not in ("local", "slurm"):
+        raise ValueError(f"{path}: kind={cfg['kind']!r}; allowed: local, slurm")
+    if not isinstance(cfg.get("cluster", {}), dict):
+        raise ValueError(f"{path}: 'cluster' must be a mapping of cluster keyword arguments")
+    return cfg
+
+
+def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
+    """A LocalCluster (``kind: local``) or dask-jobqueue SLURMCluster (``kind: slurm``).
+
+    ``scale=False`` builds a SLURM cluster without submitting jobs (to inspect its job script).
+    """
+    kind = cfg.get("kind", "local")
+    kwargs = dict(cfg.get("cluster", {}))
+    # worker processes inherit this: one BLAS/OpenMP thread per single-threaded worker
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if kind == "local":
+        from distributed import LocalCluster
+
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        kwargs.setdefault("n_workers", workers)
+        kwargs.setdefault("threads_per_worker", 1)
+        kwargs.setdefault("processes", True)
+        kwargs.setdefault("dashboard_address", None)
+        return LocalCluster(**kwargs)
+    if kind == "slurm":
+        from dask_jobqueue import SLURMCluster
+
+        kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1"])
+        cluster = SLURMCluster(**kwargs)
+        if scale:
+            cluster.scale(jobs=int(cfg.get("jobs", 1)))
+        return cluster
+    raise ValueError(f"cluster kind={kind!r}; allowed: local, slurm")

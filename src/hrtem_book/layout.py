@@ -1,0 +1,205 @@
+"""Where things live and how they are written: the project layout, atomic writes, provenance.
+
+One project folder (``root``) holds, for every profile::
+
+    data/<profile>/<series>-<hash>.nc             simulated dataset series
+    data/<profile>/.chunks/<series>-<hash>/       chunks of a series being simulated
+    results/<profile>/records/<study>/<hash>.json  one record per finished run
+    results/<profile>/checkpoints/<hash>.pt        one checkpoint per pretraining
+    results/<profile>/<study>.nc                   the results database of a study
+    _build/book/<profile>/, _build/live/<profile>/ the staged book and the live apps
+
+:class:`Layout` is the only place these paths are joined. Every file is written atomically
+(:func:`atomic_write`): into a temporary file in the same folder (``.<name>.<pid>.tmp``), flushed
+to disk, then renamed over the target, so a reader sees the old file or the complete new one;
+a temporary file left by a killed process is removed by :func:`remove_stale_tmp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+
+TMP_SUFFIX = ".tmp"
+# the project's generated top-level folders (a staged copy of the book links them)
+GENERATED_FOLDERS = ("results", "data")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The folders of one profile inside a project folder ``root``."""
+
+    root: Path
+    profile: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # --- inputs ---------------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        """Simulated dataset series of the profile."""
+        return self.root / "data" / self.profile
+
+    # --- results --------------------------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        """Records, checkpoints and databases of the profile."""
+        return self.root / "results" / self.profile
+
+    def records_dir(self, study: str) -> Path:
+        return self.results_dir / "records" / study
+
+    def record_path(self, study: str, run_id: str) -> Path:
+        return self.records_dir(study) / f"{run_id}.json"
+
+    @property
+    def records_root(self) -> Path:
+        return self.results_dir / "records"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.results_dir / "checkpoints"
+
+    def checkpoint_path(self, run_id: str) -> Path:
+        return self.checkpoints_dir / f"{run_id}.pt"
+
+    def database_path(self, study: str) -> Path:
+        return database_file(self.results_dir, study)
+
+    # --- the book -------------------------------------------------------------------------------
+    @property
+    def build_dir(self) -> Path:
+        return self.root / "_build"
+
+    @property
+    def book_stage(self) -> Path:
+        """The staged copy of the book that MyST builds."""
+        return self.build_dir / "book" / self.profile
+
+    @property
+    def live_stage(self) -> Path:
+        """The notebooks with the profile's parameters, served by Voilà."""
+        return self.build_dir / "live" / self.profile
+
+    @property
+    def live_connections(self) -> Path:
+        """Voilà's kernel connection files (kept out of the system's temporary folder)."""
+        return self.build_dir / "live" / "voila-connections"
+
+
+def myst_build_dir(book: Path) -> Path:
+    """MyST's output folder inside a (staged) book: ``site/``, ``html/``, ``logs/``,
+    ``papermill/`` (the executed notebooks)."""
+    return Path(book) / "_build"
+
+
+def database_file(folder: Path, study: str) -> Path:
+    """The results database of ``study`` inside a folder of databases."""
+    return Path(folder) / f"{study}.nc"
+
+
+def series_file(data_dir: Path, series: str, series_hash: str) -> Path:
+    """A finished dataset series inside a data folder."""
+    return Path(data_dir) / f"{series}-{series_hash}.nc"
+
+
+def chunks_root(data_dir: Path) -> Path:
+    return Path(data_dir) / ".chunks"
+
+
+def chunk_dir(data_dir: Path, series: str, series_hash: str) -> Path:
+    """Chunks of a series being simulated (removed once the series is merged)."""
+    return chunks_root(data_dir) / f"{series}-{series_hash}"
+
+
+# --- atomic writes ----------------------------------------------------------------------------
+def tmp_path(path: Path) -> Path:
+    """The temporary file this process writes before renaming it to ``path``."""
+    return path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write ``path`` atomically: ``write(tmp)`` fills a temporary file in the same folder,
+    which is flushed to disk and renamed over ``path``; on failure the temporary file goes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # readers see the old file or the complete new one
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(folder: Path) -> int:
+    """Delete temporary files left in ``folder`` by processes that no longer run (``kill -9``)."""
+    removed = 0
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            pid = int(tmp.name[: -len(TMP_SUFFIX)].rsplit(".", 1)[1])
+        except (IndexError, ValueError):
+            pid = -1
+        if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies)."""
+    import fcntl  # POSIX only; the sweep's workers run on Linux
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- provenance -------------------------------------------------------------------------------
+def git_commit(repo: Path | None = None) -> str:
+    """Commit of the package's source tree ("" outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def provenance() -> dict[str, str | None]:
+    """``package_version`` and ``git_commit`` (None outside a checkout) of this code."""
+    return {"package_version": __version__, "git_commit": git_commit() or None}

@@ -1,0 +1,300 @@
+"""Runs: a pretraining, a transfer (pretraining → transfer) or a mixture baseline, end to end.
+
+:func:`run` takes a :class:`~hrtem_book.config.PretrainConfig`,
+:class:`~hrtem_book.config.TransferConfig` or :class:`~hrtem_book.config.MixtureConfig` and returns
+its record (:mod:`hrtem_book.records`). Each kind of run is one function that chooses the model
+and the training images; all three train through the same :func:`hrtem_book.train.train_stage`.
+A transfer run loads the checkpoint of its pretraining (:mod:`hrtem_book.checkpoints`) and
+trains that pretraining only when the checkpoint is missing; a pretraining run returns the record
+kept in its checkpoint.
+
+    hrtem-book train --series defocus --pretrain -10 --transfer 5 --n-transfer 64 \\
+        --freeze encoder --profile laptop
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import xarray as xr
+
+from . import checkpoints, train
+from .config import (
+    FREEZE_OPTIONS,
+    DataConfig,
+    MixtureConfig,
+    PretrainConfig,
+    RunConfig,
+    TransferConfig,
+)
+from .datasets import load_series
+from .layout import Layout
+from .models import build_model, count_parameters, freeze
+from .profiles import Profile, get_profile
+from .records import build_record, kind_of, write_record
+from .series import SERIES, get_series
+
+_INIT_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)  # one series at a time: a sweep runs one study after another
+def open_series(series: str, data: DataConfig, data_dir: Path, device: str = "cpu") -> xr.Dataset:
+    """The series of ``data`` in ``data_dir`` (simulated first when missing), cached per process."""
+    return load_series(series, data, data_dir, device=device)
+
+
+class Context:
+    """What every stage of one run needs: device, data, evaluation sets, progress callback."""
+
+    def __init__(self, device: str, data: xr.Dataset, progress: train.Progress | None):
+        self.device = torch.device(device)
+        self.data = data
+        self.progress = progress
+        self._eval: dict[int | None, train.EvalSet] = {}
+
+    def tensors(self, domain, split: str, n: int | None):
+        return tuple(
+            train.to_device(t, self.device) for t in train.select(self.data, domain, split, n)
+        )
+
+    def eval_set(self, n_eval: int | None) -> train.EvalSet:
+        if n_eval not in self._eval:
+            sets = {
+                str(d): train.select(self.data, d, "val", self._clip(n_eval, d))
+                for d in train.dataset_domains(self.data)
+            }
+            ev = train.EvalSet.from_sets(sets)
+            self._eval[n_eval] = replace(
+                ev,
+                images=train.to_device(ev.images, self.device),
+                masks=ev.masks.to(self.device),
+            )
+        return self._eval[n_eval]
+
+    def _clip(self, n: int | None, domain) -> int | None:
+        if n is None:
+            return None
+        spec = get_series(self.data.attrs["series"])
+        hit = spec.matches(self.data["domain"].values, domain)
+        return min(n, int((hit & (self.data["split"].values == "val")).sum()))
+
+    def model(self, cfg, seed: int):
+        with _INIT_LOCK:  # smp/timm initialise from torch's global RNG: one thread at a time
+            torch.manual_seed(seed)
+            model = build_model(cfg)
+        return model.to(self.device, memory_format=train.LAYOUT)
+
+    def train(self, model, train_set, stage, lr: float, seed: int, name: str):
+        """One stage of ``model`` on ``train_set``, evaluated on every domain after each epoch."""
+        eval_set = self.eval_set(stage.n_eval)
+        return train.train_stage(model, train_set, eval_set, stage, lr, seed, name, self.progress)
+
+
+# --- one function per kind of run -------------------------------------------------------------
+def train_pretrain(cfg: PretrainConfig, ctx: Context) -> tuple[dict, torch.nn.Module | None]:
+    """Train the pretraining ``cfg`` from scratch: (its record, the model or None if it failed)."""
+    model = ctx.model(cfg.model, cfg.seed)
+    train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
+    summary, error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain")
+    record = build_record(cfg, {"pretrain": summary}, error, count_parameters(model))
+    return record, (None if error else model)
+
+
+def _pretrained(cfg: PretrainConfig, layout: Layout, ctx: Context) -> dict:
+    def make() -> tuple[dict, dict | None]:
+        record, model = train_pretrain(cfg, ctx)
+        return record, (None if model is None else model.state_dict())
+
+    return checkpoints.obtain(layout, cfg, make, ctx.device)
+
+
+def run_pretrain(cfg: PretrainConfig, layout: Layout, ctx: Context) -> dict:
+    return _pretrained(cfg, layout, ctx)["record"]  # as recorded when it was trained
+
+
+def run_transfer(cfg: TransferConfig, layout: Layout, ctx: Context) -> dict:
+    ckpt = _pretrained(cfg.pretrain, layout, ctx)
+    pre = ckpt["record"]
+    stages = {"pretrain": pre["stages"]["pretrain"]}
+    model = ctx.model(cfg.pretrain.model, cfg.seed)
+    if ckpt["state_dict"] is None:
+        error = f"pretraining failed: {pre['error']}"
+        return build_record(cfg, stages, error, count_parameters(model))
+    model.load_state_dict(ckpt["state_dict"])
+    freeze(model, cfg.freeze)
+    train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
+    stages["transfer"], error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "transfer")
+    return build_record(cfg, stages, error, count_parameters(model))
+
+
+def run_mixture(cfg: MixtureConfig, layout: Layout, ctx: Context) -> dict:
+    # a mix such as "0:512" (studies.parse_mix allows a zero share) trains on one domain alone
+    pairs = [(d, n) for d, n in zip(cfg.domains, cfg.n_images, strict=True) if n != 0]
+    parts = [ctx.tensors(d, "train", n) for d, n in pairs]
+    train_set = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    model = ctx.model(cfg.model, cfg.seed)
+    summary, error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture")
+    return build_record(cfg, {"mixture": summary}, error, count_parameters(model))
+
+
+RUNNERS: dict[str, Callable[[RunConfig, Layout, Context], dict]] = {
+    "pretrain": run_pretrain,
+    "transfer": run_transfer,
+    "mixture": run_mixture,
+}
+
+
+def series_and_data(cfg: RunConfig) -> tuple[str, DataConfig]:
+    base = cfg.pretrain if isinstance(cfg, TransferConfig) else cfg
+    return base.series, base.data
+
+
+def _check_domains(cfg: RunConfig, ds: xr.Dataset) -> None:
+    present = train.dataset_domains(ds)
+    if isinstance(cfg, TransferConfig):
+        wanted = [cfg.pretrain.domain, cfg.domain]
+    elif isinstance(cfg, MixtureConfig):
+        wanted = list(cfg.domains)
+    else:
+        wanted = [cfg.domain]
+    for d in wanted:
+        if d not in present:
+            allowed = ", ".join(map(str, present))
+            raise ValueError(f"domain {d!r} is not in the series; allowed: {allowed}")
+
+
+def run(
+    cfg: RunConfig,
+    layout: Layout,
+    *,
+    device: str = "cpu",
+    data: xr.Dataset | None = None,
+    progress: train.Progress | None = None,
+) -> dict:
+    """Run one pretraining, transfer or mixture configuration; return its record.
+
+    Checkpoints go to ``layout.checkpoints_dir``. ``data`` is the series dataset (schema of
+    docs/ARCHITECTURE.md); when None it is opened from ``layout.data_dir`` (simulated first if
+    missing). A non-finite loss gives status "failed" with the reason; invalid input (unknown
+    domain, too many images, a checkpoint of another config) raises ValueError.
+    """
+    runner = RUNNERS[kind_of(cfg)]
+    train.set_threads_from_env()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but CUDA is not available; allowed: 'cpu'")
+    series, data_cfg = series_and_data(cfg)
+    if data is None:
+        data = open_series(series, data_cfg, layout.data_dir, device)
+    _check_domains(cfg, data)
+    ctx = Context(device, data, progress)
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed image sizes: autotuned kernels pay off
+    return runner(cfg, layout, ctx)
+
+
+# --- command line ----------------------------------------------------------------------------
+def config_from_args(args, profile: Profile) -> RunConfig:
+    """The run config for the CLI arguments; ValueError naming a bad value and what is allowed."""
+    if args.series not in SERIES:
+        raise ValueError(f"--series {args.series!r}; allowed: {', '.join(SERIES)}")
+    spec = get_series(args.series)
+    allowed = profile.data.domains(args.series)
+    domains = {}
+    for flag in ("pretrain", "transfer"):
+        text = getattr(args, flag)
+        if text is None:
+            continue
+        try:
+            value = spec.normalize(spec.parse(text))
+        except ValueError:
+            value = None
+        if value not in allowed:
+            shown = ", ".join(map(str, allowed))
+            raise ValueError(f"--{flag} {text!r}; allowed for {args.series}: {shown}")
+        domains[flag] = value
+    n_max = profile.data.n_train
+    if not 1 <= args.n_transfer <= n_max:
+        raise ValueError(f"--n-transfer {args.n_transfer}; allowed: 1..{n_max} ({profile.name})")
+    pretrain = PretrainConfig(
+        data=profile.data,
+        series=args.series,
+        domain=domains["pretrain"],
+        lr=args.pretrain_lr,
+        seed=args.seed,
+        model=profile.model,
+        stage=profile.stage,
+        n_train=profile.n_pretrain,
+    )
+    if "transfer" not in domains:
+        return pretrain
+    return TransferConfig(
+        pretrain, domains["transfer"], args.n_transfer, args.transfer_lr, args.freeze,
+        profile.stage,
+    )  # fmt: skip
+
+
+class ProgressTable:
+    """One line per epoch under a tqdm bar: train loss, the loss on the run's own domains, the
+    mean over all domains, the learning rate and the elapsed time."""
+
+    def __init__(self, stages: list, total_epochs: int):
+        from tqdm import tqdm
+
+        self.note = tqdm.write
+        self.bar = tqdm(total=max(total_epochs, 1), unit="epoch", dynamic_ncols=True)
+        self.targets = [str(s.domain) for s in stages]
+        cols = " ".join(f"{t:>9}" for t in self.targets)
+        self.note(f"{'stage':9} {'epoch':>5} {'train':>8} {cols} {'all':>8} {'lr':>8} {'time':>7}")
+
+    def __call__(self, name: str, epoch: int, epochs: int, row: dict) -> None:
+        val = row["val_loss"]
+        cols = " ".join(f"{val.get(t, float('nan')):9.4f}" for t in self.targets)
+        mean = sum(val.values()) / len(val)
+        self.note(
+            f"{name:9} {epoch:>2}/{epochs:<2} {row['train_loss']:8.4f} {cols} {mean:8.4f} "
+            f"{row['lr']:8.2e} {row['time_s']:6.1f}s"
+        )
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _cli(args) -> int:
+    profile = get_profile(args.profile)
+    layout = Layout(args.root, profile.name)
+    cfg = config_from_args(args, profile)
+    stages = [cfg] if isinstance(cfg, PretrainConfig) else [cfg.pretrain, cfg]
+    ckpt = checkpoints.checkpoint_path(layout, stages[0])
+    need_pretrain = not ckpt.exists()
+    table = ProgressTable(
+        stages, sum(s.stage.epochs for s in stages[(0 if need_pretrain else 1) :])
+    )
+    if not need_pretrain:
+        table.note(f"pretrain  loaded {ckpt}")
+    record = run(cfg, layout, device=args.device, progress=table)
+    table.close()
+    out = write_record(layout.record_path("train", record["config_hash"]), record)
+    print(f"{record['status']}: {record['error'] or 'record'} -> {out}")
+    return 0 if record["status"] == "ok" else 1
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pretrain (and transfer) one model; write its record")
+    p.add_argument("--series", required=True, help=f"one of {', '.join(SERIES)}")
+    p.add_argument("--pretrain", required=True, help="pretraining domain (defocus nm, dose, name)")
+    p.add_argument("--transfer", help="transfer domain; omitted: pretrain only")
+    p.add_argument("--n-transfer", type=int, default=64, help="target training images")
+    p.add_argument("--freeze", default="none", help=f"one of {', '.join(FREEZE_OPTIONS)}")
+    p.add_argument("--profile", default="laptop")
+    p.add_argument("--pretrain-lr", type=float, default=1e-3)
+    p.add_argument("--transfer-lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--root", default=".", help="project folder holding data/ and results/")
+    p.set_defaults(func=_cli)

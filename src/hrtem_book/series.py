@@ -1,0 +1,166 @@
+"""What a dataset series is, as data: its domains, their type and unit, parsing, matching, display.
+
+A *series* is a family of dataset domains that differ in one condition: the ``defocus`` series
+images the same CdSe scenes at several defoci [nm], ``dose`` at several electron doses [e⁻/Å²],
+``structure`` shows other lattices and particle sizes (domain names ``"<lattice>-<size>"``).
+Everything that depends on *which* series a value belongs to — is a domain a number or a name,
+how is it written, how are two values compared, which optics image it — is answered here, once,
+so no other module branches on a series' name.
+
+Numeric domains are compared with a relative tolerance of 1e-9 (``-10`` and ``-10.0`` are one
+domain; floats read back from netCDF or JSON match the config's values); named domains compare as
+strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+Domain = float | str  # defocus [nm], dose [e⁻/Å²] or structure name "<lattice>-<size>"
+MATCH_RTOL = 1e-9  # relative tolerance of numeric domain matching
+
+
+@dataclass(frozen=True)
+class SeriesSpec:
+    """One series: how its domains are typed, listed, written and imaged.
+
+    ``domains(data)`` lists the domains of a :class:`~hrtem_book.config.DataConfig` in storage
+    order; ``optics(data, domain)`` gives the (defocus [nm], dose [e⁻/Å²]) an image of the domain
+    is taken at; ``scene(data, domain)`` the (lattice, particle radius range [nm]) of its scenes.
+    Series with the same ``scene_group`` image the same scenes (their exit waves are simulated
+    once); ``shared_scenes`` False means every domain has scenes of its own.
+    """
+
+    name: str
+    numeric: bool  # domain values are numbers (else names)
+    unit: str  # unit of a numeric domain ("" for names)
+    description: str
+    domains: Callable[[Any], tuple]
+    optics: Callable[[Any, Domain], tuple[float, float]]
+    scene: Callable[[Any, Domain | None], tuple[str, tuple[float, float]]]
+    scene_group: str
+    shared_scenes: bool
+
+    # --- values ------------------------------------------------------------------------------
+    def normalize(self, value: Any) -> Domain:
+        """The canonical value: a float for numeric series (so -10 and -10.0 hash alike)."""
+        return float(value) if self.numeric else str(value)
+
+    def parse(self, text: str) -> Domain:
+        """A domain from its written form (command line); ValueError if it is not one."""
+        return float(text) if self.numeric else str(text)
+
+    def key(self, value: Any) -> str:
+        """The key of a domain in records (``str`` of the canonical value, e.g. ``"-10.0"``)."""
+        return str(self.normalize(value))
+
+    def display(self, value: Any) -> str:
+        """A compact label: ``-10`` (numbers trimmed), or the name."""
+        return f"{float(value):g}" if self.numeric else str(value)
+
+    def title(self, what: str = "") -> str:
+        """An axis title such as ``"pretraining defocus [nm]"``."""
+        text = f"{what} {self.name}".strip()
+        return text + (f" [{self.unit}]" if self.unit else "")
+
+    def dtype(self) -> Any:
+        return np.float64 if self.numeric else object
+
+    # --- matching ---------------------------------------------------------------------------
+    def matches(self, values: Iterable, value: Any) -> np.ndarray:
+        """Boolean mask of the entries of ``values`` equal to domain ``value``."""
+        return match_mask(np.asarray(values), value)
+
+    def index(self, values: Iterable, value: Any) -> int:
+        """Position of ``value`` in ``values``, or -1."""
+        return match_index(np.asarray(values), value)
+
+
+def match_mask(values: np.ndarray, value: Any) -> np.ndarray:
+    """Entries of ``values`` equal to ``value``: numbers to ``MATCH_RTOL``, otherwise as strings.
+
+    Works for any coordinate (domains, learning rates, freezing options), whatever its dtype.
+    """
+    values = np.asarray(values)
+    if values.dtype.kind in "fiu" and not isinstance(value, str):
+        try:
+            target = float(value)
+        except (TypeError, ValueError):
+            return np.zeros(values.shape, bool)
+        return np.isclose(values.astype(float), target, rtol=MATCH_RTOL, atol=0.0)
+    return values.astype(str) == str(value)
+
+
+def match_index(values: np.ndarray, value: Any) -> int:
+    """Position of the first entry of ``values`` equal to ``value`` (:func:`match_mask`), or -1."""
+    hits = np.flatnonzero(match_mask(values, value))
+    return int(hits[0]) if hits.size else -1
+
+
+def _structure_scene(data, domain):
+    lattice, size = str(domain).rsplit("-", 1)
+    return lattice, getattr(data, f"{size}_radius_nm")
+
+
+SERIES_SPECS: dict[str, SeriesSpec] = {
+    "defocus": SeriesSpec(
+        name="defocus",
+        numeric=True,
+        unit="nm",
+        description="CdSe scenes at every defocus of DataConfig.defoci_nm (abTEM sign: positive "
+        "= underfocus), dose DataConfig.defocus_series_dose",
+        domains=lambda data: tuple(float(d) for d in data.defoci_nm),
+        optics=lambda data, d: (float(d), data.defocus_series_dose),
+        scene=lambda data, d: ("CdSe", data.series_radius_nm),
+        scene_group="cdse",
+        shared_scenes=True,
+    ),
+    "dose": SeriesSpec(
+        name="dose",
+        numeric=True,
+        unit="e⁻/Å²",
+        description="the defocus series' scenes at DataConfig.dose_series_defocus_nm and every "
+        "dose of DataConfig.doses",
+        domains=lambda data: tuple(float(d) for d in data.doses),
+        optics=lambda data, d: (data.dose_series_defocus_nm, float(d)),
+        scene=lambda data, d: ("CdSe", data.series_radius_nm),
+        scene_group="cdse",
+        shared_scenes=True,
+    ),
+    "structure": SeriesSpec(
+        name="structure",
+        numeric=False,
+        unit="",
+        description="scenes of their own for every lattice × particle size "
+        "('<lattice>-<small|large>'), at the structure series' defocus and dose",
+        domains=lambda data: tuple(f"{lat}-{size}" for lat in data.lattices for size in data.sizes),
+        optics=lambda data, d: (data.structure_series_defocus_nm, data.structure_series_dose),
+        scene=_structure_scene,
+        scene_group="structure",
+        shared_scenes=False,
+    ),
+}
+SERIES = tuple(SERIES_SPECS)
+
+
+def get_series(name: str) -> SeriesSpec:
+    """The named series, or a one-line error listing the allowed names."""
+    try:
+        return SERIES_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown series {name!r}; allowed: {', '.join(SERIES)}") from None
+
+
+def normalize_domain(series: str, value: Any) -> Domain:
+    """Canonical domain value of ``series`` (floats for numeric series)."""
+    return get_series(series).normalize(value)
+
+
+def scene_group(series: str) -> tuple[str, ...]:
+    """Every series that images the same scenes as ``series`` (itself included), in order."""
+    group = get_series(series).scene_group
+    return tuple(s for s, spec in SERIES_SPECS.items() if spec.scene_group == group)

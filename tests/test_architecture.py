@@ -1,0 +1,134 @@
+"""The shape of the package: modules in data-flow order, each importing only upstream, and one
+home (``layout``) for every path of the project folder."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "hrtem_book"
+
+# the pipeline, upstream first; a module may import only modules listed before it
+ORDER = (
+    "hrtem_book",  # __init__: the version only
+    "hrtem_book._torchvision",
+    "hrtem_book.series",
+    "hrtem_book.config",
+    "hrtem_book.profiles",
+    "hrtem_book.layout",
+    "hrtem_book.records",
+    "hrtem_book.structures",
+    "hrtem_book.potentials",
+    "hrtem_book.simulate",
+    "hrtem_book.datasets",
+    "hrtem_book.models",
+    "hrtem_book.metrics",
+    "hrtem_book.checkpoints",
+    "hrtem_book.train",
+    "hrtem_book.runs",
+    "hrtem_book.studies",
+    "hrtem_book.executors",
+    "hrtem_book.sweep",
+    "hrtem_book.results",
+    "hrtem_book.testing",
+    "hrtem_book.findings",
+    "hrtem_book.figures",
+    "hrtem_book.figures._common",
+    "hrtem_book.figures.generalization",
+    "hrtem_book.figures.hyperparameters",
+    "hrtem_book.figures.imaging_conditions",
+    "hrtem_book.figures.noise_structure",
+    "hrtem_book.figures.architecture",
+    "hrtem_book.figures.example_images",
+    "hrtem_book.widgets",
+    "hrtem_book.book.processes",
+    "hrtem_book.book.check",
+    "hrtem_book.book.notebooks",
+    "hrtem_book.book.build",
+    "hrtem_book.book.live",
+    "hrtem_book.book",
+    "hrtem_book.cli",
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every package module imported anywhere in the file (module level or inside functions)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    known = set(_modules())
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("hrtem_book")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("hrtem_book"):
+                continue
+            found.add(target)
+            for alias in node.names:  # `from . import train` imports a module
+                if f"{target}.{alias.name}" in known:
+                    found.add(f"{target}.{alias.name}")
+    return {m for m in found if m in known and m != name}
+
+
+def test_every_module_has_a_place_in_the_pipeline():
+    unplaced = sorted(set(_modules()) - set(ORDER))
+    assert not unplaced, f"add {unplaced} to ORDER at its place in the data flow"
+
+
+def test_modules_import_only_upstream_no_cycles():
+    rank = {m: i for i, m in enumerate(ORDER)}
+    problems = []
+    for name, path in _modules().items():
+        for target in sorted(_imports(name, path)):
+            if rank[target] >= rank[name]:
+                problems.append(f"{name} imports {target}, a later stage of the pipeline")
+    assert not problems, "\n".join(problems)
+
+
+# paths of the project folder: joined only in layout.py
+LAYOUT_NAMES = re.compile(
+    r"""/\s*["'](records|checkpoints|results|data|_build|\.chunks)["']"""
+    r"""|["'](records|checkpoints|_build|\.chunks)["']"""
+)
+
+
+def test_no_project_path_is_joined_outside_the_layout_module():
+    offenders = []
+    for name, path in _modules().items():
+        if name in ("hrtem_book.layout", "hrtem_book.cli"):  # cli: module names, not paths
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if LAYOUT_NAMES.search(line) and not line.lstrip().startswith("#"):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_series_names_are_not_branched_on_outside_the_series_module():
+    """A new series is a spec in series.py, a new study a spec in studies.py: no
+    `series == "structure"` or `study == "defocus"` branches elsewhere."""
+    pattern = re.compile(r"""(==|!=|\bin)\s*\(?["'](defocus|dose|structure|baseline)["']""")
+    offenders = []
+    for name, path in _modules().items():
+        if name in ("hrtem_book.series", "hrtem_book.testing"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if pattern.search(line):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
+    assert not offenders, "\n".join(offenders)
