@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := $(shell grep -E '^torch==' $(CONSTRAINTS))
 TORCHVISION_PIN := $(shell grep -E '^torchvision==' $(CONSTRAINTS))
 
-.PHONY: setup test test-fast book live lint format bench clean-book browser
+.PHONY: setup test test-fast book live lint format bench clean-book browser slurm
 
 setup: $(STAMP)
 
@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,book]'
 	@touch $@
 
-test: $(STAMP) browser
+test: $(STAMP) browser slurm
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(PY) -m pytest -q
@@ -62,6 +62,22 @@ browser:
 	      || { $(APT_SUDO) apt-get update -q && $(APT_SUDO) apt-get install -y -q --no-install-recommends chromium; }; \
 	  else \
 	    echo "no apt-get: install chromium and pass CHROMIUM=/path (tests/test_live.py skips without it)"; \
+	  fi; \
+	fi
+
+# Debian's single-node SLURM (slurmctld + slurmd + munge) runs tests/test_cluster.py: the sweep
+# submitted as real batch jobs through dask-jobqueue; the test starts and stops the daemons itself
+slurm:
+	@PATH="$$PATH:/usr/sbin:/sbin"; \
+	if ! command -v sinfo >/dev/null || ! command -v slurmctld >/dev/null \
+	    || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null; then \
+	  if command -v apt-get >/dev/null; then \
+	    echo "installing Debian's slurm and munge for the cluster test"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    $(APT_SUDO) apt-get install -y -q --no-install-recommends slurmd slurmctld slurm-client munge \
+	      || { $(APT_SUDO) apt-get update -q && $(APT_SUDO) apt-get install -y -q --no-install-recommends slurmd slurmctld slurm-client munge; }; \
+	  else \
+	    echo "no apt-get: install slurm and munge (tests/test_cluster.py's SLURM tests skip without them)"; \
 	  fi; \
 	fi
 

@@ -21,6 +21,8 @@ scheduling (what runs when, what is recorded) is :mod:`hrtem_book.sweep`'s.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -192,8 +194,13 @@ def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
         kwargs.setdefault("dashboard_address", None)
         return LocalCluster(**kwargs)
     if kind == "slurm":
+        sigint = signal.getsignal(signal.SIGINT)
         from dask_jobqueue import SLURMCluster
 
+        # importing dask_jobqueue replaces the SIGINT handler with ``sys.exit()``: Ctrl-C would end
+        # a sweep with status 0, as if it had finished. Put back KeyboardInterrupt (status 130).
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1"])
         cluster = SLURMCluster(**kwargs)
         if scale:
