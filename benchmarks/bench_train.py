@@ -1,16 +1,20 @@
-"""Training speed: images/s of every profile's U-Net, one laptop pretrain → transfer run, and (on a
-GPU) our training loop against a plain fp32 loop.
+"""Training speed: the CPU engine against the previous one, every profile's U-Net, one laptop
+pretrain → transfer run, a bf16-vs-fp32 agreement check, and (on a GPU) our training loop
+against a plain fp32 loop.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_train.py                # CPU part
-    OMP_NUM_THREADS=1 python benchmarks/bench_train.py --data-root data/laptop
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py --data-root data/laptop --precision-check 4
     python benchmarks/bench_train.py --device cuda                    # GPU part (paper settings)
 
-CPU part: forward + backward + Adam step of each profile's model at its image size
-(``data.sim.image_px``) and minibatch (``stage.batch_size``; the paper model runs a smaller batch
-on CPU, ``--paper-batch``, since one 640² step of 16 takes minutes); then the wall time of one
-laptop pretraining and one transfer run through :func:`hrtem_book.runs.run`, on the laptop
-defocus series when ``--data-root`` holds it, else on random images of the same shapes (speed
-does not depend on the pixel values).
+CPU part, all rates in images per second of this process's CPU time (one thread), measured in
+the same run: (1) the laptop U-Net at 64² under the previous engine (fp32, channels_last,
+batches of 4 — the laptop stage before the convergence change) and the current one (bf16
+autocast, channels_last, batches of 16), training and evaluation; (2) every profile's model at
+its image size and batch in fp32 and bf16; (3) the wall time of one laptop pretraining and its
+transfer runs through :func:`hrtem_book.runs.run`, on the laptop defocus series when
+``--data-root`` holds it, else on random images of the same shapes (speed does not depend on the
+pixel values); (4) with ``--precision-check N``, N seeds of one pretraining and one transfer in
+fp32 and in bf16 on the simulated series, whose losses and Dice must agree within seed noise.
 
 CUDA part: the paper settings (ResNet18 U-Net, 640² images, batch 16, D4), ``--gpu-images``
 random samples per epoch: ``train_stage`` (bf16 autocast, channels_last, data resident on the
@@ -24,9 +28,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,6 +46,8 @@ from hrtem_book.models import build_model, count_parameters
 from hrtem_book.profiles import PROFILES
 from hrtem_book.testing import random_series
 
+PREVIOUS_BATCH = 4  # the laptop stage before training to convergence: fp32, batches of 4
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -47,9 +55,16 @@ def _sync(device: torch.device) -> None:
 
 
 def step_rate(
-    model, px: int, batch: int, device: torch.device, steps: int, warmup: int, layout
+    model,
+    px: int,
+    batch: int,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    layout,
+    precision: str = "bf16",
 ) -> float:
-    """Images/s of forward + backward + Adam step on random images (our autocast)."""
+    """Images/s of forward + backward + Adam step on random images."""
     model = model.to(device, memory_format=layout)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 1, px, px, device=device).contiguous(memory_format=layout)
@@ -61,7 +76,7 @@ def step_rate(
         if i == warmup:
             _sync(device)
             start = clock()
-        with train.autocast(device):
+        with train.autocast(device, precision):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -71,74 +86,159 @@ def step_rate(
     return batch * steps / (clock() - start)
 
 
+def eval_rate(model, px: int, precision: str, n: int = 256, repeats: int = 3) -> float:
+    """Images/s of evaluation (forward, loss and confusion counts) on the CPU."""
+    model = model.to(memory_format=train.LAYOUT)
+    images = train.to_device(torch.randn(n, 1, px, px), torch.device("cpu"))
+    masks = torch.randint(0, 2, (n, px, px))
+    train.predict_stats(model, images[:64], masks[:64], precision)  # warm-up
+    start = time.process_time()
+    for _ in range(repeats):
+        train.predict_stats(model, images, masks, precision)
+    return n * repeats / (time.process_time() - start)
+
+
+def engine_comparison(args) -> None:
+    """The laptop U-Net: previous engine (fp32, batch 4) against the current one (bf16, 16)."""
+    profile = PROFILES["laptop"]
+    px = profile.data.sim.image_px
+    cpu = torch.device("cpu")
+    rates = {}
+    for name, batch, precision in (
+        ("previous (fp32, batch 4)", PREVIOUS_BATCH, "fp32"),
+        ("fp32, batch 16", profile.stage.batch_size, "fp32"),
+        ("current (bf16, batch 16)", profile.stage.batch_size, "bf16"),
+    ):
+        torch.manual_seed(0)
+        rates[name] = step_rate(
+            build_model(profile.model), px, batch, cpu, args.steps * 3, 3, train.LAYOUT, precision
+        )
+    ev = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        ev[precision] = eval_rate(build_model(profile.model), px, precision)
+    base = rates["previous (fp32, batch 4)"]
+    print(f"laptop U-Net at {px}², channels_last, images per CPU-second (training step):")
+    for name, rate in rates.items():
+        print(f"  {name:26} {rate:7.1f}  ({rate / base:.2f}× the previous engine)")
+    print(f"  evaluation: fp32 {ev['fp32']:.0f}, bf16 {ev['bf16']:.0f} "
+          f"({ev['bf16'] / ev['fp32']:.2f}×)")  # fmt: skip
+
+
 def cpu_part(args) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    if args.skip_models:
-        return laptop_run(args)
-    print("images/s of forward + backward + Adam step on the CPU (per second of CPU time)")
-    print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'contiguous':>11} {'ch_last':>8}")
-    for name, profile in PROFILES.items():
-        px = profile.data.sim.image_px
-        big = px > 256
-        batch = args.paper_batch if big else profile.stage.batch_size
-        steps, warmup = (1, 1) if big else (args.steps, 2)
-        rates = []
-        for layout in (torch.contiguous_format, torch.channels_last):
-            torch.manual_seed(0)
-            model = build_model(profile.model)
-            rates.append(step_rate(model, px, batch, torch.device("cpu"), steps, warmup, layout))
-        print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} "
-              f"{rates[0]:11.1f} {rates[1]:8.1f}")  # fmt: skip
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+    if not args.skip_models:
+        engine_comparison(args)
+        print("\nimages/s of forward + backward + Adam step on the CPU (per second of CPU time)")
+        print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'fp32':>8} {'bf16':>8}")
+        for name, profile in PROFILES.items():
+            px = profile.data.sim.image_px
+            big = px > 256
+            batch = args.paper_batch if big else profile.stage.batch_size
+            steps, warmup = (1, 1) if big else (args.steps, 2)
+            out = []
+            for precision in ("fp32", "bf16"):
+                torch.manual_seed(0)
+                model = build_model(profile.model)
+                out.append(step_rate(model, px, batch, torch.device("cpu"), steps, warmup,
+                                     train.LAYOUT, precision))  # fmt: skip
+            print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} "
+                  f"{out[0]:8.1f} {out[1]:8.1f}")  # fmt: skip
     laptop_run(args)
+    if args.precision_check:
+        precision_check(args)
+
+
+def _laptop_data(args):
+    profile = PROFILES["laptop"]
+    series = "defocus"
+    if args.data_root and series_path(series, profile.data, args.data_root).exists():
+        return load_series(series, profile.data, args.data_root), "simulated"
+    return random_series(series, profile.data), "random images"
+
+
+def _pretrain(profile, data_cfg, domain, seed, stage) -> PretrainConfig:
+    return PretrainConfig(
+        data=data_cfg,
+        series="defocus",
+        domain=domain,
+        lr=1e-3,
+        seed=seed,
+        model=profile.model,
+        stage=stage,
+        n_train=profile.n_pretrain,
+    )
 
 
 def laptop_run(args) -> None:
     profile = PROFILES["laptop"]
-    series = "defocus"
-    if args.data_root and series_path(series, profile.data, args.data_root).exists():
-        data, source = load_series(series, profile.data, args.data_root), "simulated"
-    else:
-        data, source = random_series(series, profile.data), "random images"
-    doms = profile.data.domains(series)
-    pre = PretrainConfig(
-        data=profile.data,
-        series=series,
-        domain=doms[len(doms) // 2 - 1],
-        lr=1e-3,
-        seed=0,
-        model=profile.model,
-        stage=profile.stage,
-        n_train=profile.n_pretrain,
-    )
-    print(f"\nlaptop run ({source}, {len(doms)} eval domains × n_eval={profile.stage.n_eval}, "
-          f"{profile.stage.epochs} epochs, batch {profile.stage.batch_size}, "
-          f"D4={profile.stage.augment_d4})")  # fmt: skip
-    print(f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores: wall times stretch "
-          "when other processes run; CPU time is this process's alone)")  # fmt: skip
+    data, source = _laptop_data(args)
+    doms = profile.data.domains("defocus")
+    pre = _pretrain(profile, profile.data, -10.0, 0, profile.stage)
+    st, tst = profile.stage, profile.transfer
+    print(f"\nlaptop run ({source}, {len(doms)} eval domains × n_eval={st.n_eval}; pretraining "
+          f"≤ {st.max_epochs} epochs, {st.augment}; transfer ≤ {tst.max_epochs} epochs, "
+          f"{tst.augment}; both to a plateau, {st.precision})")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        start, cpu = time.perf_counter(), time.process_time()
         layout = Layout(Path(tmp), profile.name)
+        start, cpu = time.perf_counter(), time.process_time()
         rec = runs.run(pre, layout, data=data)
         t_pre, c_pre = time.perf_counter() - start, time.process_time() - cpu
-        print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s wall, {c_pre:6.2f} s CPU "
-              f"({rec['status']})")  # fmt: skip
+        s = rec["stages"]["pretrain"]
+        print(f"pretrain  {pre.n_train:4d} images: {t_pre:6.2f} s wall, {c_pre:6.2f} s CPU, "
+              f"{s['epochs_run']} epochs ({s['stop_reason']}), {rec['status']}")  # fmt: skip
         for n_transfer, freeze_option in itertools.product(
             args.n_transfer, ("none", "encoder", "decoder")
         ):
-            cfg = TransferConfig(pre, doms[-1], n_transfer, 1e-4, freeze_option, profile.stage)
+            cfg = TransferConfig(pre, 0.0, n_transfer, 1e-3, freeze_option, tst)
             start, cpu = time.perf_counter(), time.process_time()
             rec = runs.run(cfg, layout, data=data)
             t, c = time.perf_counter() - start, time.process_time() - cpu
+            s = rec["stages"]["transfer"]
             print(f"transfer  {n_transfer:4d} images, freeze {freeze_option:7}: {t:6.2f} s wall, "
-                  f"{c:6.2f} s CPU ({rec['status']})")  # fmt: skip
-    # eval share: one pass over every domain's n_eval validation images
+                  f"{c:6.2f} s CPU, {s['epochs_run']} epochs ({s['stop_reason']})")  # fmt: skip
     ctx = runs.Context("cpu", data, None)
-    eval_set = ctx.eval_set(profile.stage.n_eval)
+    eval_set = ctx.eval_set(st.n_eval)
     torch.manual_seed(0)
-    model = build_model(profile.model)
-    start = time.perf_counter()
-    train.evaluate_domains(model, eval_set)
-    print(f"one evaluation of all domains: {time.perf_counter() - start:.2f} s")
+    model = build_model(profile.model).to(memory_format=train.LAYOUT)
+    start = time.process_time()
+    train.evaluate_domains(model, eval_set, st.precision)
+    print(f"one evaluation of all domains: {time.process_time() - start:.2f} s CPU")
+
+
+def precision_check(args) -> None:
+    """Seeds of one laptop pretraining (-10 nm) and its transfer (→ 0 nm, 16 images) in fp32
+    and bf16: in-domain loss and Dice, mean ± standard deviation over seeds."""
+    profile = PROFILES["laptop"]
+    data, source = _laptop_data(args)
+    if source != "simulated":
+        print("\nprecision check skipped: it needs the simulated series (--data-root data/laptop)")
+        return
+    print(f"\nbf16 vs fp32 over {args.precision_check} seeds (mean ± sd; CPU s per run):")
+    for precision in ("fp32", "bf16"):
+        rows = []
+        for seed in range(args.precision_check):
+            st = replace(profile.stage, precision=precision)
+            pre = _pretrain(profile, profile.data, -10.0, seed, st)
+            cfg = TransferConfig(
+                pre, 0.0, 16, 1e-3, "none", replace(profile.transfer, precision=precision)
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                start = time.process_time()
+                rec = runs.run(cfg, Layout(Path(tmp), profile.name), data=data)
+                cpu = time.process_time() - start
+            p, t = rec["stages"]["pretrain"], rec["stages"]["transfer"]
+            rows.append((p["final_loss"]["-10.0"], p["final_dice"]["-10.0"],
+                         t["final_loss"]["0.0"], t["final_dice"]["0.0"], cpu))  # fmt: skip
+        cols = list(zip(*rows, strict=True))
+
+        def ms(values) -> str:
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+        print(f"  {precision}: pretraining loss {ms(cols[0])}, Dice {ms(cols[1])}; transfer loss "
+              f"{ms(cols[2])}, Dice {ms(cols[3])}; {statistics.mean(cols[4]):.1f} s")  # fmt: skip
 
 
 def plain_epoch(model, images, masks, device, batch: int) -> float:
@@ -174,14 +274,15 @@ def compare_loops(device: torch.device, model_cfg, px: int, n: int, batch: int) 
     rate_plain = plain_epoch(plain, host_x, host_y, device, batch)
     del plain
     torch.manual_seed(0)
-    ours = build_model(model_cfg).to(device, memory_format=torch.channels_last)
+    ours = build_model(model_cfg).to(device, memory_format=train.LAYOUT)
     # the paper's stage: D4 on n/8 images gives n samples per epoch, as many as the plain loop's
-    stage = StageConfig(epochs=1, batch_size=batch, augment_d4=True)
+    stage = StageConfig(max_epochs=1, batch_size=batch, augment="d4", precision="bf16")
     base = tuple(train.to_device(t[: n // 8], device) for t in (images, masks))
-    no_eval = train.EvalSet.from_sets({})
+    # one small evaluation domain: the stage monitors it, its time is kept apart (eval_time_s)
+    tiny = train.EvalSet.from_sets({"bench": tuple(t[:4] for t in base)})
     warm = tuple(t[: max(1, batch // 2)] for t in base)
-    train.train_stage(ours, warm, no_eval, stage, 1e-4, 0, "warmup")
-    summary, _ = train.train_stage(ours, base, no_eval, stage, 1e-4, 0, "bench")
+    train.train_stage(ours, warm, tiny, stage, 1e-4, 0, "warmup", {"bench": 1.0})
+    summary, _ = train.train_stage(ours, base, tiny, stage, 1e-4, 0, "bench", {"bench": 1.0})
     return rate_plain, 8 * (n // 8) / summary["train_time_s"]
 
 
@@ -206,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (CPU)")
     parser.add_argument("--paper-batch", type=int, default=2, help="paper model's CPU batch")
-    parser.add_argument("--n-transfer", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--n-transfer", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--precision-check", type=int, default=0, metavar="SEEDS")
     parser.add_argument("--skip-models", action="store_true", help="only the laptop run")
     parser.add_argument("--data-root", type=Path, default=None, help="e.g. data/laptop")
     parser.add_argument("--gpu-images", type=int, default=1024)

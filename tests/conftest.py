@@ -1,4 +1,5 @@
-"""Shared test settings: one torch thread per process (two cores, several processes), GPU skip."""
+"""Shared test settings: one torch thread per process (two cores, several processes), GPU skip,
+and the smoke profile's simulated series (made once per session)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HRTEM_BOOK_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -20,3 +23,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory) -> Path:
+    """The smoke profile's three series, simulated once for the whole session (about 10 s)."""
+    from hrtem_book import datasets
+    from hrtem_book.profiles import get_profile
+
+    root = tmp_path_factory.mktemp("smoke-data") / "data" / "smoke"
+    for series in ("defocus", "dose", "structure"):
+        datasets.generate(series, get_profile("smoke").data, root, progress=False)
+    return root
+
+
+def smoke_project(root: Path, smoke_data: Path) -> Path:
+    """A new project folder whose ``data/smoke`` is a link to the session's smoke series."""
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "smoke").symlink_to(smoke_data, target_is_directory=True)
+    return root

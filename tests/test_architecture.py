@@ -42,6 +42,7 @@ ORDER = (
     "hrtem_book.figures.architecture",
     "hrtem_book.figures.example_images",
     "hrtem_book.widgets",
+    "hrtem_book.book.pages",
     "hrtem_book.book.processes",
     "hrtem_book.book.check",
     "hrtem_book.book.notebooks",

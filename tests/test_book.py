@@ -225,6 +225,79 @@ def test_check_page_reports_each_fault(node, message):
     assert len(problems) == 1 and message in problems[0]
 
 
+def test_check_page_reports_an_unexecuted_inline_expression():
+    done = {"type": "inlineExpression", "value": "n", "result": {"status": "ok"},
+            "children": [{"type": "text", "value": "96"}]}  # fmt: skip
+    assert book.check_page(_page(done)) == ([], set())
+    for node in (
+        {"type": "inlineExpression", "value": "n"},  # no kernel reached the page
+        {"type": "inlineExpression", "value": "n", "result": {"status": "error",
+                                                               "ename": "NameError"}},
+    ):  # fmt: skip
+        problems, _ = book.check_page(_page(node))
+        assert len(problems) == 1 and "inline expression 'n' was not executed" in problems[0]
+
+
+PAGE = """\
+---
+kernelspec: {name: python3, display_name: Python 3}
+---
+
+```{code-cell} python
+:tags: [parameters, remove-cell]
+profile = "laptop"
+results_dir = "../results/laptop"
+other = 1
+```
+
+```{code-cell} python
+profile = "untouched"
+```
+
+Text {eval}`profile`.
+"""
+
+
+def test_page_parameters_are_injected_into_the_parameters_cell_only():
+    out = book.inject_page_parameters(PAGE, {"profile": "smoke", "results_dir": "/r", "x": 2})
+    assert "profile = 'smoke'\nresults_dir = '/r'\nother = 1\n```" in out
+    assert 'profile = "untouched"' in out and "x = 2" not in out
+    assert book.inject_page_parameters("no cells here", {"profile": "smoke"}) == "no cells here"
+
+
+def _toc_chapters() -> list[Path]:
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "myst.yml").read_text())["project"]["toc"]
+    return [ROOT / entry["file"] for entry in toc if "file" in entry]
+
+
+def _frontmatter(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text().split("---")[1])
+
+
+def test_chapters_number_their_figures_by_their_place_in_the_book():
+    """Figures read "Figure 7.1" in chapter 7 (the study's book numbers them per chapter); the
+    abstract is unnumbered, so chapter n is the n-th page after it."""
+    chapters = _toc_chapters()
+    assert _frontmatter(chapters[0])["numbering"]["title"] is False  # the abstract
+    for n, chapter in enumerate(chapters[1:], start=1):
+        assert _frontmatter(chapter)["numbering"]["enumerator"] == f"{n}.%s", chapter.name
+
+
+def test_computed_prose_comes_from_executed_pages_not_text_outputs():
+    """Every number in the chapters' prose is an inline expression of an executable page with a
+    parameters cell (a notebook's Markdown output would render as a monospace box)."""
+    for chapter in _toc_chapters():
+        text = chapter.read_text()
+        assert "#txt:" not in text, chapter.name
+        if "{eval}" in text:
+            assert _frontmatter(chapter)["kernelspec"]["name"] == "python3", chapter.name
+            assert ":tags: [parameters, remove-cell]" in text, chapter.name
+
+
 def test_check_site_reports_embeds_named_in_chapters_but_absent(tmp_path):
     content = tmp_path / "site" / "content"
     content.mkdir(parents=True)
@@ -308,12 +381,14 @@ def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
     def fake_collect(profile, root, studies=None):
         calls.append(("collect", profile.name))
         for study in STUDY_NAMES:
-            Layout(root, profile.name).database_path(study).touch()
+            path = Layout(root, profile.name).database_path(study)
+            if not path.exists():
+                results.save_database(synthetic_database(study), path)
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
     monkeypatch.setattr(results, "collect", fake_collect)
-    (tmp_path / "results" / "smoke").mkdir(parents=True)
-    (tmp_path / "results" / "smoke" / "defocus.nc").touch()
+    layout = Layout(tmp_path, "smoke")
+    results.save_database(synthetic_database("defocus"), layout.database_path("defocus"))
     out = book.ensure_database(SMOKE, tmp_path, log=lambda m: None)
     assert out == tmp_path / "results" / "smoke"
     assert calls == [
@@ -323,6 +398,14 @@ def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
     calls.clear()
     book.ensure_database(SMOKE, tmp_path, log=lambda m: None)
     assert calls == []  # complete: nothing runs
+    # a damaged database (a truncated file) is moved aside and rebuilt from the records
+    path = layout.database_path("dose")
+    path.write_bytes(path.read_bytes()[:500])
+    lines: list[str] = []
+    book.ensure_database(SMOKE, tmp_path, log=lines.append)
+    assert calls == [("sweep", ("dose",), "smoke"), ("collect", "smoke")]
+    assert any("moved aside" in line and "rebuilding it from the records" in line for line in lines)
+    assert len(list(path.parent.glob("dose.nc.invalid-*"))) == 1
 
 
 def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
@@ -332,7 +415,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
     assert main(["book", "--profile", "nope", "--root", str(tmp_path)]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err
     (tmp_path / "notebooks").mkdir()
-    shutil.copy(ROOT / "notebooks" / "study_overview.ipynb", tmp_path / "notebooks")
+    shutil.copy(ROOT / "notebooks" / "imaging_conditions.ipynb", tmp_path / "notebooks")
     with pytest.raises(FileNotFoundError, match="no database for defocus"):
         book.build_book(SMOKE, tmp_path, results_dir=tmp_path)
 

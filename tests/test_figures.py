@@ -90,7 +90,7 @@ def test_heatmap_cells_are_the_reduction_over_the_cell(dbs, reduce):
     fig = ic.transfer_heatmaps(ds, reduce=reduce, select={"seed": [1]})
     before, after = (image_data(ax) for ax in fig.axes[:2])
     fn = {"min": np.nanmin, "mean": np.nanmean, "median": np.nanmedian, "max": np.nanmax}[reduce]
-    loss = ds["best_loss"].sel(seed=[1])
+    loss = ds["final_loss"].sel(seed=[1])
     for i, p in enumerate(ds["pretrain_domain"].values):
         for j, t in enumerate(ds["target_domain"].values):
             cell = loss.sel(pretrain_domain=p, target_domain=t, stage="transfer", eval_domain=t)
@@ -115,7 +115,7 @@ def _loss_is_eval_domain(ds: xr.Dataset) -> xr.Dataset:
     """A copy whose loss on domain d is 1 + d/100 for every finished model: the role is legible."""
     ds = ds.copy(deep=True)
     code = 1.0 + ds["eval_domain"] / 100.0
-    ds["best_loss"] = (ds["best_loss"] * 0 + code).transpose(*ds["best_loss"].dims)
+    ds["final_loss"] = (ds["final_loss"] * 0 + code).transpose(*ds["final_loss"].dims)
     return ds
 
 
@@ -140,7 +140,7 @@ def test_baseline_roles_come_from_the_cell_not_the_sorted_pair(dbs):
     base = dbs["baseline"]
     d = ic.baseline_data(base, None, (0.0, -10.0), select={}, reduce="median")
     assert d["a"]["domain"] == 0.0 and d["b"]["domain"] == -10.0
-    cell = base["best_loss"].sel(domain_a=0.0, domain_b=-10.0, mix="128:384", stage="mixture")
+    cell = base["final_loss"].sel(domain_a=0.0, domain_b=-10.0, mix="128:384", stage="mixture")
     expected = float(np.nanmedian(cell.sel(eval_domain=0.0).values))
     assert d["a"]["mixture"].sel(mix="128:384").item() == pytest.approx(expected)
 
@@ -152,7 +152,7 @@ def test_ood_bars_respect_filters(dbs, select):
     pair_sel = {"pretrain_domain": [-10.0], "target_domain": [10.0]}
     fig = gen.ood_bars(ds, select={**select, **pair_sel}, reduce="mean")
     before_bars, after_bars = fig.axes[0].containers[:2]
-    loss = ds["best_loss"].sel(pretrain_domain=-10.0, target_domain=10.0)
+    loss = ds["final_loss"].sel(pretrain_domain=-10.0, target_domain=10.0)
     for axis, values in select.items():
         loss = loss.sel({axis: values})
     expected = loss.sel(stage="transfer").mean(
@@ -182,11 +182,11 @@ def test_ood_gap_and_spread_by_hand():
 def test_in_distribution_gap_is_zero_against_itself(dbs):
     ds = dbs["dose"].copy(deep=True)
     # make every transfer land exactly where the model pretrained on its target started
-    pre = ds["best_loss"].sel(stage="pretrain")
+    pre = ds["final_loss"].sel(stage="pretrain")
     ref = pre.median([d for d in pre.dims if d not in ("pretrain_domain", "seed", "eval_domain")])
     ref = ref.rename(pretrain_domain="target_domain")
-    after = ds["best_loss"].sel(stage="transfer")
-    ds["best_loss"].loc[{"stage": "transfer"}] = (
+    after = ds["final_loss"].sel(stage="transfer")
+    ds["final_loss"].loc[{"stage": "transfer"}] = (
         (ref.broadcast_like(after) * 0 + ref).where(np.isfinite(after)).transpose(*after.dims)
     )
     gap = gen.in_distribution_gap(ds)

@@ -77,7 +77,7 @@ def test_query_matches_hand_computed_values():
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"var": "accuracy"}, "unknown variable 'accuracy'; allowed: best_loss"),
+        ({"var": "accuracy"}, "unknown variable 'accuracy'; allowed: final_loss, best_loss"),
         ({"var": "best_loss", "select": {"defocus": 0}}, "no axis 'defocus'; allowed: "),
         ({"var": "best_loss", "select": {"freeze": "all"}}, "freeze='all' is not in the database"),
         ({"var": "best_loss", "select": {"seed": 7}}, "allowed: [0, 1]"),
@@ -102,12 +102,16 @@ def test_synthetic_database_is_valid_and_consistent(study, tmp_path):
         assert axis in ds.dims
     ok = ds["status"] == "ok"
     assert int(ok.sum()) > 0 and int((ds["status"] == "failed").sum()) == 1
-    best, final, hist = ds["best_loss"], ds["final_loss"], ds["history"]
+    best, final, hist = ds["best_loss"], ds["final_loss"], ds["history_loss"]
     # best is the minimum of the history, final its last epoch; NaN exactly where no ok run
     np.testing.assert_allclose(best.where(ok), hist.min("epoch").where(ok))
     np.testing.assert_allclose(final.where(ok), hist.isel(epoch=-1).where(ok))
     assert bool((best <= final).where(ok, True).all())
     assert bool(best.where(~ok).isnull().all())
+    # Dice: higher is better, so its best is the maximum; both scores lie in [0, 1]
+    dice = ds["history_dice"]
+    np.testing.assert_allclose(ds["best_dice"].where(ok), dice.max("epoch").where(ok))
+    assert bool(((ds["final_iou"] <= ds["final_dice"]) | ds["final_iou"].isnull()).all())
     # deterministic in the seed
     xr.testing.assert_equal(ds, synthetic_database(study, seed=3))
     # round trip through netCDF keeps values, coordinates and attrs
@@ -147,7 +151,8 @@ def _write_raw(ds: xr.Dataset, path) -> None:
 @pytest.mark.parametrize(
     "mutate, fragment",
     [
-        (lambda ds: ds.drop_vars("history"), "variable 'history' missing"),
+        (lambda ds: ds.drop_vars("history_loss"), "variable 'history_loss' missing"),
+        (lambda ds: ds.drop_vars("final_dice"), "variable 'final_dice' missing"),
         (lambda ds: ds.isel(seed=0, drop=True), "dims"),
         (lambda ds: ds.rename({"freeze": "frozen"}), "dims"),
         (lambda ds: ds.assign_attrs(study="mystery"), "study='mystery' is unknown"),
@@ -158,7 +163,12 @@ def _write_raw(ds: xr.Dataset, path) -> None:
             "status values ['great']",
         ),  # fmt: skip
         (lambda ds: ds.assign(best_loss=ds["best_loss"].mean("stage")), "'best_loss' has dims"),
-        (lambda ds: ds.assign(final_loss=-ds["final_loss"]), "'final_loss' holds negative"),
+        (lambda ds: ds.assign(final_loss=-ds["final_loss"]), "'final_loss' holds values outside"),
+        (lambda ds: ds.assign(best_dice=ds["best_dice"] + 1), "'best_dice' holds values outside"),
+        (
+            lambda ds: ds.assign(stop_reason=ds["stop_reason"].where(False, "tired")),
+            "stop_reason values ['tired']",
+        ),  # fmt: skip
     ],
 )
 def test_mismatched_schema_is_a_clear_error(mutate, fragment, tmp_path):

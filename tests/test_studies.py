@@ -89,13 +89,16 @@ def test_profiles_shrink_values_but_keep_every_axis(name, paper):
         assert tuple(grid.coords) == tuple(paper[study].coords) == spec.axes
         assert all(len(v) >= 1 for v in grid.coords.values())
         assert 0 < len(grid.runs) <= len(paper[study].runs)
-        for axis in set(spec.axes) - set(spec.domain_axes) - {"n_transfer", "mix"}:
+        # the laptop's transfer steps are 8-64x fewer per epoch than the paper's: its transfer
+        # learning rates may go up (1e-3; profiles.py gives the measurement), never its axes
+        scaled = {"n_transfer", "mix"} | ({"transfer_lr"} if name == "laptop" else set())
+        for axis in set(spec.axes) - set(spec.domain_axes) - scaled:
             assert set(grid.coords[axis]) <= set(paper[study].coords[axis]), (study, axis)
 
 
-def test_laptop_has_two_seeds_for_spreads():
+def test_laptop_has_three_seeds_everywhere():
     for study in STUDIES:
-        assert len(build_grid(study, get_profile("laptop")).coords["seed"]) >= 2
+        assert len(build_grid(study, get_profile("laptop")).coords["seed"]) >= 3
 
 
 def _with_studies(changes: dict):

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import smoke_project
 
-from hrtem_book import datasets
 from hrtem_book.cli import main
 from hrtem_book.config import PretrainConfig, TransferConfig, config_hash, to_jsonable
 from hrtem_book.executors import load_cluster_config, make_cluster
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
-from hrtem_book.records import read_record, write_record
+from hrtem_book.records import RECORD_FORMAT, read_record, write_record
 from hrtem_book.results import build_database, collect, load_database
 from hrtem_book.studies import STUDIES, build_grid
 from hrtem_book.sweep import run_sweep
@@ -43,7 +43,8 @@ N_SMOKE_RUNS = sum(
 
 # --- a cheap run function for the scheduling mechanics ----------------------------------------
 CALLS: list[str] = []
-FAIL: set[str] = set()
+FAIL: set[str] = set()  # runs whose model fails (a failed record, as a diverged run returns)
+RAISE: set[str] = set()  # runs that raise (an infrastructure failure: nothing to record)
 
 
 def fake_run(cfg, *, layout, device="cpu"):
@@ -51,33 +52,33 @@ def fake_run(cfg, *, layout, device="cpu"):
     h = config_hash(cfg)
     CALLS.append(h)
     base = cfg.pretrain if isinstance(cfg, TransferConfig) else cfg
-    if h in FAIL:
+    if h in RAISE:
         raise RuntimeError(f"boom {h}")
     rng = np.random.default_rng(int(h, 16) % 2**32)
     doms = base.data.domains(base.series)
 
     def stage():
-        curves = {str(d): sorted(rng.random(2).tolist(), reverse=True) for d in doms}
-        return {
-            "train_loss": [0.5, 0.4],
-            "val_loss": curves,
-            "best_loss": {d: min(c) for d, c in curves.items()},
-            "final_loss": {d: c[-1] for d, c in curves.items()},
-            "train_time_s": 0.01,
-            "peak_memory_mb": 1.0,
-            "epochs_run": 2,
-        }
+        out = {"train_loss": [0.5, 0.4], "train_time_s": 0.01, "eval_time_s": 0.001}
+        out.update(peak_memory_mb=1.0, epochs_run=2, best_epoch=2, stop_reason="max_epochs")
+        for m in ("loss", "dice", "iou"):
+            curves = {str(d): sorted(rng.random(2).tolist(), reverse=m == "loss") for d in doms}
+            out[f"val_{m}"] = curves
+            out[f"best_{m}"] = {d: (min if m == "loss" else max)(c) for d, c in curves.items()}
+            out[f"final_{m}"] = {d: c[-1] for d, c in curves.items()}
+        return out
 
     kind = {PretrainConfig: "pretrain", TransferConfig: "transfer"}.get(type(cfg), "mixture")
     stages = {"mixture": stage()} if kind == "mixture" else {"pretrain": stage()}
     if kind == "transfer":
         stages["transfer"] = stage()
+    failed = h in FAIL
     return {
+        "record_format": RECORD_FORMAT,
         "config_hash": h,
         "kind": kind,
         "config": to_jsonable(cfg),
-        "status": "ok",
-        "error": None,
+        "status": "failed" if failed else "ok",
+        "error": f"diverged: boom {h}" if failed else None,
         "stages": stages,
         "trainable_params": 10,
         "total_params": 20,
@@ -88,11 +89,11 @@ def fake_run(cfg, *, layout, device="cpu"):
 
 @pytest.fixture
 def fake():
-    CALLS.clear()
-    FAIL.clear()
+    for s in (CALLS, FAIL, RAISE):
+        s.clear()
     yield
-    CALLS.clear()
-    FAIL.clear()
+    for s in (CALLS, FAIL, RAISE):
+        s.clear()
 
 
 def _sweep(root, **kw):
@@ -131,7 +132,7 @@ def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, fake):
     assert not set(grid.runs) & set(CALLS)
     folder = records_dir(tmp_path, "smoke", "defocus")
     rec = read_record(folder / f"{pre}.json")
-    assert rec["status"] == "failed" and rec["error"].startswith(f"RuntimeError: boom {pre}")
+    assert rec["status"] == "failed" and rec["error"] == f"diverged: boom {pre}"
     assert read_record(folder / f"{transfer}.json")["error"] == f"pretraining {pre} failed"
     # a plain rerun skips failures; --retry-failed reruns exactly them
     CALLS.clear()
@@ -143,6 +144,28 @@ def test_failed_runs_are_recorded_and_retried_on_request(tmp_path, fake):
     assert sorted(CALLS) == sorted([pre, *grid.runs])
     db = build_database("defocus", SMOKE, tmp_path)
     assert "ok" in db["status"].values and set(np.unique(db["status"].values)) <= {"ok", "excluded"}
+
+
+def test_runs_that_raise_are_not_recorded_and_retried_by_a_plain_rerun(tmp_path, fake):
+    """An exception (a bad device, an unreadable file) says nothing about the model: the run and
+    the transfer runs waiting for it are left unrecorded, and the next sweep runs them."""
+    grid = build_grid("defocus", SMOKE)
+    pre = next(iter(grid.pretrains))
+    RAISE.add(pre)
+    lines: list[str] = []
+    summary = _sweep(tmp_path, run_fn=fake_run, log=lines.append)
+    assert (summary.failed, summary.errors) == (0, 1 + len(grid.runs))
+    assert summary.done == N_SMOKE_RUNS - summary.errors
+    folder = records_dir(tmp_path, "smoke", "defocus")
+    assert not (folder / f"{pre}.json").exists()
+    assert not any((folder / f"{h}.json").exists() for h in grid.runs)
+    assert any(f"error, not recorded: RuntimeError: boom {pre}" in line for line in lines)
+    assert "errors (not recorded; retried next run)" in lines[0]
+    RAISE.clear()
+    CALLS.clear()
+    again = _sweep(tmp_path, run_fn=fake_run)  # no --retry-failed needed
+    assert (again.done, again.failed, again.errors) == (1 + len(grid.runs), 0, 0)
+    assert sorted(CALLS) == sorted([pre, *grid.runs])
 
 
 def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
@@ -202,34 +225,49 @@ def test_corrupt_records_and_stale_temporary_files_are_redone(tmp_path, fake):
     assert (summary.done, CALLS) == (1, [victim])
     assert read_record(path)["config_hash"] == victim
     assert not stale.exists()
+    # the damaged record is kept beside the new one, never deleted
+    (aside,) = folder.glob(f"{victim}.json.invalid-*")
+    assert aside.read_text() == path.read_text()[:40] or len(aside.read_text()) == 40
 
 
-def test_write_record_is_atomic_and_read_checks_identity(tmp_path):
-    path = tmp_path / "abc.json"
-    write_record(path, {"config_hash": "abc", "status": "ok"})
-    assert read_record(path) == {"config_hash": "abc", "status": "ok"}
-    assert [p.name for p in tmp_path.iterdir()] == ["abc.json"]
-    write_record(tmp_path / "other.json", {"config_hash": "abc", "status": "ok"})
-    assert read_record(tmp_path / "other.json") is None  # a record filed under another id
-    write_record(path, {"config_hash": "abc", "status": "running"})
-    assert read_record(path) is None
+def test_a_record_of_the_wrong_shape_is_moved_aside_and_redone(tmp_path, fake):
+    """Valid JSON, wrong shape ("stages": "oops") must not pass for a finished run."""
+    _sweep(tmp_path, run_fn=fake_run)
+    victim = next(iter(build_grid("structure", SMOKE).runs))
+    path = records_dir(tmp_path, "smoke", "structure") / f"{victim}.json"
+    write_record(path, {**read_record(path), "stages": "oops"})
+    lines: list[str] = []
+    CALLS.clear()
+    summary = _sweep(tmp_path, run_fn=fake_run, log=lines.append)
+    assert (summary.done, CALLS) == (1, [victim])
+    assert any("stages is a str, not a mapping" in line and "moved aside" in line for line in lines)
+    assert int((build_database("structure", SMOKE, tmp_path)["status"] == "ok").sum()) >= 1
+
+
+def test_write_record_is_atomic_and_read_checks_identity(tmp_path, fake):
+    cfg = next(iter(build_grid("dose", SMOKE).pretrains.values()))
+    record = fake_run(cfg, layout=None)
+    h = record["config_hash"]
+    path = tmp_path / f"{h}.json"
+    write_record(path, record)
+    assert read_record(path) == record
+    assert [p.name for p in tmp_path.iterdir()] == [f"{h}.json"]
+    lines: list[str] = []
+    write_record(tmp_path / "other.json", record)  # a record filed under another id
+    assert read_record(tmp_path / "other.json", log=lines.append) is None
+    write_record(path, {**record, "status": "running"})
+    assert read_record(path, log=lines.append) is None
+    # invalid files are moved aside, never deleted, and named in one line each
+    assert len(lines) == 2 and all(len(line.splitlines()) == 1 for line in lines)
+    assert "other.json is invalid (config_hash" in lines[0]
+    assert "is invalid (status 'running'" in lines[1]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and all(".json.invalid-" in n for n in names)
 
 
 # --- the real thing --------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def smoke_data(tmp_path_factory) -> Path:
-    """The smoke profile's three series, simulated once for the whole session."""
-    root = tmp_path_factory.mktemp("smoke-data") / "data" / "smoke"
-    for series in ("defocus", "dose", "structure"):
-        datasets.generate(series, SMOKE.data, root, progress=False)
-    return root
-
-
 def _project(tmp_path: Path, smoke_data: Path, name: str) -> Path:
-    root = tmp_path / name
-    (root / "data").mkdir(parents=True)
-    (root / "data" / "smoke").symlink_to(smoke_data, target_is_directory=True)
-    return root
+    return smoke_project(tmp_path / name, smoke_data)
 
 
 def _records(root: Path) -> dict[str, bytes]:
@@ -288,8 +326,9 @@ def test_dask_local_cluster_and_in_process_give_the_same_database(tmp_path, smok
         assert set(np.unique(a["status"].values)) <= {"ok", "excluded"}
         assert bool((a["status"] == "ok").any())
         # identical numbers; only wall times and creation stamps differ
+        times = ["train_time_s", "eval_time_s"]  # wall clocks differ between runs
         xr.testing.assert_identical(
-            a.drop_vars("train_time_s").drop_attrs(), b.drop_vars("train_time_s").drop_attrs()
+            a.drop_vars(times).drop_attrs(), b.drop_vars(times).drop_attrs()
         )
         assert bool(np.isfinite(a["train_time_s"].where(a["status"] == "ok")).any())
 
@@ -352,6 +391,7 @@ def test_cli_collect_writes_databases(tmp_path, fake, capsys):
                     key = dom if study == "structure" else float(dom)
                     where = {**at, "stage": stage, "eval_domain": key}
                     assert ds["best_loss"].sel(where).item() == srec["best_loss"][dom]
-                    assert ds["history"].sel(where).values.tolist() == curve
+                    assert ds["history_loss"].sel(where).values.tolist() == curve
+                    assert ds["final_dice"].sel(where).item() == srec["final_dice"][dom]
             expected = rec["total_params"] if "pretrain" in rec["stages"] else 10
             assert ds["trainable_params"].sel(at).isel(stage=0).item() == expected

@@ -53,8 +53,36 @@ def test_control_names_for_the_browser(defocus):
     app = figure_app(imaging_conditions, defocus, colour_scale=True)
     assert app.reduction.description == "Reduction mode"
     assert list(app.reduction.options) == list(REDUCTIONS)
-    assert {w.description for w in app.filters.values()} == set(grid_axes(defocus))
+    assert app.metric is not None and app.metric.description == "Metric"
+    assert list(app.metric.options) == [("cross-entropy loss", "loss"), ("Dice score", "dice")]
+    # every filter in words, with the unit of its values where it has one
+    assert {a: w.description for a, w in app.filters.items()} == {
+        "pretrain_domain": "pretraining defocus [nm]",
+        "target_domain": "target defocus [nm]",
+        "n_transfer": "transfer images",
+        "pretrain_lr": "pretraining learning rate",
+        "transfer_lr": "transfer learning rate",
+        "freeze": "frozen part",
+        "seed": "seed (replicate)",
+    }
     assert app.vlim is not None and app.vlim.description == "Colour range"
+
+
+def test_metric_selector_redraws_and_rescales_the_colours(defocus):
+    app = figure_app(imaging_conditions, defocus, colour_scale=True)
+    loss = heatmap_arrays(app)
+    clim_loss = app.figure.axes[0].images[0].get_clim()
+    app.metric.value = "dice"
+    dice = heatmap_arrays(app)
+    assert app.kwargs()["metric"] == "dice" and "vlim" not in app.kwargs()
+    expected = imaging_conditions(defocus, metric="dice").axes[1].images[0]
+    np.testing.assert_allclose(dice[1], np.ma.filled(expected.get_array(), np.nan))
+    finite = np.isfinite(loss[1]) & np.isfinite(dice[1])
+    # Dice is high where the loss is low (synthetic: Dice = 1 - 0.8 loss, then reduced)
+    assert np.corrcoef(loss[1][finite], dice[1][finite])[0, 1] < -0.9
+    lo, hi = app.vlim.min, app.vlim.max
+    assert (lo, hi) != clim_loss and 0 <= lo < hi <= 1
+    assert float(defocus["final_dice"].max()) == pytest.approx(hi)
 
 
 def test_reduction_mode_redraws_with_the_reduced_data(defocus):

@@ -15,15 +15,21 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .config import PretrainConfig, config_hash, to_jsonable
-from .layout import Layout, atomic_write, file_lock, provenance
+from .layout import Layout, atomic_write, file_lock, move_aside, provenance
 
 CHECKPOINT_FORMAT = 1
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file that cannot be read (truncated, not a checkpoint): derived data that
+    :func:`obtain` moves aside and trains again."""
 
 
 def checkpoint_path(layout: Layout, cfg: PretrainConfig) -> Path:
@@ -61,11 +67,9 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device 
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(
-            f"checkpoint {path} is unreadable ({first}); delete it to retrain"
-        ) from None
+        raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
+        raise DamagedCheckpoint(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
     want = to_jsonable(cfg)
     if ckpt["config"] != want:
         differ = ", ".join(_fields_differ(ckpt["config"], want)) or "?"
@@ -83,10 +87,23 @@ def obtain(
     device: str | torch.device = "cpu",
 ) -> dict:
     """The checkpoint of ``cfg``: loaded when present, else made once by ``train() -> (record,
-    state_dict or None)`` under a lock and saved."""
+    state_dict or None)`` under a lock and saved. A damaged checkpoint is moved aside (one line
+    on stderr) and made again: training is deterministic, so nothing is lost."""
     path = checkpoint_path(layout, cfg)
+    lock = path.with_name(path.name + ".lock")
+    if path.exists():
+        try:
+            return load_checkpoint(path, cfg, device)
+        except DamagedCheckpoint:
+            with file_lock(lock):
+                try:  # another worker may have replaced it while we waited
+                    return load_checkpoint(path, cfg, device)
+                except DamagedCheckpoint as exc:
+                    aside = move_aside(path)
+                    print(f"{exc}; moved aside to {aside.name}, training it again",
+                          file=sys.stderr)  # fmt: skip
     if not path.exists():
-        with file_lock(path.with_name(path.name + ".lock")):
+        with file_lock(lock):
             if not path.exists():  # another worker may have finished it while we waited
                 record, state = train()
                 save_checkpoint(path, cfg, record, state)

@@ -59,6 +59,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}")
 
 
+def _check_seed(seed: int) -> None:
+    # replicate seeds are labels of a grid axis and seed torch and numpy generators: whole,
+    # non-negative numbers (numpy's SeedSequence refuses negative ones)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """Physics of one simulated image; shared by every series of a profile.
@@ -182,21 +189,60 @@ class ModelConfig:
     classes: int = 2
 
 
+AUGMENTATIONS = ("none", "d4", "d4-random")
+PRECISIONS = ("fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class StageConfig:
-    """One training stage (pretraining, transfer, or a mixture baseline)."""
+    """One training stage (pretraining, transfer, or a mixture baseline) and its stopping rule.
 
-    epochs: int = 10
+    The stage trains until its in-domain validation loss (the loss on the domain(s) it trains
+    on) has not improved by a relative ``min_delta`` for ``patience`` epochs, or for
+    ``max_epochs`` epochs; it then keeps the weights of its best epoch. The rule applies from
+    epoch ``min_epochs`` on: a network trained from scratch can sit at the loss of the class
+    prior for a few epochs before it starts to learn, a plateau that is not convergence.
+    ``patience=None`` trains exactly ``max_epochs`` epochs (and still keeps the best epoch).
+
+    ``augment``: ``"d4"`` shows every image in all 8 dihedral orientations per epoch (the paper's
+    D4 augmentation; an epoch is 8 passes), ``"d4-random"`` one random orientation per image and
+    epoch (an epoch is one pass), ``"none"`` the images as they are. ``precision``: ``"bf16"``
+    runs forward and backward passes under bfloat16 autocast (the loss is computed in float32),
+    ``"fp32"`` in float32 throughout.
+    """
+
+    max_epochs: int = 10
     batch_size: int = 16
     lr_decay: float = 0.99  # multiplicative learning-rate decay per epoch
-    augment_d4: bool = True  # 8 dihedral copies of every image per epoch
+    augment: str = "d4"
     n_eval: int | None = None  # validation images per domain used for evaluation (None = all)
+    patience: int | None = None  # epochs without improvement before stopping (None: never)
+    min_delta: float = 0.0  # relative improvement of the in-domain loss that counts
+    min_epochs: int = 1  # epochs before the plateau rule may stop the stage
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
+        if self.max_epochs < 1 or self.batch_size < 1:
             raise ValueError(
-                f"epochs={self.epochs}, batch_size={self.batch_size}: both must be >= 1"
+                f"max_epochs={self.max_epochs}, batch_size={self.batch_size}: both must be >= 1"
             )
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={self.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.patience is not None and self.patience < 1:
+            raise ValueError(f"patience={self.patience}; allowed: None or >= 1")
+        if not 1 <= self.min_epochs <= self.max_epochs:
+            raise ValueError(
+                f"min_epochs={self.min_epochs}; allowed: 1..max_epochs ({self.max_epochs})"
+            )
+        if not 0 <= self.min_delta < 1:
+            raise ValueError(f"min_delta={self.min_delta}; allowed: 0 <= min_delta < 1")
+
+    @property
+    def copies(self) -> int:
+        """Samples per training image and epoch."""
+        return 8 if self.augment == "d4" else 1
 
 
 FREEZE_OPTIONS = ("none", "encoder", "decoder")
@@ -218,6 +264,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "domain", normalize_domain(self.series, self.domain))
         _check_positive("lr", self.lr)
+        _check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -263,6 +310,7 @@ class MixtureConfig:
         doms = tuple(normalize_domain(self.series, d) for d in self.domains)
         object.__setattr__(self, "domains", doms)
         _check_positive("lr", self.lr)
+        _check_seed(self.seed)
 
 
 RunConfig = PretrainConfig | TransferConfig | MixtureConfig

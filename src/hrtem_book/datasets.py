@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,9 +39,18 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import DataConfig, config_hash, stable_json
-from .layout import Layout, atomic_write, chunk_dir, chunks_root, series_file
+from .layout import (
+    Layout,
+    atomic_write,
+    check_writable,
+    chunk_dir,
+    chunks_root,
+    move_aside,
+    series_file,
+)
 from .profiles import get_profile
 from .series import SERIES, get_series, scene_group
+from .simulate import check_device
 
 GENERATOR_VERSION = 4  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
@@ -224,6 +234,8 @@ def generate(
     validate(series, data)
     root = Path(root)
     group = scene_group(series)
+    for s in group:
+        discard_damaged(s, data, root)
     units = _units(series, data)
     todo = [u for u in units if not all(_chunk_file(s, data, root, u).exists() for s in group)]
     if not all(series_path(s, data, root).exists() for s in group):
@@ -338,9 +350,49 @@ def load_series(
     series holds 14 GB of images), so :func:`domain_tensors` reads only what it returns.
     """
     path = series_path(series, data_config, root)
-    if not path.exists():
+    if not path.exists() or discard_damaged(series, data_config, root):
         generate(series, data_config, root, device=device, workers=workers, progress=progress)
     return xr.open_dataset(path)
+
+
+def series_problem(series: str, data: DataConfig, root: str | Path) -> str | None:
+    """Why the finished series file is unusable (None when it is fine or absent).
+
+    A cheap check: the file opens, holds the config hash of ``data``, one image of the expected
+    shape per (domain, split, index), and its last image can be read (a truncated file fails
+    there).
+    """
+    path = series_path(series, data, root)
+    if not path.exists():
+        return None
+    expected = len(data.domains(series)) * (data.n_train + data.n_val)
+    try:
+        with xr.open_dataset(path) as ds:
+            if ds.attrs.get("config_hash") != series_hash(series, data):
+                return f"config hash {ds.attrs.get('config_hash')!r}, expected another"
+            if ds.sizes.get("sample") != expected:
+                return f"{ds.sizes.get('sample')} images, expected {expected}"
+            px = data.sim.image_px
+            if (ds.sizes.get("y"), ds.sizes.get("x")) != (px, px):
+                return f"images of {ds.sizes.get('y')}×{ds.sizes.get('x')} pixels, expected {px}²"
+            ds["image"].isel(sample=-1).values  # noqa: B018 (reads the end of the file)
+    except Exception as exc:  # netCDF/HDF5 raise many types for a damaged file
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"unreadable ({type(exc).__name__}: {first})"
+    return None
+
+
+def discard_damaged(series: str, data: DataConfig, root: str | Path) -> bool:
+    """Move a damaged series file aside (one line on stderr) so that it is simulated again;
+    True if it was damaged. Series are derived data: regenerating loses nothing."""
+    problem = series_problem(series, data, root)
+    if problem is None:
+        return False
+    path = series_path(series, data, root)
+    aside = move_aside(path)
+    print(f"data: {path} is damaged ({problem}); moved aside to {aside.name}, simulating it again",
+          file=sys.stderr)  # fmt: skip
+    return True
 
 
 def sample_positions(ds: xr.Dataset, domain, split: str) -> np.ndarray:
@@ -395,9 +447,9 @@ def _cli_simulate(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile)
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} is not allowed: it must be >= 1")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} is not available here; allowed: cpu")
+    check_device(args.device)
     out = Path(args.out) if args.out else Layout(args.root, profile.name).data_dir
+    check_writable(out, "--out" if args.out else "--root")
     path = generate(args.series, profile.data, out, device=args.device, workers=args.workers)
     print(path)
     return 0

@@ -23,14 +23,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, config_hash
 from .layout import Layout
-from .records import RECORD_STATUSES, failure_record
+from .records import RECORD_STATUSES
 
 RunFn = Callable[..., dict]
 
@@ -43,12 +42,25 @@ def train_run(cfg: RunConfig, *, layout: Layout, device: str = "cpu") -> dict:
     return runs.run(cfg, layout, device=device)
 
 
+INFRASTRUCTURE = "_infrastructure"  # key of the result of a run that did not produce a record
+
+
+def infrastructure_failure(message: str) -> dict:
+    """The result of a run that failed for a reason outside the model (an exception, a lost
+    worker): not a record, never written; the sweep retries the run when it next starts."""
+    return {INFRASTRUCTURE: message}
+
+
 def execute(
     cfg: RunConfig, layout: Layout, device: str = "cpu", run_fn: RunFn | None = None
 ) -> dict:
-    """Run one config and return its record; exceptions become a failed record, never escape.
+    """Run one config and return its record, or :func:`infrastructure_failure` when the run
+    raised instead of returning one; nothing escapes.
 
-    Workers use one torch thread each: several training processes share the cores.
+    A model that fails (diverges) is a result: the run returns a record with status "failed".
+    An exception (an unreadable dataset or checkpoint, a missing device, a bug) says nothing
+    about the model, so it is not recorded. Workers use one torch thread each: several
+    training processes share the cores.
     """
     import torch  # lazily, as above
 
@@ -57,12 +69,12 @@ def execute(
     try:
         record = (run_fn or train_run)(cfg, layout=layout, device=device)
     except Exception as exc:  # a crash of one run must not stop the sweep
-        tail = traceback.format_exc(limit=-3)
-        return failure_record(cfg, f"{type(exc).__name__}: {exc}\n{tail}")
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return infrastructure_failure(f"{type(exc).__name__}: {first}")
     if not isinstance(record, dict) or record.get("status") not in RECORD_STATUSES:
-        return failure_record(cfg, f"run returned a malformed record: {str(record)[:200]}")
+        return infrastructure_failure(f"run returned a malformed record: {str(record)[:200]}")
     if record.get("config_hash") != h:
-        return failure_record(cfg, f"record hash {record.get('config_hash')!r} is not {h!r}")
+        return infrastructure_failure(f"record hash {record.get('config_hash')!r} is not {h!r}")
     return record
 
 
@@ -113,7 +125,7 @@ class DaskExecutor:
         self.layout, self.device, self.run_fn = resolved, device, run_fn
         self.cluster = None
         if scheduler_address:
-            self.client = Client(scheduler_address)
+            self.client = connect(scheduler_address)
         else:
             self.cluster = make_cluster(cluster_config or {"kind": "local"}, workers)
             self.client = Client(self.cluster)
@@ -139,13 +151,30 @@ class DaskExecutor:
             try:
                 out.append((fut, fut.result()))
             except Exception as exc:  # a lost worker (killed, out of memory)
-                out.append((fut, {"_error": f"{type(exc).__name__}: {exc}"}))
+                out.append((fut, infrastructure_failure(f"{type(exc).__name__}: {exc}")))
         return out
 
     def close(self) -> None:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+SCHEDULER_TIMEOUT_S = 10  # a scheduler that does not answer within this is not there
+
+
+def connect(address: str, timeout_s: float = SCHEDULER_TIMEOUT_S):
+    """A Dask client of the scheduler at ``address``; a one-line ValueError if none answers."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=f"{timeout_s}s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"--scheduler {address}: no Dask scheduler answered within {timeout_s:g} s "
+            f"({reason[:120]}); allowed: the address of a running `dask scheduler`"
+        ) from None
 
 
 _CLUSTER_KEYS = ("kind", "jobs", "cluster", "device")

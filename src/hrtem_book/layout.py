@@ -18,6 +18,7 @@ a temporary file left by a killed process is removed by :func:`remove_stale_tmp`
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -168,6 +169,33 @@ def remove_stale_tmp(folder: Path) -> int:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def check_writable(folder: Path, what: str = "--root") -> Path:
+    """Create ``folder`` if needed and prove it writable (a temporary file), before any work is
+    done; a one-line ValueError naming ``what`` otherwise (a file in the path, a read-only
+    file system, missing permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tmp_path(folder / ".write-check")
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(
+            f"{what}: cannot write {folder} ({reason}); allowed: a writable folder"
+        ) from None
+    return folder
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged file to ``<name>.invalid-<UTC time>`` beside it (never delete: a person
+    may want to look at it) and return the new path."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    target = path.with_name(f"{path.name}.invalid-{stamp}")
+    os.replace(path, target)
+    return target
 
 
 @contextlib.contextmanager

@@ -2,7 +2,8 @@
 
 A record (format in docs/ARCHITECTURE.md, "Training results")::
 
-    {"config_hash": str, "kind": "pretrain"|"transfer"|"mixture", "config": <to_jsonable(cfg)>,
+    {"record_format": 2, "config_hash": str, "kind": "pretrain"|"transfer"|"mixture",
+     "config": <to_jsonable(cfg)>,
      "status": "ok"|"failed", "error": str|None, "stages": {name: S},
      "trainable_params": int|None, "total_params": int|None,
      "package_version": str, "git_commit": str|None}
@@ -15,6 +16,8 @@ names another hash is not that run's record.
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,9 @@ from .config import (
     config_hash,
     to_jsonable,
 )
-from .layout import atomic_write_text, provenance
+from .layout import atomic_write_text, move_aside, provenance
 
+RECORD_FORMAT = 2  # 2: metrics (loss, Dice, IoU), the stopping rule and the kept epoch
 RECORD_STATUSES = ("ok", "failed")
 KINDS = {PretrainConfig: "pretrain", TransferConfig: "transfer", MixtureConfig: "mixture"}
 
@@ -52,6 +56,7 @@ def build_record(
     parameter counts of the model it ends with (None when no model was built)."""
     trainable, total = params if params is not None else (None, None)
     return {
+        "record_format": RECORD_FORMAT,
         "config_hash": config_hash(cfg),
         "kind": kind_of(cfg),
         "config": to_jsonable(cfg),
@@ -75,14 +80,73 @@ def write_record(path: Path, record: dict) -> Path:
     return atomic_write_text(path, text)
 
 
-def read_record(path: Path) -> dict | None:
-    """A finished record, or None if absent or unusable (then the run is redone and rewritten)."""
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict) or record.get("config_hash") != Path(path).stem:
-        return None
+STAGES_OF_KIND = {"pretrain": ("pretrain",), "transfer": ("pretrain", "transfer"),
+                  "mixture": ("mixture",)}  # fmt: skip
+_STAGE_CURVES = ("val_loss",)
+_STAGE_VALUES = ("best_loss", "final_loss")
+
+
+def record_problem(record: Any, run_id: str) -> str | None:
+    """Why ``record`` is not a valid record of run ``run_id`` (None when it is)."""
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__}, not a mapping"
+    if record.get("record_format") != RECORD_FORMAT:
+        return f"record_format {record.get('record_format')!r}, this code reads {RECORD_FORMAT}"
+    if record.get("config_hash") != run_id:
+        return f"config_hash {record.get('config_hash')!r} is not the file's {run_id!r}"
     if record.get("status") not in RECORD_STATUSES:
+        return f"status {record.get('status')!r}; allowed: {', '.join(RECORD_STATUSES)}"
+    kind = record.get("kind")
+    if kind not in STAGES_OF_KIND:
+        return f"kind {kind!r}; allowed: {', '.join(STAGES_OF_KIND)}"
+    if not isinstance(record.get("config"), dict):
+        return "config is not a mapping"
+    stages = record.get("stages")
+    if not isinstance(stages, dict):
+        return f"stages is a {type(stages).__name__}, not a mapping"
+    if record["status"] == "failed":
+        return None if isinstance(record.get("error"), str) else "a failed record without error"
+    missing = [s for s in STAGES_OF_KIND[kind] if s not in stages]
+    if missing:
+        return f"an ok {kind} record without stage(s) {missing}"
+    for name, stage in stages.items():
+        if not isinstance(stage, dict):
+            return f"stage {name!r} is not a mapping"
+        for key in (*_STAGE_CURVES, *_STAGE_VALUES):
+            value = stage.get(key)
+            if not isinstance(value, dict):
+                return f"stage {name!r}: {key} is not a mapping of domains"
+            for dom, v in value.items():
+                ok = isinstance(v, list) if key in _STAGE_CURVES else isinstance(v, int | float)
+                if not ok:
+                    return f"stage {name!r}: {key}[{dom!r}] has the wrong type"
+    return None
+
+
+def read_record(path: Path, log: Callable[[str], None] | None = None) -> dict | None:
+    """The finished record at ``path``, or None if there is none.
+
+    A file that is not a valid record (unreadable JSON, the wrong shape, filed under another
+    run id) is moved aside to ``<name>.invalid-<time>`` — never deleted — and reported in one
+    line through ``log``; the caller then redoes the run as if it had no record.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    return record
+    try:
+        record = json.loads(text)
+    except ValueError as exc:
+        problem = f"not JSON ({exc})"
+    else:
+        problem = record_problem(record, path.stem)
+    if problem is None:
+        return record
+    aside = move_aside(path)
+    (log or _stderr)(f"record {path} is invalid ({problem}); moved aside to {aside.name}")
+    return None
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)

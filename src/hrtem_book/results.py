@@ -1,16 +1,22 @@
 """The results database: one labelled ``xr.Dataset`` per study, stored as netCDF.
 
 Schema (``SCHEMA_VERSION``), for a study with grid axes ``A`` (``studies.STUDIES[study].axes``,
-``seed`` included):
+``seed`` included) and every metric ``m`` of :data:`hrtem_book.metrics.METRICS` (``loss``,
+``dice``, ``iou``):
 
 ==================  ==========================================  ==============================
 variable            dims                                        meaning
 ==================  ==========================================  ==============================
-best_loss           A + (stage, eval_domain)                    lowest validation loss
-final_loss          A + (stage, eval_domain)                    validation loss after the last
-                                                                epoch
-history             A + (stage, eval_domain, epoch)             validation loss per epoch
-train_time_s        A + (stage,)                                wall time of the stage [s]
+final_<m>           A + (stage, eval_domain)                    the model the stage keeps (its
+                                                                best in-domain epoch)
+best_<m>            A + (stage, eval_domain)                    each domain's optimum over the
+                                                                epochs (the published tables')
+history_<m>         A + (stage, eval_domain, epoch)             value after every epoch
+epochs_run          A + (stage,)                                epochs the stage trained
+best_epoch          A + (stage,)                                the epoch it kept
+stop_reason         A + (stage,)                                "plateau" | "max_epochs" | ""
+train_time_s        A + (stage,)                                training wall time [s]
+eval_time_s         A + (stage,)                                per-epoch evaluation time [s]
 trainable_params    A + (stage,)                                parameters updated by the stage
 status              A                                           "ok" | "failed" | "missing" |
                                                                 "excluded"
@@ -19,10 +25,13 @@ config_hash         A                                           run id ("" if no
 
 ``stage`` is ``("pretrain", "transfer")`` for transfer studies (the pretraining values of a cell
 are those of the checkpoint its transfer started from) and ``("mixture",)`` for the baseline.
-Losses are mean cross-entropy of the 2-class logits; NaN where a run failed, is missing, or the
-cell is excluded (target = pretraining domain), so every reduction skips them. ``epoch`` counts
-from 1. Attrs: ``study``, ``series``, ``profile``, ``package_version``, ``git_commit``,
-``created`` (ISO 8601, UTC), ``schema_version`` and the study's fixed settings.
+Losses are mean cross-entropy of the 2-class logits, Dice and IoU those of the particle class
+(:mod:`hrtem_book.metrics`); NaN where a run failed, is missing, or the cell is excluded (target =
+pretraining domain), so every reduction skips them. ``epoch`` counts from 1; a stage that stopped
+early has NaN after its last epoch. Attrs: ``study``, ``series``, ``profile``,
+``package_version``, ``git_commit``, ``created`` (ISO 8601, UTC), ``schema_version``, the
+stopping rule of every stage (``<stage>_stopping_rule``, ``<stage>_patience``, ...) and the
+study's fixed settings.
 """
 
 from __future__ import annotations
@@ -37,29 +46,43 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .layout import Layout, atomic_write, git_commit
+from .layout import Layout, atomic_write, database_file, git_commit
+from .metrics import METRIC_TITLES, METRICS
 from .profiles import Profile, get_profile
 from .records import read_record
-from .series import get_series, match_mask
+from .series import get_series, match_index, match_mask
 from .studies import STUDIES, build_grid, get_study
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUS_VALUES = ("ok", "failed", "missing", "excluded")
-LOSS_VARS = ("best_loss", "final_loss")
+STOP_REASONS = ("plateau", "max_epochs", "")
 REDUCTIONS = ("min", "mean", "median", "max")
 REQUIRED_ATTRS = ("study", "series", "profile", "package_version", "git_commit", "created")
+STRING_VARS = ("status", "config_hash", "stop_reason")
+STAGE_VARS = ("epochs_run", "best_epoch", "train_time_s", "eval_time_s", "trainable_params")
+
+
+def metric_var(metric: str, kind: str = "final") -> str:
+    """The variable of ``metric`` (loss, dice, iou): ``final_dice``, ``best_loss``, ..."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
+    if kind not in ("final", "best", "history"):
+        raise ValueError(f"kind={kind!r}; allowed: final, best, history")
+    return f"{kind}_{metric}"
 
 
 def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    return {
-        "best_loss": axes + ("stage", "eval_domain"),
-        "final_loss": axes + ("stage", "eval_domain"),
-        "history": axes + ("stage", "eval_domain", "epoch"),
-        "train_time_s": axes + ("stage",),
-        "trainable_params": axes + ("stage",),
-        "status": axes,
-        "config_hash": axes,
-    }
+    per_domain = axes + ("stage", "eval_domain")
+    dims = {}
+    for m in METRICS:
+        dims[f"final_{m}"] = per_domain
+        dims[f"best_{m}"] = per_domain
+        dims[f"history_{m}"] = per_domain + ("epoch",)
+    for var in (*STAGE_VARS, "stop_reason"):
+        dims[var] = axes + ("stage",)
+    dims["status"] = axes
+    dims["config_hash"] = axes
+    return dims
 
 
 def check_reduction(
@@ -105,16 +128,23 @@ def empty_database(
         shape = tuple(sizes[d] for d in dims)
         if var == "status":
             values = np.full(shape, "missing", dtype=object)
-        elif var == "config_hash":
+        elif var in STRING_VARS:
             values = np.full(shape, "", dtype=object)
         else:
             values = np.full(shape, np.nan)
         data_vars[var] = (dims, values)
     ds = xr.Dataset(data_vars, coords=all_coords)
-    ds["best_loss"].attrs.update(long_name="best validation loss", units="cross-entropy")
-    ds["final_loss"].attrs.update(long_name="final validation loss", units="cross-entropy")
-    ds["history"].attrs.update(long_name="validation loss per epoch", units="cross-entropy")
+    for m in METRICS:
+        units = "cross-entropy" if m == "loss" else "1"
+        title = METRIC_TITLES[m]
+        ds[f"final_{m}"].attrs.update(long_name=f"{title} of the kept model", units=units)
+        ds[f"best_{m}"].attrs.update(long_name=f"best {title} over the epochs", units=units)
+        ds[f"history_{m}"].attrs.update(long_name=f"{title} per epoch", units=units)
+    ds["epochs_run"].attrs.update(long_name="epochs the stage trained")
+    ds["best_epoch"].attrs.update(long_name="epoch whose weights the stage kept")
+    ds["stop_reason"].attrs.update(long_name="why the stage stopped")
     ds["train_time_s"].attrs.update(long_name="training wall time of the stage", units="s")
+    ds["eval_time_s"].attrs.update(long_name="evaluation wall time of the stage", units="s")
     ds["trainable_params"].attrs.update(long_name="trainable parameters of the stage")
     ds.attrs.update(
         study=study,
@@ -152,7 +182,7 @@ def load_database(path: str | Path, study: str | None = None) -> xr.Dataset:
             raise ValueError(
                 f"{path} is a folder: name the study too; allowed: {', '.join(STUDIES)}"
             )
-        path = path / f"{study}.nc"
+        path = database_file(path, study)
     if not path.is_file():
         profile = path.parent.name or "NAME"
         which = study or path.stem
@@ -207,7 +237,7 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
             fail(f"variable {var!r} missing")
         if set(ds[var].dims) != set(dims):
             fail(f"variable {var!r} has dims {list(ds[var].dims)}, expected {list(dims)}")
-        if var in ("status", "config_hash"):
+        if var in STRING_VARS:
             if ds[var].dtype.kind not in "OUS":
                 fail(f"variable {var!r} must hold strings, found dtype {ds[var].dtype}")
         elif ds[var].dtype.kind != "f":
@@ -215,11 +245,20 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
     bad = sorted(set(np.unique(ds["status"].values.astype(str)).tolist()) - set(STATUS_VALUES))
     if bad:
         fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
-    for var in ("best_loss", "final_loss", "history"):
-        values = ds[var].values
-        # cross-entropy is >= 0; non-finite values are stored as NaN, never as ±inf
-        if np.isinf(values).any() or (values < 0).any():
-            fail(f"variable {var!r} holds negative or infinite losses; allowed: >= 0 or NaN")
+    for m in METRICS:
+        hi = np.inf if m == "loss" else 1.0  # cross-entropy >= 0; Dice and IoU in [0, 1]
+        for var in (f"final_{m}", f"best_{m}", f"history_{m}"):
+            values = ds[var].values
+            # non-finite values are stored as NaN, never as ±inf
+            with np.errstate(invalid="ignore"):
+                bad_values = np.isinf(values).any() or (values < 0).any() or (values > hi).any()
+            if bad_values:
+                allowed = ">= 0" if m == "loss" else "in [0, 1]"
+                fail(f"variable {var!r} holds values outside the metric's range; allowed: "
+                     f"{allowed} or NaN")  # fmt: skip
+    bad = sorted(set(np.unique(ds["stop_reason"].values.astype(str)).tolist()) - set(STOP_REASONS))
+    if bad:
+        fail(f"stop_reason values {bad} are not allowed; allowed: plateau, max_epochs, ''")
 
 
 # --- query ------------------------------------------------------------------------------------
@@ -278,6 +317,20 @@ def query(
     return out.transpose(*keep)
 
 
+def on_domain(da: xr.DataArray, axis: str) -> xr.DataArray:
+    """The value evaluated on the domain named by ``axis`` (e.g. each cell's target domain).
+
+    ``da`` has an ``eval_domain`` dim; the result drops it and holds, for every value ``v`` of
+    ``axis``, the value at ``eval_domain == v`` (NaN where ``v`` is not an evaluation domain).
+    The role of each value comes from the axis, never from sorting domain values.
+    """
+    ev = da["eval_domain"].values
+    idx = np.array([match_index(ev, v) for v in da[axis].values])
+    take = xr.DataArray(np.clip(idx, 0, None), dims=axis)
+    out = da.isel(eval_domain=take).drop_vars("eval_domain", errors="ignore")
+    return out.where(xr.DataArray(idx >= 0, dims=axis))
+
+
 # --- records → database -----------------------------------------------------------------------
 def _domain_index(series: str, eval_domains: Iterable) -> dict[str, int]:
     """Record keys are ``str(domain)``; numeric keys are matched by value ("-10" = "-10.0")."""
@@ -304,8 +357,6 @@ def fill_from_records(ds: xr.Dataset, grid, records: Mapping[str, Mapping[str, A
     index = _domain_index(spec.series, ds["eval_domain"].values.tolist())
     pos = {a: {v: i for i, v in enumerate(grid.coords[a])} for a in spec.axes}
     status, hashes = ds["status"].values, ds["config_hash"].values
-    best, final, hist = ds["best_loss"].values, ds["final_loss"].values, ds["history"].values
-    times, params = ds["train_time_s"].values, ds["trainable_params"].values
     n_epochs = ds.sizes["epoch"]
     status[...] = "excluded"
     for cell in grid.cells:
@@ -323,21 +374,50 @@ def fill_from_records(ds: xr.Dataset, grid, records: Mapping[str, Mapping[str, A
             srec = record.get("stages", {}).get(stage)
             if srec is None:
                 continue
-            times[idx + (s,)] = float(srec.get("train_time_s", np.nan))
-            params[idx + (s,)] = _stage_params(record, stage, srec)
-            for key, target in (("best_loss", best), ("final_loss", final)):
-                for dom, value in srec.get(key, {}).items():
+            at = idx + (s,)
+            for var in ("epochs_run", "best_epoch", "train_time_s", "eval_time_s"):
+                ds[var].values[at] = _finite(srec.get(var))
+            ds["trainable_params"].values[at] = _stage_params(record, stage, srec)
+            ds["stop_reason"].values[at] = srec.get("stop_reason", "")
+            for m in METRICS:
+                for kind in ("final", "best"):
+                    target = ds[f"{kind}_{m}"].values
+                    for dom, value in srec.get(f"{kind}_{m}", {}).items():
+                        if dom in index:
+                            target[at + (index[dom],)] = _finite(value)
+                hist = ds[f"history_{m}"].values
+                for dom, curve in srec.get(f"val_{m}", {}).items():
                     if dom in index:
-                        target[idx + (s, index[dom])] = _finite(value)
-            for dom, curve in srec.get("val_loss", {}).items():
-                if dom in index:
-                    values = [_finite(v) for v in curve[:n_epochs]]
-                    hist[idx + (s, index[dom], slice(0, len(values)))] = values
+                        values = [_finite(v) for v in curve[:n_epochs]]
+                        hist[at + (index[dom], slice(0, len(values)))] = values
 
 
 def _finite(value) -> float:
     value = np.nan if value is None else float(value)
     return value if np.isfinite(value) else np.nan
+
+
+def stopping_attrs(stage, prefix: str = "") -> dict[str, Any]:
+    """The stopping rule of a stage config as database attrs (netCDF has no None), each key
+    prefixed with ``prefix`` (the database stage it trained, e.g. ``"transfer_"``)."""
+    patience = "none" if stage.patience is None else stage.patience
+    rule = (
+        f"in-domain validation loss; from epoch {stage.min_epochs} on, stop after "
+        f"{stage.patience} epochs without a relative improvement of {stage.min_delta:g}, at "
+        f"most {stage.max_epochs} epochs; keep the best epoch"
+        if stage.patience is not None
+        else f"{stage.max_epochs} epochs; keep the epoch of lowest in-domain validation loss"
+    )
+    attrs = {
+        "max_epochs": stage.max_epochs,
+        "patience": patience,
+        "min_delta": stage.min_delta,
+        "min_epochs": stage.min_epochs,
+        "stopping_rule": rule,
+        "augment": stage.augment,
+        "precision": stage.precision,
+    }
+    return {f"{prefix}{k}": v for k, v in attrs.items()}
 
 
 def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.Dataset:
@@ -349,7 +429,7 @@ def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.D
         rec = read_record(layout.record_path(study, h))
         if rec is not None:
             records[h] = rec
-    n_epochs = profile.stage.epochs
+    n_epochs = max(profile.stage.max_epochs, profile.transfer.max_epochs)
     for rec in records.values():
         for srec in rec.get("stages", {}).values():
             for curve in srec.get("val_loss", {}).values():
@@ -357,6 +437,9 @@ def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.D
     ds = empty_database(
         study, grid.coords, grid.eval_domains, n_epochs, profile=profile.name, fixed=grid.fixed
     )
+    for stage in grid.spec.stages:  # transfer stages may follow a rule of their own
+        config = profile.transfer if stage == "transfer" else profile.stage
+        ds.attrs.update(stopping_attrs(config, prefix=f"{stage}_"))
     ds.attrs["n_pretrain"] = profile.n_pretrain
     ds.attrs["n_records"] = len(records)
     fill_from_records(ds, grid, records)

@@ -33,11 +33,12 @@ from .config import (
     TransferConfig,
 )
 from .datasets import load_series
-from .layout import Layout
+from .layout import Layout, check_writable
 from .models import build_model, count_parameters, freeze
 from .profiles import Profile, get_profile
 from .records import build_record, kind_of, write_record
 from .series import SERIES, get_series
+from .simulate import check_device
 
 _INIT_LOCK = threading.Lock()
 
@@ -89,10 +90,14 @@ class Context:
             model = build_model(cfg)
         return model.to(self.device, memory_format=train.LAYOUT)
 
-    def train(self, model, train_set, stage, lr: float, seed: int, name: str):
-        """One stage of ``model`` on ``train_set``, evaluated on every domain after each epoch."""
+    def train(self, model, train_set, stage, lr: float, seed: int, name: str, monitor: dict):
+        """One stage of ``model`` on ``train_set``, evaluated on every domain after each epoch;
+        ``monitor`` weighs the domains whose loss decides when it stops."""
         eval_set = self.eval_set(stage.n_eval)
-        return train.train_stage(model, train_set, eval_set, stage, lr, seed, name, self.progress)
+        monitor = {str(d): float(w) for d, w in monitor.items()}
+        return train.train_stage(
+            model, train_set, eval_set, stage, lr, seed, name, monitor, self.progress
+        )
 
 
 # --- one function per kind of run -------------------------------------------------------------
@@ -100,7 +105,9 @@ def train_pretrain(cfg: PretrainConfig, ctx: Context) -> tuple[dict, torch.nn.Mo
     """Train the pretraining ``cfg`` from scratch: (its record, the model or None if it failed)."""
     model = ctx.model(cfg.model, cfg.seed)
     train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
-    summary, error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain")
+    summary, error = ctx.train(
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain", {cfg.domain: 1}
+    )
     record = build_record(cfg, {"pretrain": summary}, error, count_parameters(model))
     return record, (None if error else model)
 
@@ -128,7 +135,9 @@ def run_transfer(cfg: TransferConfig, layout: Layout, ctx: Context) -> dict:
     model.load_state_dict(ckpt["state_dict"])
     freeze(model, cfg.freeze)
     train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
-    stages["transfer"], error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "transfer")
+    stages["transfer"], error = ctx.train(
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "transfer", {cfg.domain: 1}
+    )
     return build_record(cfg, stages, error, count_parameters(model))
 
 
@@ -138,7 +147,10 @@ def run_mixture(cfg: MixtureConfig, layout: Layout, ctx: Context) -> dict:
     parts = [ctx.tensors(d, "train", n) for d, n in pairs]
     train_set = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model = ctx.model(cfg.model, cfg.seed)
-    summary, error = ctx.train(model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture")
+    # the in-domain loss of a mixture: its two domains weighted by their image counts
+    summary, error = ctx.train(
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", dict(pairs)
+    )
     return build_record(cfg, {"mixture": summary}, error, count_parameters(model))
 
 
@@ -185,8 +197,7 @@ def run(
     """
     runner = RUNNERS[kind_of(cfg)]
     train.set_threads_from_env()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available; allowed: 'cpu'")
+    check_device(device)
     series, data_cfg = series_and_data(cfg)
     if data is None:
         data = open_series(series, data_cfg, layout.data_dir, device)
@@ -218,8 +229,15 @@ def config_from_args(args, profile: Profile) -> RunConfig:
             raise ValueError(f"--{flag} {text!r}; allowed for {args.series}: {shown}")
         domains[flag] = value
     n_max = profile.data.n_train
-    if not 1 <= args.n_transfer <= n_max:
-        raise ValueError(f"--n-transfer {args.n_transfer}; allowed: 1..{n_max} ({profile.name})")
+    if "transfer" in domains:
+        if args.n_transfer is None:
+            raise ValueError(f"--transfer needs --n-transfer; allowed: 1..{n_max} ({profile.name})")
+        if not 1 <= args.n_transfer <= n_max:
+            raise ValueError(
+                f"--n-transfer {args.n_transfer}; allowed: 1..{n_max} ({profile.name})"
+            )
+    elif args.n_transfer is not None:
+        raise ValueError("--n-transfer without --transfer; allowed: both or neither")
     pretrain = PretrainConfig(
         data=profile.data,
         series=args.series,
@@ -234,7 +252,7 @@ def config_from_args(args, profile: Profile) -> RunConfig:
         return pretrain
     return TransferConfig(
         pretrain, domains["transfer"], args.n_transfer, args.transfer_lr, args.freeze,
-        profile.stage,
+        profile.transfer,
     )  # fmt: skip
 
 
@@ -269,11 +287,16 @@ def _cli(args) -> int:
     profile = get_profile(args.profile)
     layout = Layout(args.root, profile.name)
     cfg = config_from_args(args, profile)
+    check_device(args.device)
+    # before any training: a record that cannot be written would lose the work
+    check_writable(layout.records_dir("train"))
+    check_writable(layout.checkpoints_dir)
+    check_writable(layout.data_dir)
     stages = [cfg] if isinstance(cfg, PretrainConfig) else [cfg.pretrain, cfg]
     ckpt = checkpoints.checkpoint_path(layout, stages[0])
     need_pretrain = not ckpt.exists()
     table = ProgressTable(
-        stages, sum(s.stage.epochs for s in stages[(0 if need_pretrain else 1) :])
+        stages, sum(s.stage.max_epochs for s in stages[(0 if need_pretrain else 1) :])
     )
     if not need_pretrain:
         table.note(f"pretrain  loaded {ckpt}")
@@ -289,7 +312,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--series", required=True, help=f"one of {', '.join(SERIES)}")
     p.add_argument("--pretrain", required=True, help="pretraining domain (defocus nm, dose, name)")
     p.add_argument("--transfer", help="transfer domain; omitted: pretrain only")
-    p.add_argument("--n-transfer", type=int, default=64, help="target training images")
+    p.add_argument("--n-transfer", type=int, help="target training images (with --transfer)")
     p.add_argument("--freeze", default="none", help=f"one of {', '.join(FREEZE_OPTIONS)}")
     p.add_argument("--profile", default="laptop")
     p.add_argument("--pretrain-lr", type=float, default=1e-3)

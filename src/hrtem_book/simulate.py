@@ -71,6 +71,23 @@ _BLOCK_BYTES = {"cpu": 16 * 2**20, "cuda": 256 * 2**20}
 _OPTICS_CHUNK_POINTS = 2**17  # complex points per batch of CTF images (1 MB: stays in cache)
 
 
+def check_device(device: str) -> str:
+    """``device`` if torch can compute on it here, else a one-line ValueError saying what is."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is not a device; allowed: cpu, cuda, cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: no CUDA device here; allowed: cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
+
+
 def wavelength_A(energy_eV: float) -> float:
     """Relativistic electron wavelength λ [Å] at kinetic energy ``energy_eV`` [eV]."""
     e = energy_eV * const.e

@@ -283,6 +283,7 @@ def build_grid(study: str, profile) -> StudyGrid:
     overrides = dict(profile.studies.get(study, {}))
     coords, fixed = _resolve_values(spec, profile.data, overrides)
     data, model, stage = profile.data, profile.model, profile.stage
+    transfer_stage = profile.transfer
     n_max = data.n_train
 
     @functools.cache  # one object per pretraining, shared by its transfer runs
@@ -335,7 +336,7 @@ def build_grid(study: str, profile) -> StudyGrid:
             n_train=n_transfer,
             lr=v.get("transfer_lr", fixed.get("transfer_lr")),
             freeze=v["freeze"],
-            stage=stage,
+            stage=transfer_stage,
         )
     return StudyGrid(
         spec=spec,

@@ -32,25 +32,38 @@ from typing import Any
 from . import datasets
 from .checkpoints import drop_failed_checkpoint
 from .config import PretrainConfig, RunConfig, TransferConfig, config_hash
-from .executors import DaskExecutor, InProcessExecutor, RunFn, load_cluster_config
-from .layout import Layout, remove_stale_tmp
+from .executors import (
+    INFRASTRUCTURE,
+    DaskExecutor,
+    InProcessExecutor,
+    RunFn,
+    connect,
+    load_cluster_config,
+)
+from .layout import Layout, check_writable, remove_stale_tmp
 from .profiles import Profile, get_profile
 from .records import failure_record, kind_of, read_record, write_record
+from .simulate import check_device
 from .studies import STUDIES, STUDY_NAMES, build_grid
 
 
 # --- the sweep ----------------------------------------------------------------------------------
 @dataclass
 class SweepSummary:
+    """Counts of a sweep: ``failed`` runs are recorded model failures (final, redone only with
+    ``retry_failed``); ``errors`` are runs that raised (not recorded, redone next time)."""
+
     done: int = 0
     skipped: int = 0
     failed: int = 0
+    errors: int = 0
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
 
     def line(self, label: str) -> str:
+        errors = f", {self.errors} errors (not recorded; retried next run)" if self.errors else ""
         return (
-            f"{label}: {self.done} done, {self.skipped} skipped, {self.failed} failed "
+            f"{label}: {self.done} done, {self.skipped} skipped, {self.failed} failed{errors} "
             f"in {self.wall_s:.1f} s"
         )
 
@@ -77,7 +90,8 @@ def prepare_data(
     """
     data_root = layout.data_dir
     for series in dict.fromkeys(STUDIES[s].series for s in studies):
-        if not datasets.series_path(series, profile.data, data_root).exists():
+        damaged = datasets.discard_damaged(series, profile.data, data_root)
+        if damaged or not datasets.series_path(series, profile.data, data_root).exists():
             datasets.generate(series, profile.data, data_root, workers=workers, progress=progress)
 
 
@@ -134,7 +148,7 @@ def run_sweep(
     if run_fn is None:
         prepare_data(studies, profile, layout, workers=sim_workers, progress=progress)
     for task in tasks:
-        rec = read_record(task.path)
+        rec = read_record(task.path, log=log)
         if rec is not None and (rec["status"] == "ok" or not retry_failed):
             records[task.hash] = rec
             summary.skipped += 1
@@ -167,7 +181,18 @@ def run_sweep(
         )
     bar = _progress(len(todo), progress and bool(todo))
 
+    def give_up(task: _Task, message: str) -> None:
+        """An infrastructure failure: nothing is recorded; dependents wait for the next run."""
+        summary.errors += 1
+        summary.failures.append(f"{task.study}/{task.hash}: error, not recorded: {message}")
+        bar.update(1)
+        for dep in waiting.pop(task.hash, []):
+            give_up(dep, f"its pretraining {task.hash} did not finish")
+
     def finish(task: _Task, record: dict) -> None:
+        if INFRASTRUCTURE in record:
+            give_up(task, record[INFRASTRUCTURE])
+            return
         record = dict(record)
         record.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         record.setdefault("host", socket.gethostname())
@@ -178,7 +203,7 @@ def run_sweep(
         else:
             summary.failed += 1
             first = (record.get("error") or "").splitlines()[:1]
-            summary.failures.append(f"{task.study}/{task.hash}: {' '.join(first)}")
+            summary.failures.append(f"{task.study}/{task.hash}: failed: {' '.join(first)}")
         bar.update(1)
         for dep in waiting.pop(task.hash, []):
             if record["status"] == "ok":
@@ -194,17 +219,14 @@ def run_sweep(
                 priority = 1 if kind_of(task.cfg) == "pretrain" else 0
                 in_flight[ex.submit(task.cfg, priority=priority)] = task
             for handle, record in ex.wait_any(list(in_flight)):
-                task = in_flight.pop(handle)
-                if "_error" in record:
-                    record = failure_record(task.cfg, record["_error"])
-                finish(task, record)
+                finish(in_flight.pop(handle), record)
     finally:
         ex.close()
         bar.close()
     summary.wall_s = time.perf_counter() - t0
     log(summary.line(f"sweep {','.join(studies)} (profile {profile.name})"))
     for line in summary.failures[:10]:
-        log(f"  failed {line}")
+        log(f"  {line}")
     return summary
 
 
@@ -229,12 +251,23 @@ def _progress(total: int, enabled: bool):
 
 # --- command line ---------------------------------------------------------------------------------
 def _cli(args: argparse.Namespace) -> int:
+    profile = get_profile(args.profile)
+    studies = expand_studies(args.study)
+    for flag, value in (("--workers", args.workers), ("--sim-workers", args.sim_workers)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}; allowed: an integer >= 1")
     cluster_config = load_cluster_config(args.cluster) if args.cluster else None
     executor = "dask" if (cluster_config or args.scheduler) else args.executor
     device = args.device or (cluster_config or {}).get("device", "cpu")
+    check_device(device)
+    layout = Layout(args.root, profile.name)
+    for folder in (layout.data_dir, layout.records_root, layout.checkpoints_dir):
+        check_writable(folder)  # before any work: a record that cannot be written is work lost
+    if args.scheduler:
+        connect(args.scheduler).close()  # fail in seconds, before simulating anything
     summary = run_sweep(
-        args.study,
-        get_profile(args.profile),
+        studies,
+        profile,
         args.root,
         executor=executor,
         workers=args.workers,
@@ -244,7 +277,7 @@ def _cli(args: argparse.Namespace) -> int:
         device=device,
         sim_workers=args.sim_workers,
     )
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.errors else 0
 
 
 def register_cli(subparsers) -> None:

@@ -67,9 +67,10 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     """A small database of ``study`` with plausible, deterministic values (for tests and widgets).
 
     Loss grows with the distance between training and evaluation domain; transfer brings the
-    target domain down (more with more data, less with a frozen encoder); seeds add noise. The
-    cell with every axis at its first value that is not excluded is marked ``failed`` (NaN), as a
-    real sweep would record a diverged run.
+    target domain down (more with more data, less with a frozen encoder); seeds add noise. Dice
+    falls as the loss rises (``1 - 0.8 loss``), IoU follows from Dice. Every stage trains all
+    ``n_epochs`` and keeps its last epoch. The cell with every axis at its first value that is
+    not excluded is marked ``failed`` (NaN), as a real sweep would record a diverged run.
     """
     spec = get_study(study)
     rng = np.random.default_rng(seed)
@@ -81,7 +82,7 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     epochs = np.arange(1, n_epochs + 1)
     status = ds["status"].values
     hashes = ds["config_hash"].values
-    history = ds["history"].values
+    history = ds["history_loss"].values
     times = ds["train_time_s"].values
     params = ds["trainable_params"].values
     failed_marked = False
@@ -115,13 +116,20 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
                 curve = end + (0.7 - end) * np.exp(-(epochs - 1) / 1.5)
                 history[idx + (s, e)] = curve + 0.005 * rng.standard_normal(n_epochs)
             times[idx + (s,)] = 20.0 + 5.0 * rng.random()
+            ds["eval_time_s"].values[idx + (s,)] = 2.0 + rng.random()
+            ds["epochs_run"].values[idx + (s,)] = ds["best_epoch"].values[idx + (s,)] = n_epochs
+            ds["stop_reason"].values[idx + (s,)] = "max_epochs"
             freeze = cell.get("freeze", "none") if stage == "transfer" else "none"
             params[idx + (s,)] = _SYNTHETIC_PARAMS[freeze]
-    ds["best_loss"].values[...] = np.nanmin(
-        np.where(np.isfinite(history), history, np.inf), axis=-1
-    )
-    ds["best_loss"] = ds["best_loss"].where(np.isfinite(ds["best_loss"]))
-    ds["final_loss"].values[...] = history[..., -1]
+    dice = np.clip(1.0 - 0.8 * history, 0.0, 1.0)
+    ds["history_dice"].values[...] = dice
+    ds["history_iou"].values[...] = dice / (2.0 - dice)
+    for m in ("loss", "dice", "iou"):
+        hist = ds[f"history_{m}"]
+        ds[f"final_{m}"].values[...] = hist.values[..., -1]
+        ds[f"best_{m}"] = (hist.min("epoch") if m == "loss" else hist.max("epoch")).transpose(
+            *ds[f"best_{m}"].dims
+        )
     return ds
 
 

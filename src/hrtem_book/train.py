@@ -2,9 +2,20 @@
 
 One *stage* is the paper's recipe: Adam, cross-entropy over the two classes (background,
 particle), minibatches of ``StageConfig.batch_size``, learning rate ×``lr_decay`` after every
-epoch, optional D4 augmentation (every image in all 8 dihedral orientations per epoch) and
-per-image standardisation (mean 0, variance 1). After every epoch the loss on the validation set
-of *every* domain of the series is measured and kept.
+epoch, D4 augmentation (``StageConfig.augment``) and per-image standardisation (mean 0,
+variance 1). After every epoch the loss, Dice and IoU (:mod:`hrtem_book.metrics`) on the
+validation set of *every* domain of the series are measured and kept.
+
+Stopping rule: the stage monitors its *in-domain* validation loss — the loss on the domain it
+trains on (a weighted mean over the two domains of a mixture, weights = their image counts). From
+epoch ``min_epochs`` on, it stops when that loss has not improved by a relative ``min_delta`` for
+``patience`` epochs ("plateau"), or after ``max_epochs`` ("max_epochs"), and restores the weights
+of its best epoch:
+the model a stage hands on (to a transfer stage, to the record's ``final_*`` values) is that of
+its best epoch. A stage *diverges* — and its run is recorded as failed — when a loss is not
+finite, or when its in-domain validation loss exceeds :data:`DIVERGED_LOSS`, ten times the loss of
+a coin flip (ln 2): an untrained U-Net starts near 0.7 and a trained one sits near 0.1, so a
+model that far above chance has left the basin of training (e.g. a learning rate of 1e9).
 
 Reported loss: the mean cross-entropy of the 2-class **logits** (``F.cross_entropy``), whose floor
 is 0. The paper's network ended in a softmax and applied cross-entropy to probabilities, whose
@@ -29,16 +40,19 @@ import torch
 import torch.nn.functional as F
 import xarray as xr
 
+from . import metrics
 from .config import StageConfig, config_hash
 from .datasets import domain_tensors
 
 EVAL_BATCH = 64  # images per forward pass when evaluating (no gradients)
+DIVERGED_LOSS = 10 * metrics.COIN_FLIP_LOSS  # in-domain validation loss of a diverged stage
 # progress(stage, epoch, epochs, row): called after every epoch; row = one line of the table
 Progress = Callable[[str, int, int, dict], None]
 
 
 class _Diverged(Exception):
-    """A non-finite loss; turned into a failed record, never raised past :func:`run`."""
+    """A diverged stage (see the module docstring); turned into a failed record, never raised
+    past :func:`train_stage`."""
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -72,17 +86,21 @@ def d4(x: torch.Tensor, k: int) -> torch.Tensor:
 def _batches(n: int, stage: StageConfig, gen: torch.Generator) -> Iterator[tuple]:
     """(image indices, D4 element per image) of every minibatch of one epoch.
 
-    A last minibatch of a single image joins the one before: BatchNorm in training mode cannot
-    normalise one image whose deepest feature map is 1×1 (the smoke model at 32²).
+    ``"d4"``: all 8 orientations of every image, shuffled together; ``"d4-random"``: every image
+    once, in a random orientation; ``"none"``: every image once as it is. A last minibatch of a
+    single image joins the one before: BatchNorm in training mode cannot normalise one image
+    whose deepest feature map is 1×1 (the smoke model at 32²).
     """
-    copies = 8 if stage.augment_d4 else 1
-    order = torch.randperm(n * copies, generator=gen)
+    order = torch.randperm(n * stage.copies, generator=gen)
+    if stage.augment == "d4-random":
+        elements = torch.randint(0, 8, (n,), generator=gen)
     starts = list(range(0, len(order), stage.batch_size))
     if len(starts) > 1 and len(order) - starts[-1] == 1:
         starts.pop()
     for start, stop in zip(starts, starts[1:] + [len(order)], strict=True):
         chunk = order[start:stop]
-        yield chunk % n, chunk // n
+        idx = chunk % n
+        yield idx, (elements[idx] if stage.augment == "d4-random" else chunk // n)
 
 
 def _augment(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
@@ -96,14 +114,16 @@ def _augment(x: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":  # bf16 keeps fp32's range: no loss scaling needed
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bfloat16 autocast on ``device`` for ``precision="bf16"`` (bf16 keeps fp32's exponent
+    range: no loss scaling), else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 # channels_last on every device: on CUDA it feeds the tensor cores; on this CPU (oneDNN) it made
-# the narrow U-Net at 64² about 1.4× faster to train and 2× faster to evaluate (bench_train.py)
+# the narrow U-Net at 64² 1.3-1.6× faster to train and 2× faster to evaluate (bench_train.py)
 LAYOUT = torch.channels_last
 
 
@@ -132,29 +152,40 @@ class EvalSet:
 
 
 @torch.no_grad()
-def image_losses(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel cross-entropy of the logits of every image [N] (model in eval mode)."""
+def predict_stats(
+    model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, precision: str = "fp32"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-image losses ``[N]``, per-image confusion counts ``[N, 4]``) in eval mode."""
     was_training = model.training
     model.eval()
-    out = []
+    losses, stats = [], []
     for start in range(0, len(images), EVAL_BATCH):
-        with autocast(images.device):
+        with autocast(images.device, precision):
             logits = model(images[start : start + EVAL_BATCH])
-        ce = F.cross_entropy(logits.float(), masks[start : start + EVAL_BATCH], reduction="none")
-        out.append(ce.mean(dim=(-2, -1)))
+        y = masks[start : start + EVAL_BATCH]
+        losses.append(metrics.image_losses(logits, y))
+        stats.append(metrics.confusion(logits, y))
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    if not losses:
+        return torch.empty(0), torch.empty(0, 4, dtype=torch.long)
+    return torch.cat(losses), torch.cat(stats)
 
 
-def evaluate(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> float:
+def evaluate(
+    model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor, precision: str = "fp32"
+) -> float:
     """Mean per-pixel cross-entropy of the logits over a set of equally sized images."""
-    return float(image_losses(model, images, masks).double().mean())
+    return float(predict_stats(model, images, masks, precision)[0].double().mean())
 
 
-def evaluate_domains(model: torch.nn.Module, eval_set: EvalSet) -> dict[str, float]:
-    """Mean loss per domain of ``eval_set`` from one pass over all its images."""
-    losses = image_losses(model, eval_set.images, eval_set.masks).double().cpu()
-    return {key: float(losses[rows].mean()) for key, rows in eval_set.groups.items()}
+def evaluate_domains(
+    model: torch.nn.Module, eval_set: EvalSet, precision: str = "fp32"
+) -> dict[str, dict[str, float]]:
+    """``{metric: {domain: value}}`` for every domain of ``eval_set``, from one pass."""
+    losses, stats = predict_stats(model, eval_set.images, eval_set.masks, precision)
+    losses, stats = losses.cpu(), stats.cpu()
+    per_domain = {key: metrics.scores(losses[r], stats[r]) for key, r in eval_set.groups.items()}
+    return {m: {key: s[m] for key, s in per_domain.items()} for m in metrics.METRICS}
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -169,6 +200,41 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(config_hash({"seed": seed, "stage": name}), 16))
 
 
+def _monitored(val_loss: dict[str, float], monitor: dict[str, float]) -> float:
+    total = sum(monitor.values())
+    return sum(w * val_loss[key] for key, w in monitor.items()) / total
+
+
+def _new_summary(keys, monitor: dict[str, float]) -> dict:
+    out: dict = {"train_loss": []}
+    for m in metrics.METRICS:
+        out[f"val_{m}"] = {key: [] for key in keys}
+    for m in metrics.METRICS:
+        out[f"best_{m}"], out[f"final_{m}"] = {}, {}
+    out.update(
+        train_time_s=0.0,
+        eval_time_s=0.0,
+        peak_memory_mb=0.0,
+        epochs_run=0,
+        best_epoch=0,
+        stop_reason="",
+        monitor=dict(monitor),
+    )
+    return out
+
+
+def _finish_summary(summary: dict) -> None:
+    """best_* = each domain's optimum over the epochs; final_* = the kept (best) epoch's."""
+    kept = summary["best_epoch"]
+    for m in metrics.METRICS:
+        pick = max if metrics.HIGHER_IS_BETTER[m] else min
+        for key, history in summary[f"val_{m}"].items():
+            if history:
+                summary[f"best_{m}"][key] = pick(history)
+            if kept:
+                summary[f"final_{m}"][key] = history[kept - 1]
+
+
 def train_stage(
     model: torch.nn.Module,
     train_set: tuple[torch.Tensor, torch.Tensor],
@@ -177,74 +243,96 @@ def train_stage(
     lr: float,
     seed: int,
     name: str,
+    monitor: dict[str, float],
     progress: Progress | None = None,
 ) -> tuple[dict, str | None]:
     """Train ``model`` in place for one stage; returns (stage summary S, error or None).
 
-    ``train_set`` and ``eval_set`` must already be on the model's device. Only parameters with
-    ``requires_grad`` are optimised (freezing is applied beforehand). ``train_time_s`` is the
-    stage's wall time, per-epoch evaluation included; ``peak_memory_mb`` is the CUDA allocator's
-    peak during the stage, or on the CPU the process's peak resident set so far.
+    ``monitor`` weighs the evaluation domains (keys of ``eval_set.groups``) whose validation
+    loss decides when the stage stops (see the module docstring); the model ends with the
+    weights of the best epoch. ``train_set`` and ``eval_set`` must already be on the model's
+    device. Only parameters with ``requires_grad`` are optimised (freezing is applied
+    beforehand). ``train_time_s`` and ``eval_time_s`` split the stage's wall time between
+    training steps and the per-epoch evaluation; ``peak_memory_mb`` is the CUDA allocator's peak
+    during the stage, or on the CPU the process's peak resident set so far.
     """
+    unknown = sorted(set(monitor) - set(eval_set.groups))
+    if not monitor or unknown or min(monitor.values()) <= 0:
+        raise ValueError(f"monitor={monitor}: positive weights of evaluated domains needed")
     images, masks = train_set
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gen = _generator(seed, name)
-    summary = {
-        "train_loss": [],
-        "val_loss": {key: [] for key in eval_set.groups},
-        "best_loss": {},
-        "final_loss": {},
-        "train_time_s": 0.0,
-        "peak_memory_mb": 0.0,
-        "epochs_run": 0,
-    }
+    summary = _new_summary(eval_set.groups, monitor)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    error = None
-    start = time.perf_counter()
+    error, best, best_state = None, math.inf, None
+    train_s = eval_s = 0.0
     try:
-        for epoch in range(1, stage.epochs + 1):
+        for epoch in range(1, stage.max_epochs + 1):
+            t0 = time.perf_counter()
             model.train()
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             for idx, ks in _batches(len(images), stage, gen):
                 idx = idx.to(device, non_blocking=True)
                 x = _augment(images[idx], ks)
                 y = _augment(masks[idx], ks)
-                with autocast(device):
+                with autocast(device, stage.precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.detach().double() * len(idx)
-            train_loss = float(loss_sum) / (len(images) * (8 if stage.augment_d4 else 1))
+            train_loss = float(loss_sum) / (len(images) * stage.copies)
             lr_used = schedule.get_last_lr()[0]
+            t1 = time.perf_counter()
+            train_s += t1 - t0
             if not math.isfinite(train_loss):
                 raise _Diverged(f"non-finite training loss ({train_loss}) in {name} epoch {epoch}")
             schedule.step()
-            val = evaluate_domains(model, eval_set)
-            bad = [key for key, v in val.items() if not math.isfinite(v)]
+            val = evaluate_domains(model, eval_set, stage.precision)
+            eval_s += time.perf_counter() - t1
+            bad = [key for key, v in val["loss"].items() if not math.isfinite(v)]
             if bad:
                 raise _Diverged(f"non-finite validation loss on {bad[0]} in {name} epoch {epoch}")
             summary["train_loss"].append(train_loss)
-            for key, v in val.items():
-                summary["val_loss"][key].append(v)
+            for m in metrics.METRICS:
+                for key, v in val[m].items():
+                    summary[f"val_{m}"][key].append(v)
             summary["epochs_run"] = epoch
+            current = _monitored(val["loss"], monitor)
+            if current > DIVERGED_LOSS:
+                raise _Diverged(
+                    f"in-domain validation loss {current:.3g} > {DIVERGED_LOSS:.3g} "
+                    f"(10 ln 2) in {name} epoch {epoch}: diverged"
+                )
             if progress is not None:
-                row = {"train_loss": train_loss, "val_loss": val, "lr": lr_used}
-                row["time_s"] = time.perf_counter() - start
-                progress(name, epoch, stage.epochs, row)
+                row = {"train_loss": train_loss, "val_loss": val["loss"], "lr": lr_used}
+                row.update(val_dice=val["dice"], time_s=train_s + eval_s)
+                progress(name, epoch, stage.max_epochs, row)
+            if current < best * (1.0 - stage.min_delta):
+                best, summary["best_epoch"] = current, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif (
+                stage.patience is not None
+                and epoch >= stage.min_epochs
+                and epoch - summary["best_epoch"] >= stage.patience
+            ):
+                summary["stop_reason"] = "plateau"
+                break
+        else:
+            summary["stop_reason"] = "max_epochs"
     except _Diverged as exc:
         error = str(exc)
-    summary["train_time_s"] = time.perf_counter() - start
+        summary["stop_reason"] = "diverged"
+    if best_state is not None and summary["best_epoch"] != summary["epochs_run"]:
+        model.load_state_dict(best_state)
+    summary["train_time_s"], summary["eval_time_s"] = train_s, eval_s
     summary["peak_memory_mb"] = _peak_memory_mb(device)
-    for key, history in summary["val_loss"].items():
-        if history:
-            summary["best_loss"][key] = min(history)
-            summary["final_loss"][key] = history[-1]
+    _finish_summary(summary)
     return summary, error
 
 

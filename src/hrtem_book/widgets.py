@@ -26,7 +26,7 @@ from IPython import get_ipython
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
-from .figures._common import format_value
+from .figures._common import axis_label, format_value, metric_title, var_of
 from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
@@ -58,7 +58,7 @@ def axis_options(ds: xr.Dataset, axes: Sequence[str] | None = None) -> dict[str,
     return {a: [(format_value(_plain(v)), _plain(v)) for v in ds[a].values.tolist()] for a in axes}
 
 
-def data_range(ds: xr.Dataset, var: str = "best_loss") -> tuple[float, float]:
+def data_range(ds: xr.Dataset, var: str = "final_loss") -> tuple[float, float]:
     """Finite (min, max) of ``ds[var]``; (0, 1) when it holds no finite value."""
     values = np.asarray(ds[var].values, dtype=float)
     finite = values[np.isfinite(values)]
@@ -100,13 +100,16 @@ def _write_placeholder(
 class FigureApp:
     """A figure function bound to a Dataset, with controls generated from its coordinates.
 
-    ``filters`` names the grid axes that get a multi-select (default: every grid axis),
-    ``initial`` preselects values of some of them, ``reduction`` is the default Reduction mode,
-    ``colour_scale`` adds a colour-range slider spanning the finite values of ``ds[colour_var]``.
+    ``filters`` names the grid axes that get a multi-select (default: every grid axis; each is
+    labelled in words with its unit), ``initial`` preselects values of some of them,
+    ``reduction`` is the default Reduction mode, ``metrics`` the choices of the Metric selector
+    (passed to the figure function as ``metric``; empty: no selector, for figures that show no
+    metric) and ``metric`` its default; ``colour_scale`` adds a colour-range slider spanning the
+    finite values of the chosen metric (reset when the metric changes).
 
-    Attributes: ``filters`` (axis → SelectMultiple), ``reduction`` (Dropdown), ``vlim``
-    (FloatRangeSlider or None), ``output`` (the Output the figure is drawn into), ``figure``
-    (the latest Figure) and ``widget`` (the whole app, a VBox).
+    Attributes: ``filters`` (axis → SelectMultiple), ``reduction`` and ``metric`` (Dropdowns;
+    ``metric`` None without a selector), ``vlim`` (FloatRangeSlider or None), ``output`` (the
+    Output the figure is drawn into), ``figure`` (the latest Figure) and ``widget`` (the app).
     """
 
     def __init__(
@@ -117,10 +120,15 @@ class FigureApp:
         filters: Sequence[str] | None = None,
         initial: Mapping[str, Sequence] | None = None,
         reduction: str = "median",
+        metrics: Sequence[str] = ("loss", "dice"),
+        metric: str = "loss",
         colour_scale: bool = False,
-        colour_var: str = "best_loss",
     ) -> None:
         check_reduction(reduction, name="reduction")
+        if metrics and metric not in metrics:
+            raise ValueError(f"metric={metric!r}; allowed: {', '.join(metrics)}")
+        for m in metrics:
+            var_of(m)  # a clear error for an unknown metric
         self.figure_fn = figure_fn
         self.ds = ds
         initial = dict(initial or {})
@@ -141,16 +149,24 @@ class FigureApp:
                 options=opts,
                 value=chosen,
                 rows=min(len(opts), 6),
-                description=axis,
+                description=axis_label(ds, axis),
                 layout=layout,
                 style=style,
             )
         self.reduction = W.Dropdown(
             options=list(REDUCTIONS), value=reduction, description="Reduction mode", style=style
         )
+        self.metric: W.Dropdown | None = None
+        if metrics:
+            self.metric = W.Dropdown(
+                options=[(metric_title(m), m) for m in metrics],
+                value=metric,
+                description="Metric",
+                style=style,
+            )
         self.vlim: W.FloatRangeSlider | None = None
         if colour_scale:
-            lo, hi = data_range(ds, colour_var)
+            lo, hi = data_range(ds, var_of(metric))
             self.vlim = W.FloatRangeSlider(
                 value=(lo, hi),
                 min=lo,
@@ -169,7 +185,7 @@ class FigureApp:
         self.png: bytes | None = None
         for control in self.controls:
             control.observe(self._on_change, names="value")
-        head = [self.reduction] + ([self.vlim] if self.vlim is not None else [])
+        head = [self.reduction] + [w for w in (self.metric, self.vlim) if w is not None]
         self.widget = W.VBox(
             [W.HBox(head), W.HBox(list(self.filters.values())), self.output],
         )
@@ -177,7 +193,7 @@ class FigureApp:
 
     @property
     def controls(self) -> list[W.ValueWidget]:
-        extra = [self.vlim] if self.vlim is not None else []
+        extra = [w for w in (self.metric, self.vlim) if w is not None]
         return [self.reduction, *extra, *self.filters.values()]
 
     def selection(self) -> dict[str, list]:
@@ -192,6 +208,8 @@ class FigureApp:
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of the figure function for the current control values."""
         kw: dict[str, Any] = {"select": self.selection(), "reduce": self.reduction.value}
+        if self.metric is not None:
+            kw["metric"] = self.metric.value
         if self.vlim is not None and tuple(self.vlim.value) != tuple(self._full_vlim):
             kw["vlim"] = tuple(self.vlim.value)
         return kw
@@ -223,7 +241,26 @@ class FigureApp:
             display(Image(data=self.png, format="png"))
 
     def _on_change(self, change) -> None:
+        if getattr(self, "_resetting", False):
+            return
+        if self.metric is not None and change.get("owner") is self.metric:
+            self._reset_colour_range()
         self.redraw()
+
+    def _reset_colour_range(self) -> None:
+        """The colour slider spans the newly chosen metric's values (without redrawing twice)."""
+        if self.vlim is None:
+            return
+        lo, hi = data_range(self.ds, var_of(self.metric.value))
+        s = self.vlim
+        self._resetting = True
+        try:
+            s.max, s.min = max(s.max, hi), min(s.min, lo)  # widen first: value stays valid
+            s.value = (lo, hi)
+            s.min, s.max, s.step = lo, hi, (hi - lo) / 200
+        finally:
+            self._resetting = False
+        self._full_vlim = (lo, hi)
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Write the placeholder PNG of the figure at the app's initial settings."""

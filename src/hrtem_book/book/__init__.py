@@ -44,6 +44,7 @@ from .notebooks import (
     declared_parameters,
     execute_notebooks,
     figure_notebooks,
+    inject_page_parameters,
     notebook_labels,
 )
 
@@ -64,6 +65,7 @@ __all__ = [
     "ensure_database",
     "execute_notebooks",
     "figure_notebooks",
+    "inject_page_parameters",
     "missing_studies",
     "notebook_labels",
     "prepare_live",
@@ -80,7 +82,16 @@ def _cli_book(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile or default_profile(root))
     if args.check_only:
         site = myst_build_dir(Layout(root, profile.name).book_stage) / "site"
-        check_site(site, site.parent.parent / "chapters")
+        if not (site / "content").is_dir():
+            raise FileNotFoundError(
+                f"no built site in {site}; build it first with `hrtem-book book --profile "
+                f"{profile.name}`"
+            )
+        try:
+            check_site(site, site.parent.parent / "chapters")
+        except BookCheckError as exc:
+            print(f"hrtem-book book: FAILED: {exc}", file=sys.stderr)
+            return 1
         print(f"book: the site in {site} passes the AST check")
         return 0
     offline = {"auto": None, "yes": True, "no": False}[args.offline]

@@ -30,12 +30,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import results, sweep
-from ..layout import GENERATED_FOLDERS, Layout, database_file, myst_build_dir
+from ..layout import GENERATED_FOLDERS, Layout, database_file, move_aside, myst_build_dir
 from ..profiles import PROFILES, Profile
 from ..results import check_reduction
 from ..studies import STUDY_NAMES
 from .check import BookCheckError, check_site
-from .notebooks import Log, check_placeholders, execute_notebooks, figure_notebooks
+from .notebooks import (
+    Log,
+    check_placeholders,
+    execute_notebooks,
+    figure_notebooks,
+    inject_page_parameters,
+)
 from .processes import jupyter_server
 
 DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
@@ -83,7 +89,18 @@ def missing_studies(results_dir: str | Path) -> list[str]:
 
 def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) -> Path:
     """``results/<profile>/``, running the sweep (resumably) and collecting it where incomplete."""
-    results_dir = Layout(root, profile.name).results_dir
+    layout = Layout(root, profile.name)
+    results_dir = layout.results_dir
+    for study in STUDY_NAMES:
+        path = layout.database_path(study)
+        if not path.is_file():
+            continue
+        try:
+            results.load_database(path, study)
+        except ValueError as exc:  # damaged, or written by another schema: derived, rebuild it
+            aside = move_aside(path)
+            reason = str(exc).splitlines()[0]
+            log(f"book: {reason}; moved aside to {aside.name}, rebuilding it from the records")
     missing = missing_studies(results_dir)
     if missing:
         log(f"book: results database incomplete in {results_dir} (missing {', '.join(missing)});")
@@ -115,9 +132,12 @@ def relative_to_notebooks(path: Path, root: Path) -> str:
     return os.path.relpath(path, root.resolve() / "notebooks")
 
 
-def stage_book(root: Path, stage: Path, notebooks: Iterable[Path]) -> Path:
+def stage_book(
+    root: Path, stage: Path, notebooks: Iterable[Path], values: dict | None = None
+) -> Path:
     """Copy the book's sources into ``stage`` with ``notebooks`` (parameters injected) in place
-    of the committed ones; ``stage/results`` and ``stage/data`` link to the project's."""
+    of the committed ones and ``values`` injected into the chapters' parameters cells;
+    ``stage/results`` and ``stage/data`` link to the project's."""
     stage.mkdir(parents=True, exist_ok=True)
     for name in BOOK_SOURCES:
         src, dst = root / name, stage / name
@@ -133,6 +153,9 @@ def stage_book(root: Path, stage: Path, notebooks: Iterable[Path]) -> Path:
             shutil.copytree(src, dst)
         elif src.is_file():
             shutil.copy2(src, dst)
+    if values:
+        for page in sorted((stage / "chapters").glob("*.md")):
+            page.write_text(inject_page_parameters(page.read_text(), values))
     link_shared(root, stage)
     return stage
 
@@ -261,6 +284,6 @@ def build_book(
     chapters = sorted((root / "chapters").glob("*.md"))
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")
-    stage_book(root, stage, executed)
+    stage_book(root, stage, executed, values)
     kind, path = build_site(stage, offline=offline, jobs=jobs, log=log)
     return BuildResult(kind, path, stage, executed)

@@ -59,6 +59,13 @@ def check_page(page: dict) -> tuple[list[str], set[str]]:
             problems.append(f"{where}: unresolved cross-reference {node.get('identifier')!r}")
         if kind == "link" and str(node.get("url", "")).startswith("#"):
             problems.append(f"{where}: unresolved reference {node['url']!r}")
+        if kind == "inlineExpression":
+            result = node.get("result") or {}
+            if result.get("status") != "ok" or not node.get("children"):
+                why = result.get("ename") or result.get("status") or "no result"
+                problems.append(
+                    f"{where}: inline expression {node.get('value')!r} was not executed ({why})"
+                )
         data = node.get("jupyter_data")
         if isinstance(data, dict) and data.get("output_type") == "error":
             problems.append(f"{where}: a cell raised {data.get('ename', 'an error')}")

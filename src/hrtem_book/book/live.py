@@ -46,6 +46,9 @@ def prepare_live(profile: Profile, root: str | Path = ".", reduction: str = "med
     """The notebooks with ``profile``'s parameters injected (not run), under ``_build/live``."""
     root = Path(root).resolve()
     layout = Layout(root, profile.name)
+    notebooks = figure_notebooks(root)
+    if not notebooks:
+        raise FileNotFoundError(f"no figure notebooks in {root / 'notebooks'}; nothing to serve")
     results_dir = layout.results_dir
     if missing := missing_studies(results_dir):
         raise FileNotFoundError(
@@ -59,7 +62,7 @@ def prepare_live(profile: Profile, root: str | Path = ".", reduction: str = "med
     }
     stage = layout.live_stage
     nbs = execute_notebooks(
-        figure_notebooks(root), stage / "notebooks", values, prepare_only=True, log=lambda m: None
+        notebooks, stage / "notebooks", values, prepare_only=True, log=lambda m: None
     )
     link_shared(root, stage)
     # the apps write their placeholder on start: keep them off the committed figures/

@@ -24,6 +24,12 @@ _FIGURE_BLOCK = re.compile(
     re.MULTILINE | re.DOTALL,
 )
 _PLACEHOLDER = re.compile(r"^[ \t]*:placeholder:\s*(\S+)", re.MULTILINE)
+# the code cell of an executable MyST page tagged "parameters": its options, then its body
+_PAGE_PARAMETERS = re.compile(
+    r"^(`{3,})\{code-cell\}[^\n]*\n((?:[ \t]*:[\w-]+:[^\n]*\n)*)(.*?)^\1[ \t]*$",
+    re.MULTILINE | re.DOTALL,
+)
+_ASSIGNMENT = re.compile(r"^(\w+)\s*=.*$", re.MULTILINE)
 
 
 def figure_notebooks(root: str | Path = ".") -> list[Path]:
@@ -157,3 +163,23 @@ def check_placeholders(chapters: Iterable[Path], since: float) -> list[str]:
                 f"placeholder of #{label} shows the {reduction} but its caption does not say so"
             )
     return problems
+
+
+def inject_page_parameters(text: str, values: dict) -> str:
+    """An executable MyST page (a chapter) with the assignments of its ``parameters`` code cell
+    set to ``values`` — the page-level twin of papermill's parameter injection. Names the cell
+    does not assign are ignored; a page without such a cell is returned unchanged."""
+
+    def rewrite(match: re.Match) -> str:
+        fence, options, body = match.group(1), match.group(2), match.group(3)
+        if "parameters" not in options:
+            return match.group(0)
+
+        def assign(line: re.Match) -> str:
+            name = line.group(1)
+            return f"{name} = {values[name]!r}" if name in values else line.group(0)
+
+        head = match.group(0)[: match.start(2) - match.start(0)]
+        return head + options + _ASSIGNMENT.sub(assign, body) + fence
+
+    return _PAGE_PARAMETERS.sub(rewrite, text, count=0)

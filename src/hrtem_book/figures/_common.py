@@ -1,10 +1,13 @@
 """Helpers shared by the figure functions: selections, per-role losses, heatmaps, labels.
 
-Every figure function has the signature ``fn(ds, *, select=None, reduce="median", ...)`` and
-returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, nothing
-shown as a side effect). ``select`` maps grid axes to the values kept (the widgets' filters);
-``reduce`` is the Reduction mode applied over every model that passes the filters and shares a
-cell of the figure (NaN-aware: failed, missing and excluded runs are skipped).
+Every figure function has the signature ``fn(ds, *, select=None, reduce="median", metric="loss",
+...)`` and returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state,
+nothing shown as a side effect). ``select`` maps grid axes to the values kept (the widgets'
+filters); ``reduce`` is the Reduction mode applied over every model that passes the filters and
+shares a cell of the figure (NaN-aware: failed, missing and excluded runs are skipped);
+``metric`` is ``"loss"``, ``"dice"`` or ``"iou"`` of the model each stage kept (the database's
+``final_<metric>``). For the loss lower is better, for Dice and IoU higher: :func:`worse` orients
+every difference so that a positive gap always means "worse".
 """
 
 from __future__ import annotations
@@ -17,15 +20,49 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..results import check_reduction, query
-from ..series import get_series, match_index
+from ..metrics import HIGHER_IS_BETTER, METRIC_TITLES, METRICS
+from ..results import check_reduction, metric_var, on_domain, query
+from ..series import get_series
 
-CMAP = "viridis_r"  # low loss = bright: the eye goes to the good transfers
+# bright = good (low loss, high Dice): the eye goes to the good transfers
+CMAPS = {False: "viridis_r", True: "viridis"}
 MISSING_COLOUR = "0.85"  # excluded (target = pretraining domain) and all-NaN cells
 
 
 def check_reduce(reduce: str) -> str:
     return check_reduction(reduce)
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
+    return metric
+
+
+def var_of(metric: str) -> str:
+    """The database variable a figure shows for ``metric``: the kept model's value."""
+    return metric_var(check_metric(metric), "final")
+
+
+def metric_title(metric: str) -> str:
+    """``"cross-entropy loss"``, ``"Dice score"``, ``"IoU"``."""
+    return METRIC_TITLES[check_metric(metric)]
+
+
+def worse(a, b, metric: str):
+    """``a`` minus ``b`` oriented so that positive means ``a`` is worse than ``b``."""
+    return b - a if HIGHER_IS_BETTER[check_metric(metric)] else a - b
+
+
+def best_of(values, metric: str) -> int:
+    """Flat index of the best finite value (lowest loss, highest Dice)."""
+    arr = np.asarray(values, dtype=float)
+    return int(np.nanargmax(arr) if HIGHER_IS_BETTER[check_metric(metric)] else np.nanargmin(arr))
+
+
+def worst_of(values, metric: str) -> int:
+    """Flat index of the worst finite value (highest loss, lowest Dice)."""
+    return best_of(-np.asarray(values, dtype=float), metric)
 
 
 def as_list(values: Any) -> list:
@@ -55,18 +92,7 @@ def reduce_da(da: xr.DataArray, reduce: str, keep: Sequence[str]) -> xr.DataArra
     return query(da.to_dataset(name=name), name, None, check_reduce(reduce), keep=keep)
 
 
-def loss_on(da: xr.DataArray, axis: str) -> xr.DataArray:
-    """The loss evaluated on the domain named by ``axis`` (e.g. each cell's target domain).
-
-    ``da`` has an ``eval_domain`` dim; the result drops it and holds, for every value ``v`` of
-    ``axis``, the loss at ``eval_domain == v`` (NaN where ``v`` is not an evaluation domain).
-    The role of each value comes from the axis, never from sorting domain values.
-    """
-    ev = da["eval_domain"].values
-    idx = np.array([match_index(ev, v) for v in da[axis].values])
-    take = xr.DataArray(np.clip(idx, 0, None), dims=axis)
-    out = da.isel(eval_domain=take).drop_vars("eval_domain", errors="ignore")
-    return out.where(xr.DataArray(idx >= 0, dims=axis))
+loss_on = on_domain  # the value on the domain named by an axis (see results.on_domain)
 
 
 def selected(ds: xr.Dataset, var: str, select: Mapping[str, list]) -> xr.DataArray:
@@ -101,6 +127,33 @@ def axis_title(ds: xr.Dataset, what: str) -> str:
     return get_series(str(ds.attrs["series"])).title(what)
 
 
+# grid axes in words (with units); domain axes name the database's series
+AXIS_LABELS = {
+    "n_transfer": "transfer images",
+    "pretrain_lr": "pretraining learning rate",
+    "transfer_lr": "transfer learning rate",
+    "lr": "learning rate",
+    "freeze": "frozen part",
+    "mix": "mixture (images of a : b)",
+    "seed": "seed (replicate)",
+}
+DOMAIN_AXIS_WORDS = {
+    "pretrain_domain": "pretraining",
+    "target_domain": "target",
+    "domain_a": "domain a:",
+    "domain_b": "domain b:",
+    "train_domain": "training",
+    "test_domain": "test",
+}
+
+
+def axis_label(ds: xr.Dataset, axis: str) -> str:
+    """A grid axis in words, with its unit: ``"pretraining defocus [nm]"``, ``"frozen part"``."""
+    if axis in DOMAIN_AXIS_WORDS:
+        return axis_title(ds, DOMAIN_AXIS_WORDS[axis])
+    return AXIS_LABELS.get(axis, axis.replace("_", " "))
+
+
 def value_range(*arrays: xr.DataArray) -> tuple[float, float]:
     """Finite (min, max) over several arrays; (0, 1) when none is finite."""
     vals = np.concatenate([np.asarray(a.values, dtype=float).ravel() for a in arrays])
@@ -121,10 +174,13 @@ def draw_heatmap(
     title: str,
     annotate: bool = True,
     label_fn: Callable[[Any], str] = domain_label,
+    metric: str = "loss",
 ):
-    """Draw a 2-D DataArray (rows = first dim) as a heatmap with value labels; NaN cells grey."""
+    """Draw a 2-D DataArray (rows = first dim) as a heatmap with value labels; NaN cells grey;
+    good values bright whatever the metric's direction."""
     values = np.asarray(da.values, dtype=float)
-    cmap = matplotlib.colormaps[CMAP].with_extremes(bad=MISSING_COLOUR)
+    higher = HIGHER_IS_BETTER[check_metric(metric)]
+    cmap = matplotlib.colormaps[CMAPS[higher]].with_extremes(bad=MISSING_COLOUR)
     im = ax.imshow(
         np.ma.masked_invalid(values),
         cmap=cmap,
@@ -144,7 +200,8 @@ def draw_heatmap(
         mid = 0.5 * (vlim[0] + vlim[1])
         for (i, j), v in np.ndenumerate(values):
             if np.isfinite(v):
-                colour = "black" if v < mid else "white"  # viridis_r: low values are light
+                light = v > mid if higher else v < mid  # the bright end of the colour map
+                colour = "black" if light else "white"
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=colour)
     return im
 

@@ -15,8 +15,9 @@ domain :math:`d \\in D`:
   :math:`d \\in D`, and its shift through transfer :math:`\\Delta S = S(m_\\mathrm{transfer}) -
   S(m_\\mathrm{pretrain})`.
 
-All functions are NaN-aware: failed, missing and excluded runs give NaN and are skipped by the
-reductions.
+The measures are written for the loss; for Dice and IoU (``metric``) every difference is
+oriented so that a positive gap still means "worse" (:func:`~._common.worse`). All functions are
+NaN-aware: failed, missing and excluded runs give NaN and are skipped by the reductions.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ from ._common import (
     clean_select,
     domain_label,
     loss_on,
+    metric_title,
     new_figure,
     reduce_da,
     selected,
+    var_of,
+    worse,
 )
 
 MAX_BAR_PAIRS = 6  # panels of the per-domain bar figure
@@ -47,12 +51,12 @@ TRAINED_ON = {"pretrain": "pretrain_domain", "transfer": "target_domain"}
 
 # --- measures ---------------------------------------------------------------------------------
 def stage_losses(
-    ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, var: str = "best_loss"
+    ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, metric: str = "loss"
 ) -> xr.DataArray:
-    """Losses of every selected model after ``stage``: grid dims + ``eval_domain``."""
+    """``metric`` of every selected model after ``stage``: grid dims + ``eval_domain``."""
     if stage not in TRAINED_ON:
         raise ValueError(f"stage={stage!r}; allowed: {', '.join(TRAINED_ON)}")
-    da = selected(ds, var, {**clean_select(ds, select), "stage": [stage]})
+    da = selected(ds, var_of(metric), {**clean_select(ds, select), "stage": [stage]})
     return da.squeeze("stage", drop=True)
 
 
@@ -69,12 +73,13 @@ def _own_domain_mask(losses: xr.DataArray, trained_on: str) -> xr.DataArray:
     return xr.DataArray(mask, dims=("eval_domain", trained_on))
 
 
-def ood_gap(losses: xr.DataArray, trained_on: str) -> xr.DataArray:
-    """Eq. (eq-ood-gap): mean loss on the other domains minus the loss on the trained domain."""
+def ood_gap(losses: xr.DataArray, trained_on: str, metric: str = "loss") -> xr.DataArray:
+    """Eq. (eq-ood-gap): mean loss on the other domains minus the loss on the trained domain
+    (for Dice: the trained domain's minus the others', so positive is worse off-domain)."""
     others = losses.where(~_own_domain_mask(losses, trained_on))
     with np.errstate(all="ignore"):
         off = others.mean("eval_domain", skipna=True)
-    return off - id_loss(losses, trained_on)
+    return worse(off, id_loss(losses, trained_on), metric)
 
 
 def loss_spread(losses: xr.DataArray) -> xr.DataArray:
@@ -86,7 +91,7 @@ def loss_spread(losses: xr.DataArray) -> xr.DataArray:
 
 
 def in_distribution_gap(
-    ds: xr.Dataset, select: Mapping[str, Any] | None = None, var: str = "best_loss"
+    ds: xr.Dataset, select: Mapping[str, Any] | None = None, metric: str = "loss"
 ) -> xr.DataArray:
     """Eq. (eq-id-gap) for every selected transfer cell (NaN where no model was pretrained on t).
 
@@ -94,15 +99,15 @@ def in_distribution_gap(
     learning rate (when the study varies it) and seed.
     """
     sel = clean_select(ds, select)
-    after = id_loss(stage_losses(ds, "transfer", sel, var), "target_domain")
+    after = id_loss(stage_losses(ds, "transfer", sel, metric), "target_domain")
     # the reference is every pretraining of the database, whatever the filters on pretrain_domain
     ref_sel = {k: v for k, v in sel.items() if k in ("pretrain_lr", "seed")}
-    pre = id_loss(stage_losses(ds, "pretrain", ref_sel, var), "pretrain_domain")
+    pre = id_loss(stage_losses(ds, "pretrain", ref_sel, metric), "pretrain_domain")
     ref_keep = [d for d in ("pretrain_domain", "pretrain_lr", "seed") if d in pre.dims]
     # pretraining values repeat along the transfer axes: any NaN-skipping reduction recovers them
     ref = reduce_da(pre, "median", keep=ref_keep).rename(pretrain_domain="target_domain")
     ref = ref.reindex(target_domain=after["target_domain"].values)
-    return after - ref
+    return worse(after, ref, metric)
 
 
 # --- reductions over replicates ---------------------------------------------------------------
@@ -115,12 +120,16 @@ def per_configuration(da: xr.DataArray, reduce: str) -> np.ndarray:
 
 
 def ood_measures(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, np.ndarray]:
     """Per configuration (reduced over seeds): spread before/after, its shift, OOD and ID gaps."""
     check_reduce(reduce)
-    before = stage_losses(ds, "pretrain", select)
-    after = stage_losses(ds, "transfer", select)
+    before = stage_losses(ds, "pretrain", select, metric)
+    after = stage_losses(ds, "transfer", select, metric)
     # the pretraining values of the excluded cells (target = pretraining) are NaN in the database;
     # masking "before" with "after" keeps the two distributions over the same cells
     valid = np.isfinite(after).all("eval_domain")
@@ -130,9 +139,11 @@ def ood_measures(
         "spread_before": per_configuration(s_before, reduce),
         "spread_after": per_configuration(s_after, reduce),
         "spread_shift": per_configuration(s_after - s_before, reduce),
-        "ood_before": per_configuration(ood_gap(before, "pretrain_domain").where(valid), reduce),
-        "ood_after": per_configuration(ood_gap(after, "target_domain"), reduce),
-        "id_gap": per_configuration(in_distribution_gap(ds, select), reduce),
+        "ood_before": per_configuration(
+            ood_gap(before, "pretrain_domain", metric).where(valid), reduce
+        ),
+        "ood_after": per_configuration(ood_gap(after, "target_domain", metric), reduce),
+        "id_gap": per_configuration(in_distribution_gap(ds, select, metric), reduce),
     }
 
 
@@ -147,20 +158,25 @@ def _boxes(ax, groups: dict[str, np.ndarray], ylabel: str) -> None:
 
 
 def ood_spread(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> Figure:
     """Spread of the loss across domains before/after transfer, its shift, and the two gaps.
 
     Each box holds one value per configuration (every grid cell but the seed), the seeds reduced
     with ``reduce``.
     """
-    m = ood_measures(ds, select=select, reduce=reduce)
+    m = ood_measures(ds, select=select, reduce=reduce, metric=metric)
+    title = metric_title(metric)
     fig = new_figure(11.0, 3.6)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     _boxes(
         ax1,
         {"after pretraining": m["spread_before"], "after transfer": m["spread_after"]},
-        "spread S of the loss over domains",
+        f"spread S of the {title} over domains",
     )
     ax1.set_title("(a) spread across domains")
     if m["spread_shift"].size:
@@ -177,7 +193,7 @@ def ood_spread(
             "OOD gap\nafter": m["ood_after"],
             "ID gap\nafter": m["id_gap"],
         },
-        "gap (loss difference)",
+        f"gap ({title} difference; > 0 is worse)",
     )
     ax3.axhline(0.0, color="k", lw=0.8)
     ax3.set_title("(c) OOD and in-distribution gaps")
@@ -193,17 +209,26 @@ def bar_pairs(ds: xr.Dataset, select: Mapping[str, list]) -> list[tuple[Any, Any
 
 
 def pair_bars_data(
-    ds: xr.Dataset, pair: tuple[Any, Any], *, select: Mapping[str, list], reduce: str
+    ds: xr.Dataset,
+    pair: tuple[Any, Any],
+    *,
+    select: Mapping[str, list],
+    reduce: str,
+    metric: str = "loss",
 ) -> tuple[xr.DataArray, xr.DataArray]:
-    """(before, after) loss per evaluation domain of one pair, over the *filtered* models."""
+    """(before, after) ``metric`` per evaluation domain of one pair, over the *filtered* models."""
     sel = {**select, "pretrain_domain": [pair[0]], "target_domain": [pair[1]]}
-    before = reduce_da(stage_losses(ds, "pretrain", sel), reduce, keep=["eval_domain"])
-    after = reduce_da(stage_losses(ds, "transfer", sel), reduce, keep=["eval_domain"])
+    before = reduce_da(stage_losses(ds, "pretrain", sel, metric), reduce, keep=["eval_domain"])
+    after = reduce_da(stage_losses(ds, "transfer", sel, metric), reduce, keep=["eval_domain"])
     return before, after
 
 
 def ood_bars(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> Figure:
     """Loss on every evaluation domain for chosen (pretraining → target) pairs, before/after.
 
@@ -220,7 +245,7 @@ def ood_bars(
     fig = new_figure(4.2 * ncol, 0.8 + 2.8 * nrow)
     axes = np.atleast_1d(fig.subplots(nrow, ncol, squeeze=False)).ravel()
     for ax, pair in zip(axes, pairs, strict=False):
-        before, after = pair_bars_data(ds, pair, select=sel, reduce=reduce)
+        before, after = pair_bars_data(ds, pair, select=sel, reduce=reduce, metric=metric)
         x = np.arange(before.sizes["eval_domain"])
         ax.bar(x - 0.2, before.values, width=0.4, color="0.6", label="after pretraining")
         ax.bar(x + 0.2, after.values, width=0.4, color="C0", label="after transfer")
@@ -234,20 +259,27 @@ def ood_bars(
                 ax.get_xticklabels()[i].set_fontweight("bold")
         ax.set_title(f"{domain_label(pair[0])} → {domain_label(pair[1])}", fontsize=10)
         ax.set_xlabel(axis_title(ds, "evaluation"))
-        ax.set_ylabel("best loss")
+        ax.set_ylabel(metric_title(metric))
     for ax in axes[len(pairs) :]:
         ax.set_visible(False)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Loss on every domain, pretraining → target; {reduce} over the filtered models")
+    fig.suptitle(
+        f"{metric_title(metric).capitalize()} on every domain, pretraining → target; "
+        f"{reduce} over the filtered models"
+    )
     return fig
 
 
 def ood_numbers(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, float]:
     """Medians of the per-configuration measures and the share of configurations whose spread
     grew through transfer (for the prose of chapter 8)."""
-    m = ood_measures(ds, select=select, reduce=reduce)
+    m = ood_measures(ds, select=select, reduce=reduce, metric=metric)
 
     def med(key: str) -> float:
         return float(np.median(m[key])) if m[key].size else float("nan")

@@ -15,29 +15,24 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ._common import (
+    axis_label,
     check_reduce,
     clean_select,
     format_value,
     loss_on,
+    metric_title,
     new_figure,
     reduce_da,
     selected,
 )
 from .generalization import per_configuration, stage_losses
 
-AXIS_NAMES = {
-    "n_transfer": "transfer dataset size [images]",
-    "freeze": "frozen part",
-    "pretrain_lr": "pretraining LR",
-    "transfer_lr": "transfer LR",
-}
-
 
 def target_losses(
-    ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, var: str = "best_loss"
+    ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, metric: str = "loss"
 ) -> xr.DataArray:
-    """Loss on each cell's target domain after ``stage`` (grid dims, unreduced)."""
-    return loss_on(stage_losses(ds, stage, select, var), "target_domain")
+    """``metric`` on each cell's target domain after ``stage`` (grid dims, unreduced)."""
+    return loss_on(stage_losses(ds, stage, select, metric), "target_domain")
 
 
 def _group_label(values: tuple) -> str:
@@ -50,8 +45,9 @@ def grouped_losses(
     *,
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, np.ndarray]:
-    """``{group label: per-configuration target losses after transfer}`` grouped by ``by``.
+    """``{group label: per-configuration target values after transfer}`` grouped by ``by``.
 
     Groups follow the coordinate order of the ``by`` axes; a group the filters remove is absent.
     The first entry, ``"no transfer"``, holds the same cells before transfer.
@@ -62,8 +58,8 @@ def grouped_losses(
         if axis not in ds.dims:
             raise ValueError(f"cannot group by {axis!r}: not an axis of this database")
     sel = clean_select(ds, select)
-    after = target_losses(ds, "transfer", sel)
-    before = target_losses(ds, "pretrain", sel)
+    after = target_losses(ds, "transfer", sel, metric)
+    before = target_losses(ds, "pretrain", sel, metric)
     groups = {"no transfer": per_configuration(before.where(np.isfinite(after)), reduce)}
     for values in np.ndindex(*(after.sizes[a] for a in by)):
         part = after.isel(dict(zip(by, values, strict=True)))
@@ -78,9 +74,10 @@ def loss_distributions(
     by: Sequence[str],
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
+    metric: str = "loss",
 ) -> Figure:
-    """Box plots, every configuration a dot, of the target-domain loss grouped by ``by``."""
-    groups = grouped_losses(ds, by, select=select, reduce=reduce)
+    """Box plots, every configuration a dot, of the target-domain ``metric`` grouped by ``by``."""
+    groups = grouped_losses(ds, by, select=select, reduce=reduce, metric=metric)
     labels = [k for k, v in groups.items() if v.size]
     if len(labels) < 2:
         raise ValueError("the selection leaves no finished transfer run")
@@ -94,11 +91,14 @@ def loss_distributions(
     rng = np.random.default_rng(0)  # fixed jitter: the figure is deterministic
     for i, values in enumerate(data, start=1):
         ax.plot(i + rng.uniform(-0.15, 0.15, values.size), values, ".", color="k", ms=3, alpha=0.5)
-    ax.set_xlabel(" / ".join(AXIS_NAMES.get(a, a) for a in by))
-    ax.set_ylabel("best loss on the target domain")
+    ax.set_xlabel(" / ".join(axis_label(ds, a) for a in by))
+    ax.set_ylabel(f"{metric_title(metric)} on the target domain")
     if len(labels) > 6:
         ax.tick_params(axis="x", labelrotation=45)
-    ax.set_title(f"Target-domain loss after transfer; {reduce} over seeds of each configuration")
+    ax.set_title(
+        f"Target-domain {metric_title(metric)} after transfer; {reduce} over seeds of each "
+        "configuration"
+    )
     return fig
 
 
@@ -123,8 +123,8 @@ def cost_by_freeze(
     """Per freeze option: trainable parameters and measured transfer time (``reduce`` over the
     filtered runs), in seconds per stage and per training image per epoch.
 
-    The per-image time divides the stage's wall time by ``n_transfer`` (the axis, or the study's
-    fixed setting in ``ds.attrs``) and by the number of epochs (length of the ``epoch`` dim).
+    The per-image time divides the stage's training time by ``n_transfer`` (the axis, or the
+    study's fixed setting in ``ds.attrs``) and by the epochs it trained (``epochs_run``).
     """
     check_reduce(reduce)
     sel = {**clean_select(ds, select), "stage": ["transfer"]}
@@ -139,7 +139,7 @@ def cost_by_freeze(
         }
         n_images = time["n_transfer"] if "n_transfer" in time.dims else ds.attrs.get("n_transfer")
         if n_images is not None:
-            per_image = time / (n_images * ds.sizes["epoch"])
+            per_image = time / (n_images * selected(ds, "epochs_run", s))
             entry["time_per_image_s"] = float(reduce_da(per_image, reduce, keep=[]).values)
         out[str(option)] = entry
     return out

@@ -15,18 +15,24 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from ..metrics import METRIC_NAMES
 from ._common import (
     axis_title,
+    best_of,
     check_reduce,
     clean_select,
     domain_label,
     domain_unit,
     draw_heatmap,
     loss_on,
+    metric_title,
     new_figure,
     reduce_da,
     selected,
     value_range,
+    var_of,
+    worse,
+    worst_of,
 )
 
 MAX_BASELINE_PAIRS = 4  # rows of the baseline figure; more pairs would be unreadable
@@ -37,9 +43,9 @@ def heatmap_data(
     *,
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
-    var: str = "best_loss",
+    metric: str = "loss",
 ) -> tuple[xr.DataArray, xr.DataArray]:
-    """(after pretraining, after transfer) loss maps, dims (pretrain_domain, target domain).
+    """(after pretraining, after transfer) ``metric`` maps, dims (pretrain_domain, target domain).
 
     After pretraining: the pretrained model of each row evaluated on each selected target domain
     (the ``eval_domain`` axis, so the diagonal — the model's own domain — is filled). After
@@ -47,6 +53,7 @@ def heatmap_data(
     excluded from the study and stays empty).
     """
     check_reduce(reduce)
+    var = var_of(metric)
     sel = clean_select(ds, select)
     targets = sel.pop("target_domain", None)
     pre_sel = {**sel, "stage": ["pretrain"]}
@@ -69,18 +76,18 @@ def transfer_heatmaps(
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
     vlim: tuple[float, float] | None = None,
-    var: str = "best_loss",
+    metric: str = "loss",
     label_fn: Callable[[Any], str] = domain_label,
     row_title: str | None = None,
     col_title: str | None = None,
 ) -> Figure:
-    """Pretraining × target-domain heatmaps of the target-domain loss, before/after transfer.
+    """Pretraining × target-domain heatmaps of the target-domain ``metric``, before/after transfer.
 
     ``vlim`` fixes the colour scale (default: the finite range of both panels, shared).
     ``label_fn`` turns a domain value into its tick label; ``row_title``/``col_title`` replace
     the axis titles derived from the database's series.
     """
-    before, after = heatmap_data(ds, select=select, reduce=reduce, var=var)
+    before, after = heatmap_data(ds, select=select, reduce=reduce, metric=metric)
     if before.size == 0 or after.size == 0:
         raise ValueError("the selection leaves no pretraining or target domain")
     lim = tuple(vlim) if vlim is not None else value_range(before, after)
@@ -101,11 +108,14 @@ def transfer_heatmaps(
             col_title=col_title,
             title=title,
             label_fn=label_fn,
+            metric=metric,
         )
     axes[1].set_ylabel("")
     cbar = fig.colorbar(im, ax=list(axes), shrink=0.9)
-    cbar.set_label(f"{var.replace('_', ' ')} on the target domain")
-    fig.suptitle(f"Target-domain loss ({reduce} over the filtered models of each cell)")
+    cbar.set_label(f"{metric_title(metric)} on the target domain")
+    fig.suptitle(
+        f"Target-domain {metric_title(metric)} ({reduce} over the filtered models of each cell)"
+    )
     return fig
 
 
@@ -134,10 +144,10 @@ def baseline_data(
     *,
     select: Mapping[str, list],
     reduce: str,
-    var: str = "best_loss",
+    metric: str = "loss",
     transfer_select: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Losses of one (a, b) pair by role: ``{"a": {...}, "b": {...}}``.
+    """``metric`` of one (a, b) pair by role: ``{"a": {...}, "b": {...}}``.
 
     Role ``"a"`` is the pair's first domain (the pretraining domain of the transfer run), role
     ``"b"`` its second (the transfer target), whatever their numeric order. Each role holds
@@ -145,6 +155,7 @@ def baseline_data(
     transfer database lacks the pair).
     """
     a, b = pair
+    var = var_of(metric)
     sel = {**select, "domain_a": [a], "domain_b": [b]}
     mixture = selected(ds, var, sel)
     out: dict[str, dict[str, Any]] = {}
@@ -175,7 +186,7 @@ def baseline_comparison(
     transfer: xr.Dataset | None = None,
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
-    var: str = "best_loss",
+    metric: str = "loss",
     transfer_select: Mapping[str, Any] | None = None,
 ) -> Figure:
     """Mixture baseline vs sequential transfer for the selected (a, b) pairs.
@@ -202,7 +213,7 @@ def baseline_comparison(
             pair,
             select=sel,
             reduce=reduce,
-            var=var,
+            metric=metric,
             transfer_select=transfer_select,
         )
         for col, role in enumerate(("a", "b")):
@@ -218,10 +229,11 @@ def baseline_comparison(
             ax.set_xticks(x, [str(m) for m in mixes])
             dom = f"{domain_label(d['domain'])} {unit}".strip()
             ax.set_title(
-                f"a={domain_label(pair[0])}, b={domain_label(pair[1])}: loss on {role} ({dom})",
+                f"a={domain_label(pair[0])}, b={domain_label(pair[1])}: "
+                f"{METRIC_NAMES[metric]} on {role} ({dom})",
                 fontsize=9,
             )
-            ax.set_ylabel(var.replace("_", " "))
+            ax.set_ylabel(metric_title(metric))
             if row == len(pairs) - 1:
                 ax.set_xlabel("mixture: images of a : b")
     axes[0, 1].legend(fontsize=8, loc="best")
@@ -241,16 +253,20 @@ def study_counts(ds: xr.Dataset) -> dict[str, int]:
 
 
 def heatmap_numbers(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, Any]:
     """Numbers the chapters quote about a transfer study's heatmaps (see :func:`heatmap_data`).
 
     ``before``/``after``: mean over the off-diagonal cells of the reduced maps; ``improved``:
-    fraction of (pretraining, target) pairs whose target loss dropped with transfer;
-    ``best_pretrain``: the pretraining domain with the lowest mean loss after transfer;
-    ``worst_pair``: the (pretraining, target) pair with the highest loss after pretraining.
+    fraction of (pretraining, target) pairs that transfer improved; ``best_pretrain``: the
+    pretraining domain with the best mean value after transfer; ``worst_pair``: the
+    (pretraining, target) pair with the worst value after pretraining.
     """
-    before, after = heatmap_data(ds, select=select, reduce=reduce)
+    before, after = heatmap_data(ds, select=select, reduce=reduce, metric=metric)
     before_t = before.sel(target_domain=after["target_domain"])
     both = np.isfinite(after.values) & np.isfinite(before_t.values)
     if not both.any():
@@ -259,13 +275,13 @@ def heatmap_numbers(
         )
     row_mean = after.mean("target_domain", skipna=True)
     off = before_t.where(xr.DataArray(both, dims=after.dims, coords=after.coords))
-    worst = np.unravel_index(int(np.nanargmax(off.values)), off.shape)
+    worst = np.unravel_index(worst_of(off.values, metric), off.shape)
     return {
         **study_counts(ds),
         "before": float(np.nanmean(before_t.values[both])),
         "after": float(np.nanmean(after.values[both])),
-        "improved": float(np.mean(after.values[both] < before_t.values[both])),
-        "best_pretrain": after["pretrain_domain"].values[int(np.nanargmin(row_mean.values))].item(),
+        "improved": float(np.mean(worse(after.values[both], before_t.values[both], metric) < 0)),
+        "best_pretrain": after["pretrain_domain"].values[best_of(row_mean.values, metric)].item(),
         "worst_pair": (
             after["pretrain_domain"].values[worst[0]].item(),
             after["target_domain"].values[worst[1]].item(),
@@ -275,22 +291,24 @@ def heatmap_numbers(
 
 
 def baseline_numbers(
-    ds: xr.Dataset, transfer: xr.Dataset, *, reduce: str = "median"
+    ds: xr.Dataset, transfer: xr.Dataset, *, reduce: str = "median", metric: str = "loss"
 ) -> dict[str, Any]:
     """How often the mixture beats transfer on the target domain b, over all selectable pairs.
 
-    For every (a, b) pair found in both databases and every mixture, the mixture's loss on b is
-    compared with the transfer model's loss on b (both reduced with ``reduce``).
+    For every (a, b) pair found in both databases and every mixture, the mixture's ``metric`` on
+    b is compared with the transfer model's on b (both reduced with ``reduce``); ``median_gap``
+    is the median of mixture minus transfer, oriented so that > 0 means the mixture is worse.
     """
     wins = total = 0
     gaps = []
     for pair in baseline_pairs(ds, {}):
-        d = baseline_data(ds, transfer, pair, select={}, reduce=reduce)["b"]
+        d = baseline_data(ds, transfer, pair, select={}, reduce=reduce, metric=metric)["b"]
         mix = d["mixture"].values
         ok = np.isfinite(mix) & np.isfinite(d["transfer"])
-        wins += int((mix[ok] < d["transfer"]).sum())
+        gap = worse(mix[ok], d["transfer"], metric)
+        wins += int((gap < 0).sum())
         total += int(ok.sum())
-        gaps.extend((mix[ok] - d["transfer"]).tolist())
+        gaps.extend(gap.tolist())
     return {
         **study_counts(ds),
         "comparisons": total,

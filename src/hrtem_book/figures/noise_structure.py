@@ -14,7 +14,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ._common import check_reduce, clean_select, new_figure
+from ._common import check_reduce, clean_select, metric_title, new_figure
 from .generalization import per_configuration
 from .hyperparameters import target_losses
 from .imaging_conditions import transfer_heatmaps
@@ -39,6 +39,7 @@ def lattice_heatmaps(
     select: Mapping[str, Any] | None = None,
     reduce: str = "median",
     vlim: tuple[float, float] | None = None,
+    metric: str = "loss",
 ) -> Figure:
     """Pretraining × target lattice heatmaps for particles of one ``size``, before/after transfer.
 
@@ -56,6 +57,7 @@ def lattice_heatmaps(
         select=sel,
         reduce=reduce,
         vlim=vlim,
+        metric=metric,
         label_fn=lambda name: split_domain(name)[0],
         row_title=f"pretraining lattice ({size} particles)",
         col_title=f"target lattice ({size} particles)",
@@ -66,14 +68,18 @@ SIZE_PAIRS = ("small → small", "small → large", "large → small", "large �
 
 
 def size_pair_losses(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per-configuration target-domain losses by (pretraining size → target size), before and
-    after transfer: ``{"before": {pair: values}, "after": {pair: values}}``."""
+    """Per-configuration target-domain ``metric`` by (pretraining size → target size), before
+    and after transfer: ``{"before": {pair: values}, "after": {pair: values}}``."""
     check_reduce(reduce)
     sel = clean_select(ds, select)
-    after = target_losses(ds, "transfer", sel)
-    before = target_losses(ds, "pretrain", sel).where(np.isfinite(after))
+    after = target_losses(ds, "transfer", sel, metric)
+    before = target_losses(ds, "pretrain", sel, metric).where(np.isfinite(after))
     out: dict[str, dict[str, np.ndarray]] = {"before": {}, "after": {}}
     pre_size = [split_domain(d)[1] for d in after["pretrain_domain"].values.tolist()]
     tgt_size = [split_domain(d)[1] for d in after["target_domain"].values.tolist()]
@@ -88,10 +94,15 @@ def size_pair_losses(
 
 
 def size_histograms(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> Figure:
-    """Histograms of the target-domain loss by particle-size pairing, before and after transfer."""
-    data = size_pair_losses(ds, select=select, reduce=reduce)
+    """Histograms of the target-domain ``metric`` by particle-size pairing, before and after
+    transfer."""
+    data = size_pair_losses(ds, select=select, reduce=reduce, metric=metric)
     values = np.concatenate([v for d in data.values() for v in d.values()])
     if values.size == 0:
         raise ValueError("the selection leaves no finished transfer run")
@@ -106,7 +117,7 @@ def size_histograms(
             if v.size:
                 ax.hist(v, bins=bins, histtype="step", lw=1.6, color=f"C{i}", label=pair)
         ax.set_title(title)
-        ax.set_xlabel("best loss on the target structure")
+        ax.set_xlabel(f"{metric_title(metric)} on the target structure")
     axes[0].set_ylabel("configurations")
     axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))
     axes[1].legend(title="pretraining → target size", fontsize=8)
@@ -115,10 +126,14 @@ def size_histograms(
 
 
 def size_numbers(
-    ds: xr.Dataset, *, select: Mapping[str, Any] | None = None, reduce: str = "median"
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
 ) -> dict[str, dict[str, float]]:
-    """Median target loss per size pairing, before and after transfer (for chapter 9's prose)."""
-    data = size_pair_losses(ds, select=select, reduce=reduce)
+    """Median target value per size pairing, before and after transfer (chapter 9's prose)."""
+    data = size_pair_losses(ds, select=select, reduce=reduce, metric=metric)
     return {
         key: {p: float(np.median(v)) if v.size else float("nan") for p, v in d.items()}
         for key, d in data.items()

@@ -1,0 +1,333 @@
+"""The numbers and sentences the chapters state, computed from the results databases.
+
+Each chapter of the book is an executable MyST page: a hidden cell calls one function of this
+module and the prose quotes its attributes through inline ``{eval}`` expressions, so the
+rendered text holds the numbers of the database the book was built with — and, for every
+finding of the study, its verdict (:mod:`hrtem_book.findings`). Functions return a
+:class:`Numbers` namespace of ready-to-print strings; nothing here draws.
+
+    t = pages.imaging_conditions("../results/laptop", "median")
+    # chapter: "The database holds {eval}`t.runs` finished transfer runs ..."
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .. import findings as findings_mod
+from ..figures import plural
+from ..figures.generalization import ood_numbers
+from ..figures.hyperparameters import cost_by_freeze, grouped_losses
+from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, study_counts
+from ..figures.noise_structure import domains_of_size, size_numbers
+from ..layout import database_file
+from ..profiles import PROFILES, get_profile
+from ..results import load_database
+from ..studies import STUDY_NAMES
+
+# models of the published study, per study (its text and tables)
+PAPER_MODELS = {"defocus": "7,200", "baseline": "720", "dose": "180", "structure": "≈2,500"}
+
+
+class Numbers(SimpleNamespace):
+    """Attributes are strings for the prose (``t.runs``), or findings (``t.F["F1"]``)."""
+
+
+def databases(results_dir: str | Path, studies: Iterable[str] = STUDY_NAMES) -> dict:
+    """Every study database present in ``results_dir``, by study name."""
+    out = {}
+    for study in studies:
+        if database_file(results_dir, study).is_file():
+            out[study] = load_database(results_dir, study)
+    return out
+
+
+def f3(x: float) -> str:
+    """A loss or score with three decimals ("n/a" when undefined)."""
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def pct(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def verdict_sentence(f: findings_mod.Finding) -> str:
+    """The finding's numbers and its verdict, as one passage of prose."""
+    if f.verdict == findings_mod.UNMEASURABLE:
+        return f.summary
+    return f"{f.summary} In this build the study's finding {f.verdict}."
+
+
+def _findings(dbs: dict) -> dict[str, dict[str, findings_mod.Finding]]:
+    return {m: findings_mod.evaluate(dbs, m) for m in ("loss", "dice")}
+
+
+# --- chapters ---------------------------------------------------------------------------------
+def overview(results_dir: str | Path, profile: str) -> Numbers:
+    """Abstract and recipes: the size of the build and the tally of the findings."""
+    dbs = databases(results_dir)
+    counts = {s: study_counts(ds) for s, ds in dbs.items()}
+    total = sum(c["runs"] for c in counts.values())
+    found = findings_mod.evaluate(dbs)
+    tally = {v: sum(f.verdict == v for f in found.values()) for v in findings_mod.VERDICTS}
+    return Numbers(
+        profile=profile,
+        total=f"{total:,}",
+        per_study=", ".join(f"{s}: {c['runs']:,}" for s, c in counts.items()),
+        n_findings=str(len(found)),
+        held=str(tally[findings_mod.HOLDS]),
+        failed=str(tally[findings_mod.FAILS]),
+        untested=str(tally[findings_mod.UNMEASURABLE]),
+        tally=(
+            f"{tally[findings_mod.HOLDS]} of the study's {len(found)} findings hold in this "
+            f"build, {tally[findings_mod.FAILS]} do not"
+            + (
+                f" and {tally[findings_mod.UNMEASURABLE]} cannot be tested on its grid"
+                if tally[findings_mod.UNMEASURABLE]
+                else ""
+            )
+        ),
+    )
+
+
+def study_table(results_dir: str | Path):
+    """Finished, failed and missing runs per study beside the published model counts."""
+    import pandas as pd
+
+    rows = []
+    for study, ds in databases(results_dir).items():
+        c = study_counts(ds)
+        stops = ds["stop_reason"].values.astype(str)
+        stops = stops[stops != ""]
+        plateau = float(np.mean(stops == "plateau")) if stops.size else math.nan
+        rows.append(
+            {
+                "study": study,
+                "finished runs": f"{c['runs']:,}",
+                "failed": f"{c['failed']:,}",
+                "missing": f"{c['missing']:,}",
+                "stages stopped on a plateau": pct(plateau),
+                "published models": PAPER_MODELS[study],
+            }
+        )
+    return pd.DataFrame(rows).style.hide(axis="index")
+
+
+def datasets(profile: str) -> Numbers:
+    """Chapter 2: what the profile simulates."""
+    data = get_profile(profile).data
+    sim = data.sim
+    return Numbers(
+        profile=profile,
+        field=f"{sim.field_nm:g} nm",
+        sampling=f"{sim.sampling_A:g} Å",
+        gpts=f"{sim.gpts}²",
+        phonons=plural(sim.n_phonons, "frozen-phonon configuration"),
+        image=f"{sim.image_px}²",
+        pixel=f"{sim.pixel_A:g} Å",
+        kv=f"{sim.energy_eV / 1e3:g} kV",
+        n_train=str(data.n_train),
+        n_val=str(data.n_val),
+        defoci=", ".join(f"{d:g}" for d in data.defoci_nm) + " nm",
+        defocus_dose=f"{data.defocus_series_dose:g} e⁻/Å²",
+        doses=", ".join(f"{d:g}" for d in data.doses) + " e⁻/Å²",
+        dose_defocus=f"{data.dose_series_defocus_nm:g} nm",
+        lattices=", ".join(data.lattices),
+        small=f"{data.small_radius_nm[0]:g}–{data.small_radius_nm[1]:g} nm",
+        large=f"{data.large_radius_nm[0]:g}–{data.large_radius_nm[1]:g} nm",
+    )
+
+
+def lattice_table():
+    """The lattice parameters of the structure series (package data), as a table."""
+    import pandas as pd
+
+    from ..structures import LATTICES
+
+    rows = [
+        {
+            "lattice": lat.name,
+            "structure": lat.kind,
+            "a [Å]": f"{lat.a_A:.4f}",
+            "c [Å]": f"{lat.c_A:.4f}" if lat.c_A is not None else "–",
+            "species": ", ".join(lat.species),
+            "label blur σ [Å]": f"{lat.label_blur_A:g}",
+        }
+        for lat in LATTICES.values()
+    ]
+    return pd.DataFrame(rows).style.hide(axis="index")
+
+
+def _stage_text(stage, what: str) -> str:
+    aug = {"d4": "all 8 D4 orientations of every image", "d4-random": "one random D4 "
+           "orientation per image", "none": "no augmentation"}[stage.augment]  # fmt: skip
+    rule = (
+        f"stops once its in-domain validation loss has not improved by {100 * stage.min_delta:g} % "
+        f"for {stage.patience} epochs (counted from epoch {stage.min_epochs}), at most "
+        f"{stage.max_epochs} epochs, and keeps its best epoch"
+        if stage.patience is not None
+        else f"runs {stage.max_epochs} epochs and keeps its best"
+    )
+    return (
+        f"{what} trains in batches of {stage.batch_size} with {aug} per epoch, "
+        f"{stage.precision}, a learning rate ×{stage.lr_decay:g} per epoch, and {rule}"
+    )
+
+
+def architecture(profile: str) -> Numbers:
+    """Chapter 3: parameter counts of the built models and the stage settings."""
+    from ..figures.architecture import model_summary
+
+    def sentence(name: str) -> str:
+        s = model_summary(PROFILES[name].model)
+        enc, dec, head = (s["parts"][k] for k in ("encoder", "decoder", "head"))
+        kept = sum(s["trainable"]["encoder"].values())
+        return (
+            f"the {name} model ({s['encoder']}) has {s['total']:,} parameters — encoder "
+            f"{enc:,} ({100 * enc / s['total']:.0f} %), decoder {dec:,}, head {head:,} — and "
+            f"freezing its encoder leaves {kept:,} trainable ({100 * (1 - kept / s['total']):.0f}"
+            f" % fewer)"
+        )
+
+    p = get_profile(profile)
+    names = list(dict.fromkeys([profile, "paper"]))
+    stages = _stage_text(p.stage, "A pretraining or mixture stage")
+    if p.transfer is not p.stage:
+        stages += "; " + _stage_text(p.transfer, "a transfer stage")
+    return Numbers(
+        models="; ".join(sentence(n) for n in names),
+        stages=stages,
+        n_pretrain=str(p.n_pretrain),
+    )
+
+
+def _grouped(ds: xr.Dataset, by: list[str], reduction: str, metric: str) -> str:
+    groups = grouped_losses(ds, by, reduce=reduction, metric=metric)
+    return "; ".join(f"{k} {f3(float(np.median(v)))}" for k, v in groups.items() if v.size)
+
+
+def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
+    """Chapter 6: target-domain loss and Dice by transfer setting; findings 3 and 4."""
+    dbs = databases(results_dir)
+    ds = dbs["defocus"]
+    found = _findings(dbs)
+    cost = cost_by_freeze(ds, reduce=reduction)
+    full = cost["none"]
+    cost_text = "; ".join(
+        f"freezing {o}: {c['trainable_params'] / 1e6:.3f} M trainable parameters "
+        f"({100 * (1 - c['trainable_params'] / full['trainable_params']):.0f} % fewer than none), "
+        f"{1e3 * c['time_per_image_s']:.2f} ms per image and epoch"
+        for o, c in cost.items()
+    )
+    out = Numbers(cost=cost_text, F=found["loss"], Fd=found["dice"])
+    for name, by in (("size", ["n_transfer"]), ("freeze", ["freeze"]),
+                     ("lr", ["pretrain_lr", "transfer_lr"])):  # fmt: skip
+        setattr(out, f"{name}_loss", _grouped(ds, by, reduction, "loss"))
+        setattr(out, f"{name}_dice", _grouped(ds, by, reduction, "dice"))
+    out.f3 = verdict_sentence(found["loss"]["F3"])
+    out.f4 = verdict_sentence(found["loss"]["F4"])
+    out.f3_dice = found["dice"]["F3"].verdict
+    out.f4_dice = found["dice"]["F4"].verdict
+    return out
+
+
+def _heatmap_text(n: dict[str, Any], unit: str, what: str) -> str:
+    fmt = (lambda v: f"{v:g} {unit}".strip()) if unit else str  # noqa: E731
+    return (
+        f"Averaged over the off-diagonal cells of the maps, the target-domain {what} is "
+        f"{f3(n['before'])} after pretraining and {f3(n['after'])} after transfer; transfer "
+        f"improves {pct(n['improved'])} of the (pretraining, target) pairs. The worst pair before "
+        f"transfer is {fmt(n['worst_pair'][0])} → {fmt(n['worst_pair'][1])}; after transfer, "
+        f"pretraining at {fmt(n['best_pretrain'])} does best on average"
+    )
+
+
+def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
+    """Chapter 7: defocus heatmaps and the mixture baseline; findings 1, 2, 6 and 7."""
+    dbs = databases(results_dir)
+    ds = dbs["defocus"]
+    found = _findings(dbs)
+    n = heatmap_numbers(ds, reduce=reduction)
+    nd = heatmap_numbers(ds, reduce=reduction, metric="dice")
+    b = baseline_numbers(dbs["baseline"], ds, reduce=reduction)
+    return Numbers(
+        runs=plural(n["runs"], "finished transfer run"),
+        failed=str(n["failed"]),
+        missing=str(n["missing"]),
+        heat_loss=_heatmap_text(n, "nm", "loss"),
+        heat_dice=_heatmap_text(nd, "nm", "Dice"),
+        mixtures=plural(b["runs"], "finished mixture"),
+        baseline=(
+            f"Over {b['comparisons']} (pair, mixture) comparisons of the {reduction} loss on "
+            f"domain b, the mixture does better than transfer {b['mixture_wins']} times; the "
+            f"median difference mixture − transfer is {b['median_gap']:+.3f}"
+        ),
+        F=found["loss"],
+        Fd=found["dice"],
+        **{k.lower(): verdict_sentence(found["loss"][k]) for k in ("F1", "F2", "F6", "F7")},
+    )
+
+
+def ood(results_dir: str | Path, reduction: str) -> Numbers:
+    """Chapter 8: spread, OOD and in-distribution gaps."""
+    ds = databases(results_dir, ["defocus"])["defocus"]
+
+    def text(metric: str) -> str:
+        n = ood_numbers(ds, reduce=reduction, metric=metric)
+        idg = (
+            f"the median in-distribution gap after transfer is {n['id_gap']:+.3f}"
+            if math.isfinite(n["id_gap"])
+            else "the in-distribution gap is undefined: no target is also a pretraining domain"
+        )
+        return (
+            f"over {n['configurations']:,} configurations the median spread S is "
+            f"{f3(n['spread_before'])} after pretraining and {f3(n['spread_after'])} after "
+            f"transfer (median shift {n['spread_shift']:+.3f}; it grew for "
+            f"{pct(n['spread_grew'])} of them); the median OOD gap is {f3(n['ood_before'])} "
+            f"before and {f3(n['ood_after'])} after transfer; {idg}"
+        )
+
+    return Numbers(loss=text("loss"), dice=text("dice"))
+
+
+def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
+    """Chapter 9: dose and structure heatmaps and the size histograms; findings 5 and 8."""
+    dbs = databases(results_dir)
+    found = _findings(dbs)
+    dose, structure = dbs["dose"], dbs["structure"]
+    n = heatmap_numbers(dose, reduce=reduction)
+    small = {
+        "pretrain_domain": domains_of_size(structure, "pretrain_domain", "small"),
+        "target_domain": domains_of_size(structure, "target_domain", "small"),
+    }
+    s = heatmap_numbers(structure, select=small, reduce=reduction)
+    sizes = size_numbers(structure, reduce=reduction)
+    size_text = "; ".join(
+        f"{pair}: {f3(sizes['before'][pair])} before, {f3(sizes['after'][pair])} after transfer"
+        for pair in sizes["after"]
+    )
+    return Numbers(
+        dose_runs=plural(n["runs"], "finished transfer run"),
+        dose_heat=_heatmap_text(n, "e⁻/Å²", "loss"),
+        structure_runs=plural(s["runs"], "finished transfer run"),
+        lattice_heat=_heatmap_text(s, "", "loss"),
+        sizes=size_text,
+        F=found["loss"],
+        Fd=found["dice"],
+        f5=verdict_sentence(found["loss"]["F5"]),
+        f8=verdict_sentence(found["loss"]["F8"]),
+    )
+
+
+def findings(results_dir: str | Path) -> Numbers:
+    """Chapter "Findings": every finding under the loss and under Dice."""
+    dbs = databases(results_dir)
+    found = _findings(dbs)
+    return Numbers(F=found["loss"], Fd=found["dice"], **overview(results_dir, "").__dict__)

@@ -1,0 +1,501 @@
+"""The study's findings as statistics over the results databases, each with a verdict.
+
+:func:`evaluate` turns a set of databases (``{"defocus": ds, "dose": ds, ...}``) into one
+:class:`Finding` per claim of the study: the claim (in our words), the rule that decides it, the
+numbers behind it and the verdict — ``holds``, ``does not hold`` or ``not measurable`` (the grid
+lacks what the statistic needs). The rules were fixed before any database was built and never
+depend on the outcome; a finding that fails is reported as failing.
+
+Every statistic uses the model each stage kept (``final_<metric>``), on the error scale of the
+metric: the loss itself, or 1 − Dice / 1 − IoU, so that lower is better throughout and the
+same rule serves every metric. Groups of models are summarised by their median over every
+axis not named (seeds, learning rates, freezing options, ...), as the study's figures do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
+from .results import metric_var, on_domain
+from .series import match_index
+
+HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
+VERDICTS = (HOLDS, FAILS, UNMEASURABLE)
+IN_FOCUS_NM = 0.0  # the in-focus defocus domain
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One claim of the study, tested on this build's databases."""
+
+    key: str  # "F1", ...
+    title: str  # a few words
+    claim: str  # the study's statement, in our words
+    rule: str  # what is computed and when it holds
+    verdict: str  # one of VERDICTS
+    summary: str  # one sentence with the numbers
+    numbers: dict[str, Any] = field(default_factory=dict)
+    metric: str = "loss"
+
+    @property
+    def holds(self) -> bool:
+        return self.verdict == HOLDS
+
+
+# --- helpers ----------------------------------------------------------------------------------
+def _error(da: xr.DataArray, metric: str) -> xr.DataArray:
+    """The metric on a lower-is-better scale: the loss, or 1 − Dice / 1 − IoU."""
+    return 1.0 - da if HIGHER_IS_BETTER[metric] else da
+
+
+def _value(error: float, metric: str) -> float:
+    """Back from the error scale to the metric."""
+    return 1.0 - error if HIGHER_IS_BETTER[metric] else error
+
+
+def _stage(ds: xr.Dataset, stage: str, metric: str) -> xr.DataArray:
+    """Error of every model after ``stage``: grid dims + ``eval_domain``."""
+    da = ds[metric_var(metric, "final")].sel(stage=stage, drop=True)
+    return _error(da, metric)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """All-NaN groups give NaN by design: no RuntimeWarning about them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _median(da: xr.DataArray, keep: list[str] | tuple[str, ...] = ()) -> xr.DataArray:
+    """Median over every dim not in ``keep`` (NaN-aware)."""
+    dims = [d for d in da.dims if d not in keep]
+    with _quiet():
+        return da.median(dims, skipna=True) if dims else da
+
+
+def _f(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
+
+
+def _unmeasurable(key, title, claim, rule, why, metric) -> Finding:
+    return Finding(
+        key, title, claim, rule, UNMEASURABLE, f"Not measurable here: {why}.", {}, metric
+    )
+
+
+def _axis_range(table: xr.DataArray, over: str) -> float:
+    """Range (max − min) across ``over`` of the means over the other axis."""
+    other = [d for d in table.dims if d != over][0]
+    with _quiet():
+        means = table.mean(other, skipna=True).values
+    means = means[np.isfinite(means)]
+    return float(means.max() - means.min()) if means.size > 1 else math.nan
+
+
+# --- the findings -----------------------------------------------------------------------------
+def in_focus_hardest(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F1", "in-focus target is the hardest"
+    claim = (
+        "After transfer, the in-focus (0 nm) target is the hardest defocus to segment: models "
+        "transferred to it end with the worst loss of all targets."
+    )
+    rule = (
+        "Median over all transfer models of the target-domain error after transfer, per target "
+        "defocus; holds if the 0 nm target has the worst median."
+    )
+    ds = dbs.get("defocus")
+    if ds is None:
+        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
+    targets = ds["target_domain"].values
+    if match_index(targets, IN_FOCUS_NM) < 0 or len(targets) < 2:
+        return _unmeasurable(key, title, claim, rule, "0 nm and another target needed", metric)
+    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
+    med = _median(after, ["target_domain"])
+    values = {float(t): float(v) for t, v in zip(targets, med.values, strict=True)}
+    finite = {t: v for t, v in values.items() if math.isfinite(v)}
+    if IN_FOCUS_NM not in finite or len(finite) < 2:
+        return _unmeasurable(key, title, claim, rule, "no finished transfer to 0 nm", metric)
+    hardest = max(finite, key=finite.get)
+    others = [v for t, v in finite.items() if t != IN_FOCUS_NM]
+    verdict = HOLDS if hardest == IN_FOCUS_NM else FAILS
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"After transfer the median {name} on the 0 nm target is "
+        f"{_f(_value(finite[IN_FOCUS_NM], metric))}, against "
+        f"{_f(_value(min(others), metric))}–{_f(_value(max(others), metric))} on the other "
+        f"targets; the hardest target is {hardest:g} nm."
+    )
+    numbers = {"by_target": {t: _value(v, metric) for t, v in finite.items()}, "hardest": hardest}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def pretraining_matters_less(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F2", "pretraining domain matters less after transfer"
+    claim = (
+        "After transfer, the loss on a target barely depends on where the model was pretrained: "
+        "the spread across pretraining domains shrinks compared with before transfer."
+    )
+    rule = (
+        "For each target defocus with at least two pretraining defoci: the range (max − min) "
+        "across pretraining defoci of the median target-domain error, before transfer (the "
+        "pretrained model applied as is) and after; holds if the range shrinks for every target."
+    )
+    ds = dbs.get("defocus")
+    if ds is None:
+        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
+    keep = ["pretrain_domain", "target_domain"]
+    after = _median(on_domain(_stage(ds, "transfer", metric), "target_domain"), keep)
+    before = _median(on_domain(_stage(ds, "pretrain", metric), "target_domain"), keep)
+    before = before.where(np.isfinite(after))  # the same (pretraining, target) cells
+    ranges = {}
+    for t in ds["target_domain"].values.tolist():
+        b = before.sel(target_domain=t).values
+        a = after.sel(target_domain=t).values
+        ok = np.isfinite(a) & np.isfinite(b)
+        if ok.sum() >= 2:
+            ranges[t] = (float(np.ptp(b[ok])), float(np.ptp(a[ok])))
+    if not ranges:
+        return _unmeasurable(
+            key, title, claim, rule, "no target has two pretraining defoci", metric
+        )
+    shrinks = [a < b for b, a in ranges.values()]
+    verdict = HOLDS if all(shrinks) else FAILS
+    mean_b = float(np.mean([b for b, _ in ranges.values()]))
+    mean_a = float(np.mean([a for _, a in ranges.values()]))
+    summary = (
+        f"Across pretraining defoci the median target {METRIC_NAMES[metric]} spans "
+        f"{_f(mean_b)} before transfer and {_f(mean_a)} after (mean range over "
+        f"{len(ranges)} targets); it shrinks for {sum(shrinks)} of {len(ranges)} targets."
+    )
+    numbers = {"ranges": ranges, "mean_before": mean_b, "mean_after": mean_a}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def freezing_costs(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F3", "decoder freezing is cheap, encoder freezing is not"
+    claim = (
+        "Freezing the decoder during transfer costs little against training the whole network; "
+        "freezing the encoder costs more."
+    )
+    rule = (
+        "Paired per configuration (same pretraining, target, data size, learning rates, seed): "
+        "the target-domain error after transfer with a frozen part minus that without freezing; "
+        "holds if the median cost of freezing the encoder is positive and larger than that of "
+        "freezing the decoder."
+    )
+    ds = dbs.get("defocus")
+    if ds is None or not {"none", "encoder", "decoder"} <= set(ds["freeze"].values.tolist()):
+        return _unmeasurable(key, title, claim, rule, "all three freezing options needed", metric)
+    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
+    none = after.sel(freeze="none")
+    cost = {f: float(_median(after.sel(freeze=f) - none)) for f in ("encoder", "decoder")}
+    if not all(math.isfinite(v) for v in cost.values()):
+        return _unmeasurable(key, title, claim, rule, "no paired finished runs", metric)
+    options = ("none", "encoder", "decoder")
+    med = {f: _value(float(_median(after.sel(freeze=f))), metric) for f in options}
+    verdict = HOLDS if cost["encoder"] > 0 and cost["encoder"] > cost["decoder"] else FAILS
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Median target {name} after transfer: {_f(med['none'])} with nothing frozen, "
+        f"{_f(med['decoder'])} with the decoder frozen, {_f(med['encoder'])} with the encoder "
+        f"frozen; the paired median cost (error) of freezing is {cost['decoder']:+.3f} for the "
+        f"decoder and {cost['encoder']:+.3f} for the encoder."
+    )
+    numbers = {"median": med, "paired_cost": cost}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def more_images_help(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F4", "more transfer images: lower and narrower"
+    claim = (
+        "More transfer images lower the median target loss after transfer and narrow its spread "
+        "over configurations."
+    )
+    rule = (
+        "Per transfer-set size N: median and interquartile range, over all transfer models, of "
+        "the target-domain error after transfer; holds if the median falls with every step up "
+        "in N and the range at the largest N is below that at the smallest."
+    )
+    ds = dbs.get("defocus")
+    if ds is None or ds.sizes.get("n_transfer", 0) < 2:
+        return _unmeasurable(key, title, claim, rule, "two or more transfer sizes needed", metric)
+    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
+    sizes = [int(n) for n in ds["n_transfer"].values]
+    med, iqr = {}, {}
+    for n in sizes:
+        v = after.sel(n_transfer=n).values.ravel()
+        v = v[np.isfinite(v)]
+        if not v.size:
+            return _unmeasurable(key, title, claim, rule, f"no finished run with N={n}", metric)
+        med[n] = float(np.median(v))
+        q1, q3 = np.percentile(v, [25, 75])
+        iqr[n] = float(q3 - q1)
+    falls = all(med[a] > med[b] for a, b in zip(sizes, sizes[1:], strict=False))
+    narrows = iqr[sizes[-1]] < iqr[sizes[0]]
+    verdict = HOLDS if falls and narrows else FAILS
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Median target {name} after transfer by N = {', '.join(map(str, sizes))}: "
+        f"{', '.join(_f(_value(med[n], metric)) for n in sizes)}; interquartile range "
+        f"{_f(iqr[sizes[0]])} at N = {sizes[0]} and {_f(iqr[sizes[-1]])} at N = {sizes[-1]}."
+    )
+    numbers = {"median": {n: _value(v, metric) for n, v in med.items()}, "iqr": iqr}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def dose_follows_target(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F5", "low dose hurts pretraining; transfer follows the target dose"
+    claim = (
+        "Pretraining on low-dose images gives worse models before transfer; after transfer the "
+        "loss follows the dose of the target, not that of the pretraining."
+    )
+    rule = (
+        "(a) Mean over every evaluation dose of the pretrained models' error (median over "
+        "seeds): the lowest pretraining dose must be the worst. (b) After transfer, the table "
+        "of median target errors by (pretraining dose, target dose): the range across target "
+        "doses of its means must exceed the range across pretraining doses. Holds if (a) and (b)."
+    )
+    ds = dbs.get("dose")
+    if ds is None or ds.sizes["pretrain_domain"] < 3:
+        return _unmeasurable(key, title, claim, rule, "three or more doses needed", metric)
+    before = _median(_stage(ds, "pretrain", metric), ["pretrain_domain", "eval_domain"])
+    with _quiet():
+        overall = before.mean("eval_domain", skipna=True)
+    doses = [float(d) for d in ds["pretrain_domain"].values]
+    by_dose = {d: float(v) for d, v in zip(doses, overall.values, strict=True)}
+    finite = {d: v for d, v in by_dose.items() if math.isfinite(v)}
+    if len(finite) < 3:
+        return _unmeasurable(key, title, claim, rule, "too few finished pretrainings", metric)
+    worst = max(finite, key=finite.get)
+    low_worst = worst == min(finite)
+    table = _median(
+        on_domain(_stage(ds, "transfer", metric), "target_domain"),
+        ["pretrain_domain", "target_domain"],
+    )
+    effect_target = _axis_range(table, "target_domain")
+    effect_pretrain = _axis_range(table, "pretrain_domain")
+    follows = effect_target > effect_pretrain
+    verdict = HOLDS if low_worst and follows else FAILS
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Before transfer the mean {name} over all doses is "
+        + ", ".join(f"{_f(_value(v, metric))} ({d:g})" for d, v in finite.items())
+        + f" by pretraining dose [e⁻/Å²], worst at {worst:g}; after transfer the target dose "
+        f"moves the median error by {_f(effect_target)} and the pretraining dose by "
+        f"{_f(effect_pretrain)}."
+    )
+    numbers = {
+        "before_by_pretraining_dose": {d: _value(v, metric) for d, v in finite.items()},
+        "worst_pretraining_dose": worst,
+        "effect_target": effect_target,
+        "effect_pretrain": effect_pretrain,
+        "parts": {"low_dose_worst": low_worst, "follows_target": follows},
+    }
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def transfer_matches_mixture(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F6", "transfer ≈ a mixture with the same target images"
+    claim = (
+        "Transfer with N target images does about as well on the target as one training on a "
+        "mixture of the two domains that holds the same N target images."
+    )
+    rule = (
+        "For every baseline pair (a, b) and mixture whose count of b images equals a transfer-set "
+        "size N of the defocus study, with transfers a → b: the mixture's median error on b "
+        "minus the transfer models' median error on b (N images). About as well: the median "
+        "difference is within twice the seed-to-seed standard deviation of those transfer "
+        "models."
+    )
+    base, transfer = dbs.get("baseline"), dbs.get("defocus")
+    if base is None or transfer is None:
+        return _unmeasurable(
+            key, title, claim, rule, "baseline and defocus databases needed", metric
+        )
+    mix_err = _stage(base, "mixture", metric)
+    t_err = on_domain(_stage(transfer, "transfer", metric), "target_domain")
+    gaps, sds, pairs = [], [], []
+    sizes = [int(n) for n in transfer["n_transfer"].values]
+    for a in base["domain_a"].values.tolist():
+        for b in base["domain_b"].values.tolist():
+            if a == b or match_index(transfer["pretrain_domain"].values, a) < 0:
+                continue
+            if match_index(transfer["target_domain"].values, b) < 0:
+                continue
+            for mix in base["mix"].values.tolist():
+                n_b = int(str(mix).split(":")[1])
+                if n_b not in sizes:
+                    continue
+                m = mix_err.sel(domain_a=a, domain_b=b, mix=mix)
+                m = float(_median(m.isel(eval_domain=match_index(m["eval_domain"].values, b))))
+                t = t_err.sel(pretrain_domain=a, target_domain=b, n_transfer=n_b)
+                tv = float(_median(t))
+                with _quiet():
+                    sd = float(t.std("seed", skipna=True).median(skipna=True))
+                if math.isfinite(m) and math.isfinite(tv):
+                    gaps.append(m - tv)
+                    sds.append(sd)
+                    pairs.append((a, b, mix, _value(m, metric), _value(tv, metric)))
+    if not gaps:
+        return _unmeasurable(
+            key, title, claim, rule, "no mixture holds as many target images as a transfer run",
+            metric,
+        )  # fmt: skip
+    gap, sd = float(np.median(gaps)), float(np.nanmedian(sds))
+    verdict = HOLDS if abs(gap) <= 2 * sd else FAILS
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Over {len(gaps)} comparisons the mixture's error on the target minus the transfer "
+        f"model's has a median of {gap:+.3f} ({name} scale), against a seed-to-seed standard "
+        f"deviation of {_f(sd)} of the transfer models."
+    )
+    numbers = {"median_gap": gap, "seed_sd": sd, "comparisons": pairs}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def in_focus_pretraining_asymmetry(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F7", "pretraining in focus transfers better than the reverse"
+    claim = (
+        "Pretraining in focus transfers better to other defoci than pretraining elsewhere "
+        "transfers to focus: the two directions are not symmetric."
+    )
+    rule = (
+        "For every defocus d ≠ 0 pretrained and targeted in both directions: the transfer gap "
+        "G(0 → d) — median error on d after transfer from 0 nm minus that of the model "
+        "pretrained on d itself — against G(d → 0), defined alike; holds if the mean G(0 → d) is "
+        "below the mean G(d → 0)."
+    )
+    ds = dbs.get("defocus")
+    if ds is None:
+        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
+    pre, tgt = ds["pretrain_domain"].values, ds["target_domain"].values
+    if match_index(pre, IN_FOCUS_NM) < 0 or match_index(tgt, IN_FOCUS_NM) < 0:
+        return _unmeasurable(
+            key, title, claim, rule, "0 nm must be pretrained and targeted", metric
+        )
+    after = _median(
+        on_domain(_stage(ds, "transfer", metric), "target_domain"),
+        ["pretrain_domain", "target_domain"],
+    )
+    own = _median(on_domain(_stage(ds, "pretrain", metric), "pretrain_domain"), ["pretrain_domain"])
+    ref = {float(p): float(v) for p, v in zip(pre, own.values, strict=True)}
+    gaps = {}
+    for d in pre.tolist():
+        if d == IN_FOCUS_NM or match_index(tgt, d) < 0:
+            continue
+        out_ = float(after.sel(pretrain_domain=IN_FOCUS_NM, target_domain=d)) - ref[float(d)]
+        in_ = float(after.sel(pretrain_domain=d, target_domain=IN_FOCUS_NM)) - ref[IN_FOCUS_NM]
+        if math.isfinite(out_) and math.isfinite(in_):
+            gaps[float(d)] = (out_, in_)
+    if not gaps:
+        return _unmeasurable(key, title, claim, rule, "no defocus transferred both ways", metric)
+    g_out = float(np.mean([g for g, _ in gaps.values()]))
+    g_in = float(np.mean([g for _, g in gaps.values()]))
+    verdict = HOLDS if g_out < g_in else FAILS
+    summary = (
+        f"Mean transfer gap (error above the in-domain model) from 0 nm to "
+        f"{', '.join(f'{d:g}' for d in gaps)} nm: {g_out:+.3f}; from those defoci to 0 nm: "
+        f"{g_in:+.3f} ({METRIC_NAMES[metric]} scale)."
+    )
+    numbers = {"gaps": gaps, "from_focus": g_out, "to_focus": g_in}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+def structure_follows_target(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    key, title = "F8", "structure: the target decides; size matters little"
+    claim = (
+        "After transfer, the loss depends mostly on the target structure; particle size has a "
+        "weak effect, which transfer removes."
+    )
+    rule = (
+        "(a) After transfer, the table of median target errors by (pretraining set, target "
+        "set): the range across targets of its means must exceed the range across pretraining "
+        "sets. (b) The size effect S — the mean change of a target's error when the "
+        "pretraining set changes only in particle size — must be below the lattice effect L "
+        "(a change only in lattice) before transfer, and shrink through transfer. Holds if (a) "
+        "and (b)."
+    )
+    ds = dbs.get("structure")
+    if ds is None:
+        return _unmeasurable(key, title, claim, rule, "no structure database", metric)
+    names = [str(n) for n in ds["pretrain_domain"].values]
+    parts = {n: n.rsplit("-", 1) for n in names}
+    lattices = {p[0] for p in parts.values()}
+    sizes = {p[1] for p in parts.values()}
+    if len(lattices) < 2 or len(sizes) < 2:
+        return _unmeasurable(key, title, claim, rule, "two lattices and two sizes needed", metric)
+    keep = ["pretrain_domain", "target_domain"]
+    after = _median(on_domain(_stage(ds, "transfer", metric), "target_domain"), keep)
+    before = _median(on_domain(_stage(ds, "pretrain", metric), "target_domain"), keep)
+    effect_target = _axis_range(after, "target_domain")
+    effect_pretrain = _axis_range(after, "pretrain_domain")
+
+    def effect(table: xr.DataArray, same: int) -> float:
+        """Mean |Δ error| on a target between pretraining sets equal in part ``same`` only."""
+        diffs = []
+        for t in table["target_domain"].values.tolist():
+            for i, p in enumerate(names):
+                for q in names[i + 1 :]:
+                    if parts[p][same] == parts[q][same] and parts[p] != parts[q]:
+                        d = float(table.sel(pretrain_domain=p, target_domain=t)) - float(
+                            table.sel(pretrain_domain=q, target_domain=t)
+                        )
+                        if math.isfinite(d):
+                            diffs.append(abs(d))
+        return float(np.mean(diffs)) if diffs else math.nan
+
+    s_before, s_after = effect(before, 0), effect(after, 0)  # same lattice, other size
+    l_before = effect(before, 1)  # same size, other lattice
+    if not all(math.isfinite(v) for v in (effect_target, effect_pretrain, s_before, s_after)):
+        return _unmeasurable(key, title, claim, rule, "too few finished transfer runs", metric)
+    target_decides = effect_target > effect_pretrain
+    size_weak = s_before < l_before and s_after < s_before
+    verdict = HOLDS if target_decides and size_weak else FAILS
+    summary = (
+        f"After transfer the target set moves the median error by {_f(effect_target)} and the "
+        f"pretraining set by {_f(effect_pretrain)}; before transfer a change of particle size "
+        f"moves a target's error by {_f(s_before)} (lattice: {_f(l_before)}), after transfer "
+        f"by {_f(s_after)} ({METRIC_NAMES[metric]} scale)."
+    )
+    numbers = {
+        "effect_target": effect_target,
+        "effect_pretrain": effect_pretrain,
+        "size_before": s_before,
+        "size_after": s_after,
+        "lattice_before": l_before,
+        "parts": {"target_decides": target_decides, "size_weak": size_weak},
+    }
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
+FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
+    in_focus_hardest,
+    pretraining_matters_less,
+    freezing_costs,
+    more_images_help,
+    dose_follows_target,
+    transfer_matches_mixture,
+    in_focus_pretraining_asymmetry,
+    structure_follows_target,
+)
+
+
+def evaluate(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> dict[str, Finding]:
+    """Every finding of :data:`FINDINGS` on ``dbs`` (study name → database), by key."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
+    out = {}
+    for fn in FINDINGS:
+        finding = fn(dbs, metric)
+        out[finding.key] = finding
+    return out

@@ -1,0 +1,255 @@
+"""The failure contract, through the real command line in subprocesses (smoke profile, temporary
+project folders): a bad input ends with status 2 and one line naming the value and what is
+allowed; a damaged derived file is named, moved aside and regenerated; a model failure is
+recorded, an environment failure is not (the next run retries it); never a traceback, never lost
+work. One test per case of the reliability issue."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import xarray as xr
+from conftest import smoke_project
+
+from hrtem_book.layout import Layout
+from hrtem_book.profiles import get_profile
+from hrtem_book.studies import build_grid
+
+SMOKE = get_profile("smoke")
+TIMES = ["train_time_s", "eval_time_s"]  # wall clocks: the only values that differ between runs
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "hrtem_book.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Status 2, exactly one line on stderr holding every fragment, no traceback."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], err[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def no_traceback(proc: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+
+
+def sweep(root: Path, *extra: str, study: str = "defocus") -> subprocess.CompletedProcess:
+    return cli("sweep", "--study", study, "--profile", "smoke", "--root", str(root), *extra)
+
+
+def database(root: Path, study: str = "defocus") -> xr.Dataset:
+    proc = cli("collect", "--profile", "smoke", "--root", str(root))
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    ds = xr.load_dataset(Layout(root, "smoke").database_path(study))
+    return ds.drop_vars(TIMES).drop_attrs()
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, smoke_data) -> Path:
+    """A clean run of the smoke sweep: the reference every recovered run must equal."""
+    root = smoke_project(tmp_path_factory.mktemp("clean"), smoke_data)
+    proc = sweep(root, study="all")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    return root
+
+
+TRAIN = ["train", "--series", "defocus", "--pretrain", "-10", "--profile", "smoke"]
+
+
+# --- 1. divergence that stays finite is a recorded model failure -----------------------------
+@pytest.mark.slow
+def test_1_finite_divergence_is_recorded_as_failed(tmp_path, smoke_data):
+    root = smoke_project(tmp_path / "p", smoke_data)
+    proc = cli(*TRAIN, "--transfer", "10", "--n-transfer", "4", "--pretrain-lr", "1e9",
+               "--root", str(root))  # fmt: skip
+    no_traceback(proc)
+    assert proc.returncode == 1  # a model failure: recorded, not a user error
+    (path,) = Layout(root, "smoke").records_dir("train").glob("*.json")
+    record = json.loads(path.read_text())
+    assert record["status"] == "failed"
+    assert record["error"].startswith("pretraining failed: ")
+    assert "diverged" in record["error"] or "non-finite" in record["error"]
+    assert record["stages"]["pretrain"]["stop_reason"] == "diverged"
+
+
+# --- 2. failures of the environment are not frozen into records --------------------------------
+@pytest.mark.slow
+def test_2_a_bad_device_records_nothing_and_a_plain_rerun_completes(tmp_path, smoke_data, clean):
+    root = smoke_project(tmp_path / "p", smoke_data)
+    assert_one_line(sweep(root, "--device", "nope"), "--device 'nope'", "allowed: cpu")
+    assert not Layout(root, "smoke").records_root.exists()
+    proc = sweep(root)  # no --retry-failed needed: nothing was recorded
+    no_traceback(proc)
+    assert proc.returncode == 0 and ", 0 skipped, 0 failed" in proc.stderr
+    xr.testing.assert_identical(database(root), database(clean))
+
+
+@pytest.mark.slow
+def test_2_an_unreadable_checkpoint_is_trained_again(tmp_path, smoke_data, clean):
+    root = smoke_project(tmp_path / "p", smoke_data)
+    assert sweep(root).returncode == 0
+    layout = Layout(root, "smoke")
+    (ckpt,) = layout.checkpoints_dir.glob("*.pt")
+    ckpt.write_bytes(ckpt.read_bytes()[:500])
+    for h in build_grid("defocus", SMOKE).runs:  # the transfer runs must load it again
+        layout.record_path("defocus", h).unlink()
+    proc = sweep(root)
+    no_traceback(proc)
+    assert proc.returncode == 0 and "training it again" in proc.stderr
+    assert len(list(layout.checkpoints_dir.glob("*.pt.invalid-*"))) == 1
+    xr.testing.assert_identical(database(root), database(clean))
+
+
+# --- 3. corrupt derived files are regenerated -------------------------------------------------
+@pytest.mark.slow
+def test_3_a_truncated_dataset_is_simulated_again(tmp_path, smoke_data, clean):
+    root = tmp_path / "p"
+    data_dir = Layout(root, "smoke").data_dir
+    data_dir.mkdir(parents=True)
+    for f in smoke_data.glob("*.nc"):  # a private copy: this test damages it
+        (data_dir / f.name).write_bytes(f.read_bytes())
+    (series,) = data_dir.glob("defocus-*.nc")
+    series.write_bytes(series.read_bytes()[: series.stat().st_size // 2])
+    proc = cli("simulate", "--series", "defocus", "--profile", "smoke", "--root", str(root))
+    no_traceback(proc)
+    assert proc.returncode == 0
+    damaged = [line for line in proc.stderr.splitlines() if "is damaged" in line]
+    assert len(damaged) == 1 and str(series) in damaged[0] and "simulating it again" in damaged[0]
+    xr.testing.assert_identical(xr.load_dataset(series), xr.load_dataset(smoke_data / series.name))
+    # the sweep meets a damaged file the same way
+    series.write_bytes(series.read_bytes()[:2000])
+    proc = sweep(root)
+    no_traceback(proc)
+    assert proc.returncode == 0 and "is damaged" in proc.stderr
+    xr.testing.assert_identical(database(root), database(clean))
+
+
+# --- 4. malformed records are named, moved aside and redone ------------------------------------
+@pytest.mark.slow
+def test_4_garbage_and_wrongly_shaped_records_are_redone(tmp_path, smoke_data, clean):
+    root = smoke_project(tmp_path / "p", smoke_data)
+    assert sweep(root).returncode == 0
+    layout = Layout(root, "smoke")
+    runs = list(build_grid("defocus", SMOKE).runs)
+    garbage, shaped = (layout.record_path("defocus", h) for h in runs[:2])
+    garbage.write_text("{not json")
+    record = json.loads(shaped.read_text())
+    shaped.write_text(json.dumps({**record, "stages": "oops"}))
+    proc = cli("collect", "--profile", "smoke", "--root", str(root))
+    no_traceback(proc)
+    named = [line for line in proc.stderr.splitlines() if "is invalid" in line]
+    assert len(named) == 2 and any(str(garbage) in line for line in named)
+    assert any("stages is a str" in line for line in named)
+    proc = sweep(root)
+    no_traceback(proc)
+    assert proc.returncode == 0 and "2 done" in proc.stderr
+    xr.testing.assert_identical(database(root), database(clean))
+    assert len(list(garbage.parent.glob("*.invalid-*"))) == 2  # kept, never deleted
+
+
+# --- 5. one line instead of a traceback ---------------------------------------------------------
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (TRAIN + ["--device", "nope"], ["--device 'nope'", "allowed: cpu"]),
+        (["simulate", "--series", "dose", "--profile", "smoke", "--device", "nope"],
+         ["--device 'nope'", "allowed: cpu"]),
+        (["sweep", "--study", "dose", "--profile", "smoke", "--device", "nope"],
+         ["--device 'nope'", "allowed: cpu"]),
+    ],
+)  # fmt: skip
+def test_5_a_bad_device_is_one_line(args, fragments, tmp_path):
+    assert_one_line(cli(*args, "--root", str(tmp_path)), *fragments)
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "simulate"])
+def test_5_a_root_that_cannot_be_written_is_refused_before_any_work(command, tmp_path):
+    """Even as root, a file in the path cannot be a folder (chmod alone does not stop root)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the project folder should be")
+    args = {
+        "train": TRAIN,
+        "sweep": ["sweep", "--study", "dose", "--profile", "smoke"],
+        "simulate": ["simulate", "--series", "dose", "--profile", "smoke"],
+    }[command]
+    start = time.monotonic()
+    proc = cli(*args, "--root", str(blocker / "project"))
+    assert_one_line(proc, "cannot write", "allowed: a writable folder")
+    assert time.monotonic() - start < 60  # refused at once, not after training
+    assert blocker.read_text().startswith("a file")
+
+
+def test_5_an_unreachable_scheduler_fails_fast_in_one_line(tmp_path):
+    start = time.monotonic()
+    proc = cli("sweep", "--study", "dose", "--profile", "smoke", "--root", str(tmp_path),
+               "--scheduler", "tcp://127.0.0.1:1")  # fmt: skip
+    assert_one_line(proc, "--scheduler tcp://127.0.0.1:1", "no Dask scheduler answered")
+    assert time.monotonic() - start < 45
+
+
+def test_5_book_check_only_without_a_site_or_with_an_unknown_profile(tmp_path):
+    assert_one_line(cli("book", "--check-only", "--profile", "smoke", "--root", str(tmp_path)),
+                    "no built site in", "hrtem-book book --profile smoke")  # fmt: skip
+    assert_one_line(cli("book", "--check-only", "--profile", "nope", "--root", str(tmp_path)),
+                    "unknown profile 'nope'; allowed: paper, laptop, smoke")  # fmt: skip
+
+
+def test_5_live_without_notebooks_is_one_line(tmp_path):
+    assert_one_line(cli("live", "--profile", "smoke", "--root", str(tmp_path)),
+                    "no figure notebooks in")  # fmt: skip
+
+
+# --- 6. smaller cases ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_6_train_without_transfer_needs_no_transfer_size(tmp_path, smoke_data):
+    root = smoke_project(tmp_path / "p", smoke_data)
+    proc = cli(*TRAIN, "--root", str(root))
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    (path,) = Layout(root, "smoke").records_dir("train").glob("*.json")
+    assert json.loads(path.read_text())["kind"] == "pretrain"
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["sweep", "--study", "dose", "--profile", "smoke", "--sim-workers", "0"],
+         ["--sim-workers 0", "allowed: an integer >= 1"]),
+        (["sweep", "--study", "dose", "--profile", "smoke", "--workers", "-2"],
+         ["--workers -2", "allowed: an integer >= 1"]),
+        (["live", "--profile", "nope"], ["unknown profile 'nope'"]),
+        (TRAIN + ["--seed", "-1"], ["seed=-1", "an integer >= 0"]),
+        (TRAIN + ["--n-transfer", "4"], ["--n-transfer without --transfer"]),
+        (TRAIN + ["--transfer", "10"], ["--transfer needs --n-transfer", "allowed: 1..8"]),
+    ],
+)  # fmt: skip
+def test_6_small_bad_inputs_are_one_line(args, fragments, tmp_path):
+    assert_one_line(cli(*args, "--root", str(tmp_path)), *fragments)
+
+
+def test_6_book_without_notebooks_complains_before_any_sweep(tmp_path):
+    start = time.monotonic()
+    assert_one_line(cli("book", "--profile", "smoke", "--root", str(tmp_path)),
+                    "no figure notebooks in")  # fmt: skip
+    assert time.monotonic() - start < 60
+    assert not Layout(tmp_path, "smoke").results_dir.exists()  # nothing was swept
