@@ -126,13 +126,13 @@ def in_focus_hardest(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Fin
     if IN_FOCUS_NM not in finite or len(finite) < 2:
         return _unmeasurable(key, title, claim, rule, "no finished transfer to 0 nm", metric)
     hardest = max(finite, key=finite.get)
-    others = [v for t, v in finite.items() if t != IN_FOCUS_NM]
+    others = sorted(_value(v, metric) for t, v in finite.items() if t != IN_FOCUS_NM)
     verdict = HOLDS if hardest == IN_FOCUS_NM else FAILS
     name = METRIC_NAMES[metric]
     summary = (
         f"After transfer the median {name} on the 0 nm target is "
         f"{_f(_value(finite[IN_FOCUS_NM], metric))}, against "
-        f"{_f(_value(min(others), metric))}–{_f(_value(max(others), metric))} on the other "
+        f"{_f(others[0])}–{_f(others[-1])} on the other "
         f"targets; the hardest target is {hardest:g} nm."
     )
     numbers = {"by_target": {t: _value(v, metric) for t, v in finite.items()}, "hardest": hardest}
