@@ -98,13 +98,26 @@ def test_imaging_conditions_app_redraws_on_reduction_and_filter(voila_app, tmp_p
             after_reduction = wait_for_new_figure(first)
 
             # a filter: keep only the first seed (replicates differ, so the statistic changes)
-            seeds = page.locator(".widget-select-multiple", has_text="seed").locator("select")
+            seeds = page.locator(".widget-select-multiple", has_text="seed (replicate)").locator(
+                "select"
+            )
             labels = seeds.locator("option").all_text_contents()
             assert len(labels) > 1, labels
             seeds.select_option(label=labels[:1])
             after_filter = wait_for_new_figure(after_reduction)
 
-            assert len({first, after_reduction, after_filter}) == 3
+            # the Metric: loss → Dice redraws with the other variable
+            metric = page.locator(".widget-dropdown", has_text="Metric").locator("select")
+            assert metric.input_value() == "loss"
+            metric.select_option(label="Dice score")
+            after_metric = wait_for_new_figure(after_filter)
+
+            # every filter is labelled in words with its unit, never with a dimension name
+            labels = page.locator(".widget-select-multiple .widget-label").all_text_contents()
+            assert "pretraining defocus [nm]" in labels and "seed (replicate)" in labels, labels
+            assert not {"pretrain_domain", "n_transfer", "transfer_lr", "seed"} & set(labels)
+
+            assert len({first, after_reduction, after_filter, after_metric}) == 4
             page.screenshot(path=str(tmp_path / "imaging_conditions_app.png"), full_page=True)
         finally:
             browser.close()

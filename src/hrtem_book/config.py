@@ -216,6 +216,9 @@ class StageConfig:
     lr_decay: float = 0.99  # multiplicative learning-rate decay per epoch
     augment: str = "d4"
     n_eval: int | None = None  # validation images per domain used for evaluation (None = all)
+    # validation images on the domains the stage does not train on (None: n_eval); the in-domain
+    # loss that decides when to stop always uses n_eval
+    n_eval_ood: int | None = None
     patience: int | None = None  # epochs without improvement before stopping (None: never)
     min_delta: float = 0.0  # relative improvement of the in-domain loss that counts
     min_epochs: int = 1  # epochs before the plateau rule may stop the stage

@@ -44,7 +44,7 @@ from . import metrics
 from .config import StageConfig, config_hash
 from .datasets import domain_tensors
 
-EVAL_BATCH = 64  # images per forward pass when evaluating (no gradients)
+EVAL_BATCH = 128  # images per forward pass when evaluating (no gradients)
 DIVERGED_LOSS = 10 * metrics.COIN_FLIP_LOSS  # in-domain validation loss of a diverged stage
 # progress(stage, epoch, epochs, row): called after every epoch; row = one line of the table
 Progress = Callable[[str, int, int, dict], None]
@@ -262,7 +262,8 @@ def train_stage(
     images, masks = train_set
     device = images.device
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
+    # foreach: one kernel per step for all tensors (the per-tensor loop cost 7 % of a laptop run)
+    optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gen = _generator(seed, name)
     summary = _new_summary(eval_set.groups, monitor)
