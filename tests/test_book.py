@@ -284,7 +284,11 @@ def test_chapters_number_their_figures_by_their_place_in_the_book():
     chapters = _toc_chapters()
     assert _frontmatter(chapters[0])["numbering"]["title"] is False  # the abstract
     for n, chapter in enumerate(chapters[1:], start=1):
-        assert _frontmatter(chapter)["numbering"]["enumerator"] == f"{n}.%s", chapter.name
+        numbering = _frontmatter(chapter)["numbering"]
+        # per kind: a page-wide enumerator would also number the title "n.n"
+        assert "enumerator" not in numbering, chapter.name
+        for kind in ("figure", "equation", "table"):
+            assert numbering[kind]["enumerator"] == f"{n}.%s", (chapter.name, kind)
 
 
 def test_computed_prose_comes_from_executed_pages_not_text_outputs():
@@ -462,3 +466,12 @@ def test_real_book_from_a_real_smoke_sweep(tmp_path):
     assert sorted(p.name for p in result.notebooks) == sorted(p.name for p in notebooks)
     built = {p.stem for p in (result.path / "content").glob("*.json")}
     assert len(built) >= len(notebooks) + 1
+    # numbering as the reader sees it: chapter 7 is "7", its figures "7.1", "7.2"; the abstract
+    # takes no number
+    page = json.loads((result.path / "content" / "imaging-conditions.json").read_text())
+    assert page["frontmatter"]["enumerator"] == "7"
+    figures = [n["enumerator"] for n in book.check.walk(page["mdast"])
+               if n.get("type") == "container" and n.get("kind") == "figure"]  # fmt: skip
+    assert figures and all(e.startswith("7.") for e in figures), figures
+    abstract = json.loads((result.path / "content" / "index.json").read_text())
+    assert "enumerator" not in abstract["frontmatter"]

@@ -211,7 +211,7 @@ def test_5_book_check_only_without_a_site_or_with_an_unknown_profile(tmp_path):
     assert_one_line(cli("book", "--check-only", "--profile", "smoke", "--root", str(tmp_path)),
                     "no built site in", "hrtem-book book --profile smoke")  # fmt: skip
     assert_one_line(cli("book", "--check-only", "--profile", "nope", "--root", str(tmp_path)),
-                    "unknown profile 'nope'; allowed: paper, laptop, smoke")  # fmt: skip
+                    "unknown profile 'nope'; allowed: paper, laptop, gpu, smoke")  # fmt: skip
 
 
 def test_5_live_without_notebooks_is_one_line(tmp_path):

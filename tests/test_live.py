@@ -108,7 +108,7 @@ def test_imaging_conditions_app_redraws_on_reduction_and_filter(voila_app, tmp_p
 
             # the Metric: loss → Dice redraws with the other variable
             metric = page.locator(".widget-dropdown", has_text="Metric").locator("select")
-            assert metric.input_value() == "loss"
+            assert metric.input_value() == "cross-entropy loss"
             metric.select_option(label="Dice score")
             after_metric = wait_for_new_figure(after_filter)
 

@@ -364,7 +364,7 @@ def test_slurm_cluster_job_script_runs_single_threaded_workers():
 
 def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):
     assert main(["sweep", "--study", "defocus", "--profile", "huge", "--root", str(tmp_path)]) == 2
-    assert "unknown profile 'huge'; allowed: paper, laptop, smoke" in capsys.readouterr().err
+    assert "unknown profile 'huge'; allowed: paper, laptop, gpu, smoke" in capsys.readouterr().err
     with pytest.raises(SystemExit) as err:
         main(["sweep", "--study", "focus", "--profile", "smoke"])
     assert err.value.code == 2

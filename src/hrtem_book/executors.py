@@ -104,6 +104,51 @@ class InProcessExecutor:
         pass
 
 
+class StackedExecutor:
+    """Runs submitted configs in this process, stacked: every wait trains each group of
+    configs that share a :func:`hrtem_book.runs.stack_key` as one model stack (at most
+    ``max_stack`` models) — the engine of one accelerator. A group that raises returns an
+    infrastructure failure for each of its configs."""
+
+    capacity = 10**9  # take everything that is ready: the more to stack, the better
+
+    def __init__(self, layout: Layout, device: str, run_fn: RunFn | None, max_stack: int = 64):
+        if max_stack < 1:
+            raise ValueError(f"max_stack={max_stack}; allowed: >= 1")
+        self.layout, self.device, self.max_stack = layout, device, max_stack
+        self.pending: list[tuple[_Done, RunConfig]] = []
+        self.groups_run = 0
+
+    def submit(self, cfg: RunConfig, priority: int = 0) -> Any:
+        handle = _Done({})
+        self.pending.append((handle, cfg))
+        return handle
+
+    def wait_any(self, handles: list) -> list[tuple[Any, dict]]:
+        from . import runs  # lazily, as train_run
+
+        groups: dict[str, list[tuple[_Done, RunConfig]]] = {}
+        for handle, cfg in self.pending:
+            groups.setdefault(runs.stack_key(cfg), []).append((handle, cfg))
+        self.pending = []
+        out = []
+        for members in groups.values():
+            for start in range(0, len(members), self.max_stack):
+                chunk = members[start : start + self.max_stack]
+                cfgs = [cfg for _, cfg in chunk]
+                try:
+                    records = runs.run_group(cfgs, self.layout, device=self.device)
+                except Exception as exc:  # the whole group: nothing recorded, retried next time
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    records = [infrastructure_failure(f"{type(exc).__name__}: {first}")] * len(cfgs)
+                self.groups_run += 1
+                out += [(h, rec) for (h, _), rec in zip(chunk, records, strict=True)]
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 class DaskExecutor:
     """Runs configs on a Dask distributed cluster (local processes, SLURM jobs, or a scheduler)."""
 

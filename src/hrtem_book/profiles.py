@@ -52,6 +52,18 @@ LAPTOP_DATA = DataConfig(
     lattices=("CdSe", "Si"),
 )
 
+# GPU campaign (one H200, ≤ 8 minutes): the laptop's physics (6.4 nm field, 1 Å pixels, 64²),
+# every defocus, dose and lattice of the study, 256 training images per domain, 3 phonons. The
+# study's 640² images at 0.2 Å would cost ~100× more per model than the budget allows for ~11,000
+# models; the sizes below are estimates from CPU measurements (no GPU has run them yet) and the
+# campaign stops launching runs at its deadline, so a slower device leaves cells missing.
+GPU_DATA = DataConfig(
+    sim=SimulationConfig(field_nm=6.4, sampling_A=0.2, pixel_A=1.0, n_phonons=3),
+    n_train=256,
+    n_val=16,
+    large_radius_nm=(1.8, 2.3),
+)
+
 SMOKE_DATA = DataConfig(
     sim=SimulationConfig(
         field_nm=3.2,
@@ -110,6 +122,11 @@ LAPTOP_TRANSFER = StageConfig(
     max_epochs=30, batch_size=8, augment="d4", n_eval=16, n_eval_ood=8, patience=2,
     min_delta=0.01, precision="bf16",
 )  # fmt: skip
+# GPU: the laptop's stopping rules; batches of 16 and all validation images (the stacked engine
+# evaluates every model of a stack on one shared pass, so fewer images would save little)
+GPU_STAGE = replace(LAPTOP_STAGE, n_eval=None)
+GPU_TRANSFER = replace(LAPTOP_TRANSFER, batch_size=16, n_eval=None, n_eval_ood=None)
+
 # smoke: two fixed epochs, enough to exercise every code path in seconds
 SMOKE_STAGE = StageConfig(max_epochs=2, batch_size=4, augment="none", precision="bf16")
 
@@ -180,6 +197,27 @@ PROFILES: dict[str, Profile] = {
                 "transfer_lr": 1e-4,
                 "n_transfer": 16,
             },
+        },
+    ),
+    "gpu": Profile(
+        name="gpu",
+        description="The study's every axis on one GPU in minutes: 6.4 nm field, 1 Å pixels, "
+        "3 phonons, 256 images per domain, the narrow U-Net in stacks of up to 64 models "
+        "(bf16), trained to a plateau; all 11 target and 5 pretraining defoci, transfer sizes "
+        "16-128, 3 freezing options, the study's 4 learning-rate pairs, 5 doses, 9 lattices × "
+        "2 sizes, 3 seeds. Sizes chosen from CPU measurements; `hrtem-book campaign` runs it.",
+        data=GPU_DATA,
+        model=NARROW_MODEL,
+        stage=GPU_STAGE,
+        transfer_stage=GPU_TRANSFER,
+        n_pretrain=256,
+        studies={
+            # the paper's axes (studies.paper_values) except the transfer sizes, scaled with
+            # the 256 pretraining images as the study's 64-512 with its 512
+            "defocus": {"n_transfer": (16, 32, 64, 128)},
+            "baseline": {"mix": ("64:192", "128:128", "192:64")},
+            "dose": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 64},
+            "structure": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 64},
         },
     ),
     "smoke": Profile(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from . import checkpoints, train
+from . import checkpoints, stacked, train
 from .config import (
     FREEZE_OPTIONS,
     DataConfig,
@@ -31,6 +31,7 @@ from .config import (
     PretrainConfig,
     RunConfig,
     TransferConfig,
+    config_hash,
 )
 from .datasets import load_series, series_path
 from .layout import Layout, check_writable
@@ -56,8 +57,11 @@ def open_series(series: str, data: DataConfig, data_dir: Path, device: str = "cp
     paper-scale series (14 GB) stays lazy and is read image by image.
     """
     ds = load_series(series, data, data_dir, device=device)
-    path = series_path(series, data, data_dir)
-    return ds.load() if path.stat().st_size < IN_MEMORY_BYTES else ds
+    if series_path(series, data, data_dir).stat().st_size >= IN_MEMORY_BYTES:
+        return ds
+    ds.load()
+    ds.close()  # the values stay; the file handle goes (HDF5 refuses a second, linked opening)
+    return ds
 
 
 class Context:
@@ -176,6 +180,123 @@ RUNNERS: dict[str, Callable[[RunConfig, Layout, Context], dict]] = {
     "transfer": run_transfer,
     "mixture": run_mixture,
 }
+
+
+# --- stacks of runs (torch.func): the engine of accelerators --------------------------------
+def stack_key(cfg: RunConfig) -> str:
+    """Runs with one key train as one stack (:mod:`hrtem_book.stacked`): one kind, data,
+    architecture, stage, learning rate, training-set size and freezing option; their domains
+    and seeds may differ. Where a stage reads fewer validation images off its own domain, the
+    evaluation set depends on the domain, which then joins the key."""
+    kind = kind_of(cfg)
+    if isinstance(cfg, TransferConfig):
+        base = cfg.pretrain
+        key = {"n": cfg.n_train, "freeze": cfg.freeze, "stage": cfg.stage, "lr": cfg.lr}
+        own = (cfg.domain,)
+    elif isinstance(cfg, MixtureConfig):
+        base = cfg
+        key = {"n": cfg.n_images, "stage": cfg.stage, "lr": cfg.lr}
+        own = cfg.domains
+    else:
+        base = cfg
+        key = {"n": cfg.n_train, "stage": cfg.stage, "lr": cfg.lr}
+        own = (cfg.domain,)
+    key.update(kind=kind, data=base.data, series=base.series, model=base.model)
+    if key["stage"].n_eval_ood not in (None, key["stage"].n_eval):
+        key["own"] = own
+    return config_hash(key)
+
+
+def _stack_train(ctx: Context, cfgs, models, train_sets, monitors, name: str):
+    stage = cfgs[0].stage
+    own = tuple(dict.fromkeys(str(d) for mon in monitors for d in mon))
+    eval_set = ctx.eval_set(stage.n_eval, stage.n_eval_ood, own)
+    mons = [{str(d): float(w) for d, w in mon.items()} for mon in monitors]
+    seeds = [c.seed for c in cfgs]
+    out = stacked.train_stack(models, train_sets, eval_set, stage, cfgs[0].lr, seeds, name, mons)
+    for summary, _ in out:
+        summary["engine"] = f"stack of {len(cfgs)}"
+    return out
+
+
+def _pretrain_group(cfgs: list[PretrainConfig], layout: Layout, ctx: Context) -> list[dict]:
+    todo = [c for c in cfgs if not checkpoints.checkpoint_path(layout, c).exists()]
+    if todo:
+        models = [ctx.model(c.model, c.seed) for c in todo]
+        sets = [ctx.tensors(c.domain, "train", c.n_train) for c in todo]
+        out = _stack_train(ctx, todo, models, sets, [{c.domain: 1} for c in todo], "pretrain")
+        for c, model, (summary, error) in zip(todo, models, out, strict=True):
+            record = build_record(c, {"pretrain": summary}, error, count_parameters(model))
+            state = None if error else model.state_dict()
+            checkpoints.save_checkpoint(checkpoints.checkpoint_path(layout, c), c, record, state)
+    return [_pretrained(c, layout, ctx)["record"] for c in cfgs]
+
+
+def _transfer_group(cfgs: list[TransferConfig], layout: Layout, ctx: Context) -> list[dict]:
+    records: dict[int, dict] = {}
+    live, models, pres = [], [], []
+    for i, c in enumerate(cfgs):
+        ckpt = _pretrained(c.pretrain, layout, ctx)
+        model = ctx.model(c.pretrain.model, c.seed)
+        pre = ckpt["record"]
+        if ckpt["state_dict"] is None:
+            stages = {"pretrain": pre["stages"]["pretrain"]}
+            error = f"pretraining failed: {pre['error']}"
+            records[i] = build_record(c, stages, error, count_parameters(model))
+            continue
+        model.load_state_dict(ckpt["state_dict"])
+        live.append(i)
+        models.append(freeze(model, c.freeze))
+        pres.append(pre["stages"]["pretrain"])
+    if live:
+        group = [cfgs[i] for i in live]
+        sets = [ctx.tensors(c.domain, "train", c.n_train) for c in group]
+        out = _stack_train(ctx, group, models, sets, [{c.domain: 1} for c in group], "transfer")
+        for i, model, pre, (summary, error) in zip(live, models, pres, out, strict=True):
+            stages = {"pretrain": pre, "transfer": summary}
+            records[i] = build_record(cfgs[i], stages, error, count_parameters(model))
+    return [records[i] for i in range(len(cfgs))]
+
+
+def _mixture_group(cfgs: list[MixtureConfig], layout: Layout, ctx: Context) -> list[dict]:
+    sets, monitors = [], []
+    for c in cfgs:
+        pairs = [(d, n) for d, n in zip(c.domains, c.n_images, strict=True) if n != 0]
+        parts = [ctx.tensors(d, "train", n) for d, n in pairs]
+        sets.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+        monitors.append(dict(pairs))
+    models = [ctx.model(c.model, c.seed) for c in cfgs]
+    out = _stack_train(ctx, cfgs, models, sets, monitors, "mixture")
+    return [
+        build_record(c, {"mixture": summary}, error, count_parameters(m))
+        for c, m, (summary, error) in zip(cfgs, models, out, strict=True)
+    ]
+
+
+GROUP_RUNNERS = {"pretrain": _pretrain_group, "transfer": _transfer_group,
+                 "mixture": _mixture_group}  # fmt: skip
+
+
+def run_group(
+    cfgs: list[RunConfig], layout: Layout, *, device: str = "cpu", data: xr.Dataset | None = None
+) -> list[dict]:
+    """Run configs of one :func:`stack_key` as one stack; their records, in order.
+
+    Each record is the one :func:`run` gives the config alone, up to floating-point rounding
+    of the stacked kernels; its stage summaries say ``"engine": "stack of M"``.
+    """
+    keys = {stack_key(c) for c in cfgs}
+    if len(keys) != 1:
+        raise ValueError(f"run_group needs configs of one stack key, got {len(keys)}")
+    train.set_threads_from_env()
+    check_device(device)
+    series, data_cfg = series_and_data(cfgs[0])
+    if data is None:
+        data = open_series(series, data_cfg, layout.data_dir, device)
+    for c in cfgs:
+        _check_domains(c, data)
+    ctx = Context(device, data, None)
+    return GROUP_RUNNERS[kind_of(cfgs[0])](cfgs, layout, ctx)
 
 
 def series_and_data(cfg: RunConfig) -> tuple[str, DataConfig]:

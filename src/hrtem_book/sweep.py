@@ -37,6 +37,7 @@ from .executors import (
     DaskExecutor,
     InProcessExecutor,
     RunFn,
+    StackedExecutor,
     connect,
     load_cluster_config,
 )
@@ -46,8 +47,10 @@ from .records import failure_record, kind_of, read_record, write_record
 from .simulate import check_device
 from .studies import STUDIES, STUDY_NAMES, build_grid
 
-
 # --- the sweep ----------------------------------------------------------------------------------
+EXECUTORS = ("inprocess", "dask", "stacked")
+
+
 @dataclass
 class SweepSummary:
     """Counts of a sweep: ``failed`` runs are recorded model failures (final, redone only with
@@ -57,14 +60,16 @@ class SweepSummary:
     skipped: int = 0
     failed: int = 0
     errors: int = 0
+    unstarted: int = 0
     wall_s: float = 0.0
     failures: list[str] = field(default_factory=list)
 
     def line(self, label: str) -> str:
         errors = f", {self.errors} errors (not recorded; retried next run)" if self.errors else ""
+        late = f", {self.unstarted} not started (deadline)" if self.unstarted else ""
         return (
-            f"{label}: {self.done} done, {self.skipped} skipped, {self.failed} failed{errors} "
-            f"in {self.wall_s:.1f} s"
+            f"{label}: {self.done} done, {self.skipped} skipped, {self.failed} failed{errors}"
+            f"{late} in {self.wall_s:.1f} s"
         )
 
 
@@ -83,16 +88,22 @@ def prepare_data(
     *,
     workers: int = 1,
     progress: bool = True,
+    device: str = "cpu",
 ) -> None:
-    """Simulate every dataset series the studies train on, before any run starts.
+    """Simulate every dataset series the studies train on, before any run starts (on ``device``
+    when it is a GPU: batched multislice in this process).
 
     Done here, once, so that concurrent workers never generate the same series side by side.
     """
     data_root = layout.data_dir
+    sim_device = device if device.startswith("cuda") else "cpu"
     for series in dict.fromkeys(STUDIES[s].series for s in studies):
         damaged = datasets.discard_damaged(series, profile.data, data_root)
         if damaged or not datasets.series_path(series, profile.data, data_root).exists():
-            datasets.generate(series, profile.data, data_root, workers=workers, progress=progress)
+            datasets.generate(
+                series, profile.data, data_root, workers=workers, progress=progress,
+                device=sim_device,
+            )  # fmt: skip
 
 
 def plan(studies: Iterable[str], profile: Profile, layout: Layout) -> list[_Task]:
@@ -122,6 +133,8 @@ def run_sweep(
     run_fn: RunFn | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    max_stack: int = 64,
+    deadline_s: float | None = None,
 ) -> SweepSummary:
     """Run every missing run of ``studies`` for ``profile``; return the counts.
 
@@ -129,13 +142,16 @@ def run_sweep(
     :class:`~hrtem_book.layout.Layout`). ``run_fn(cfg, *, layout, device) -> record`` replaces
     :func:`hrtem_book.executors.train_run`; tests inject cheap functions (on Dask it must be
     importable by the workers). Missing dataset series are simulated first, in ``sim_workers``
-    processes.
+    processes (on ``device`` when it is a GPU). ``executor="stacked"`` trains the runs in this
+    process as stacks of up to ``max_stack`` models (:mod:`hrtem_book.stacked`). With
+    ``deadline_s``, no new run starts after that many seconds: a campaign with a fixed budget
+    stops cleanly, its unstarted runs left missing (``SweepSummary.unstarted``).
     """
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     studies = expand_studies(studies)
-    if executor not in ("inprocess", "dask"):
-        raise ValueError(f"executor={executor!r}; allowed: inprocess, dask")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
     layout = Layout(root, profile.name)
     tasks = plan(studies, profile, layout)
     for folder in {t.path.parent for t in tasks}:
@@ -146,7 +162,9 @@ def run_sweep(
     records: dict[str, dict] = {}
     todo: list[_Task] = []
     if run_fn is None:
-        prepare_data(studies, profile, layout, workers=sim_workers, progress=progress)
+        prepare_data(
+            studies, profile, layout, workers=sim_workers, progress=progress, device=device
+        )
     for task in tasks:
         rec = read_record(task.path, log=log)
         if rec is not None and (rec["status"] == "ok" or not retry_failed):
@@ -170,6 +188,8 @@ def run_sweep(
 
     if executor == "inprocess" or not todo:
         ex: Any = InProcessExecutor(layout, device, run_fn)
+    elif executor == "stacked":
+        ex = StackedExecutor(layout, device, run_fn, max_stack=max_stack)
     else:
         ex = DaskExecutor(
             layout,
@@ -214,6 +234,11 @@ def run_sweep(
     in_flight: dict[Any, _Task] = {}
     try:
         while ready or in_flight:
+            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                summary.unstarted = len(ready) + sum(len(w) for w in waiting.values())
+                ready.clear()
+                if not in_flight:
+                    break
             while ready and len(in_flight) < ex.capacity:
                 task = ready.popleft()
                 priority = 1 if kind_of(task.cfg) == "pretrain" else 0
@@ -290,7 +315,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--study", required=True, choices=(*STUDY_NAMES, "all"))
     p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
     p.add_argument("--root", default=".", help="project folder holding data/ and results/")
-    p.add_argument("--executor", default="inprocess", choices=("inprocess", "dask"))
+    p.add_argument("--executor", default="inprocess", choices=EXECUTORS)
     p.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes")
     p.add_argument("--cluster", help="YAML file describing a Dask cluster (kind: local|slurm)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:port)")

@@ -22,14 +22,14 @@ class BookCheckError(Exception):
         )
 
 
-def _walk(node) -> Iterator[dict]:
+def walk(node) -> Iterator[dict]:
     if isinstance(node, dict):
         yield node
         for child in node.get("children", []) or []:
-            yield from _walk(child)
+            yield from walk(child)
     elif isinstance(node, list):
         for item in node:
-            yield from _walk(item)
+            yield from walk(item)
 
 
 def _embed_label(node: dict) -> str | None:
@@ -43,12 +43,12 @@ def check_page(page: dict) -> tuple[list[str], set[str]]:
     """Problems in one page of ``_build/site/content`` and the embed labels it resolved."""
     where = page.get("location", page.get("slug", "?"))
     problems, resolved = [], set()
-    for node in _walk(page.get("mdast", {})):
+    for node in walk(page.get("mdast", {})):
         kind = node.get("type")
         label = _embed_label(node)
         if label is not None:
             source = node["source"]
-            has_output = any(n.get("type") == "outputs" for n in _walk(node.get("children", [])))
+            has_output = any(n.get("type") == "outputs" for n in walk(node.get("children", [])))
             if not str(source.get("location", "")).endswith(".ipynb"):
                 problems.append(f"{where}: #{label} does not resolve to a notebook cell")
             elif not has_output:
