@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := $(shell grep -E '^torch==' $(CONSTRAINTS))
 TORCHVISION_PIN := $(shell grep -E '^torchvision==' $(CONSTRAINTS))
 
-.PHONY: setup test test-fast book live lint format bench clean-book browser slurm
+.PHONY: setup test test-fast book live lint format bench clean-book browser slurm gpu-wheels
 
 setup: $(STAMP)
 
@@ -83,3 +83,13 @@ slurm:
 
 clean-book:
 	rm -rf _build
+
+# the wheels a GPU image lacks for `hrtem-book campaign` (README "GPU campaign"): Python 3.12,
+# pure-Python or abi3 builds, pinned as the constraints file pins them here
+GPU_WHEELS := segmentation_models_pytorch ase netCDF4 cftime
+gpu-wheels: $(STAMP)
+	mkdir -p .whl
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(foreach w,$(GPU_WHEELS),$(shell grep -iE '^$(w)==' $(CONSTRAINTS)))
+	@ls .whl

@@ -27,12 +27,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smoke_data(tmp_path_factory) -> Path:
-    """The smoke profile's three series, simulated once for the whole session (about 10 s)."""
+    """The smoke profile's series, simulated once for the whole session (about 15 s)."""
     from hrtem_book import datasets
     from hrtem_book.profiles import get_profile
+    from hrtem_book.series import SERIES
 
     root = tmp_path_factory.mktemp("smoke-data") / "data" / "smoke"
-    for series in ("defocus", "dose", "structure"):
+    for series in SERIES:
         datasets.generate(series, get_profile("smoke").data, root, progress=False)
     return root
 

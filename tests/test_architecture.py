@@ -41,6 +41,7 @@ ORDER = (
     "hrtem_book.figures.hyperparameters",
     "hrtem_book.figures.imaging_conditions",
     "hrtem_book.figures.noise_structure",
+    "hrtem_book.figures.companion",
     "hrtem_book.figures.architecture",
     "hrtem_book.figures.example_images",
     "hrtem_book.widgets",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -96,3 +98,16 @@ def test_campaign_bad_inputs_are_one_line(args, fragment, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and fragment in err
+
+
+def test_campaign_command_needs_none_of_the_book():
+    """The device image has torch and xarray but not the book's widgets: the campaign command
+    must parse without importing hrtem_book.book, ipywidgets or papermill."""
+    code = (
+        "import sys; from hrtem_book.cli import build_parser; "
+        "build_parser('campaign').parse_args(['campaign', '--profile', 'gpu', '--out', 'x']); "
+        "bad = [m for m in ('hrtem_book.book', 'ipywidgets', 'papermill', 'distributed') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

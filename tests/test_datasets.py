@@ -142,7 +142,8 @@ def test_cli_reports_bad_values_and_keeps_data(cdse, capsys):
     args = ["simulate", "--profile", "smoke", "--out", str(root)]
     assert cli.main(args + ["--series", "focus"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "hrtem-book simulate: error: unknown series 'focus'; allowed: defocus, dose, structure"
+        "hrtem-book simulate: error: unknown series 'focus'; allowed: defocus, dose, structure, "
+        "magnification, substrate"
     ]
     assert cli.main(args + ["--series", "dose", "--profile", "nope"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err

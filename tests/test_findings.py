@@ -47,12 +47,13 @@ def hand_database(study: str, coords: dict, loss) -> xr.Dataset:
     """A database whose kept-model loss is ``loss(cell, stage, eval_domain)`` in every cell (the
     target = pretraining cells excluded); Dice is 1 − loss, so both metrics tell one story."""
     spec = get_study(study)
-    domains = list(dict.fromkeys(coords[spec.domain_axes[0]] + coords[spec.domain_axes[1]]))
+    domains = list(dict.fromkeys(v for a in spec.domain_axes for v in coords[a]))
     ds = empty_database(study, coords, domains, 1, profile="hand")
     values = ds["final_loss"].values
     for idx in itertools.product(*(range(len(coords[a])) for a in spec.axes)):
         cell = {a: coords[a][i] for a, i in zip(spec.axes, idx, strict=True)}
-        if cell[spec.domain_axes[0]] == cell[spec.domain_axes[1]]:
+        first, second = (cell[a] for a in (spec.domain_axes * 2)[:2])
+        if spec.kind != "pretrain" and first == second:
             ds["status"].values[idx] = "excluded"
             continue
         ds["status"].values[idx] = "ok"
@@ -230,9 +231,80 @@ def test_f8_target_structure_decides_and_size_matters_little():
     assert verdicts({"structure": one_lattice}, "F8") == NA
 
 
+def generalization(series: str, domains: list, loss) -> xr.Dataset:
+    """A generalization-<series> database: ``loss(train, test, seed)`` of every model."""
+    coords = {"train_domain": domains, "seed": [0, 1, 2]}
+    return hand_database(
+        f"generalization-{series}", coords,
+        lambda c, stage, d: loss(c["train_domain"], d, c["seed"]),
+    )  # fmt: skip
+
+
+def _noise(seed: int) -> float:
+    return 0.004 * (seed - 1)  # seed-to-seed spread: sample sd 0.004
+
+
+MAGNIFICATION = [0.5, 1.0, 1.5]
+
+
+def test_g1_no_generalization_across_magnifications():
+    scale = generalization(
+        "magnification", MAGNIFICATION, lambda a, b, s: 0.1 + 0.2 * abs(a - b) + _noise(s)
+    )
+    assert verdicts({"generalization-magnification": scale}, "G1") == HOLDS
+    # a network that does as well at every pixel size: every gap is noise
+    invariant = generalization("magnification", MAGNIFICATION, lambda a, b, s: 0.1 + _noise(s))
+    assert verdicts({"generalization-magnification": invariant}, "G1") == FAILS
+    # one neighbouring pair that carries over within the noise is enough to fail
+    near = generalization(
+        "magnification", MAGNIFICATION,
+        lambda a, b, s: 0.1 + 0.2 * (abs(a - b) > 0.6) + _noise(s),
+    )  # fmt: skip
+    assert verdicts({"generalization-magnification": near}, "G1") == FAILS
+    one = scale.sel(train_domain=[1.0])
+    assert verdicts({"generalization-magnification": one}, "G1") == NA
+    assert verdicts({}, "G1") == NA
+
+
+SETS = ["CdSe-small", "CdSe-large", "Si-small", "Si-large"]
+
+
+def test_g2_models_trained_on_large_particles_generalize_worst():
+    def loss(large_penalty):
+        def fn(a, b, s):
+            off = 0.0 if a == b else 0.1 + (large_penalty if a.endswith("large") else 0.0)
+            return 0.1 + off + _noise(s)
+
+        return fn
+
+    worst = generalization("structure", SETS, loss(0.1))
+    assert verdicts({"generalization-structure": worst}, "G2") == HOLDS
+    best = generalization("structure", SETS, loss(-0.05))
+    assert verdicts({"generalization-structure": best}, "G2") == FAILS
+    small_only = worst.sel(train_domain=["CdSe-small", "Si-small"])
+    assert verdicts({"generalization-structure": small_only}, "G2") == NA
+
+
+def test_g3_dose_defocus_and_support_each_limit_generalization():
+    def db(series, domains, gap):
+        return generalization(
+            series, domains, lambda a, b, s: 0.1 + (0.0 if a == b else gap) + _noise(s)
+        )
+
+    dbs = {
+        "generalization-dose": db("dose", [30.0, 300.0, 600.0], 0.05),
+        "generalization-defocus": db("defocus", [-10.0, 0.0, 10.0], 0.05),
+        "generalization-substrate": db("substrate", [0.0, 3.0, 9.0], 0.05),
+    }
+    assert verdicts(dbs, "G3") == HOLDS
+    flat = {**dbs, "generalization-substrate": db("substrate", [0.0, 3.0, 9.0], 0.0)}
+    assert verdicts(flat, "G3") == FAILS
+    assert verdicts({k: v for k, v in dbs.items() if "substrate" not in k}, "G3") == NA
+
+
 def test_every_finding_reports_a_verdict_and_its_rule():
     out = findings.evaluate({})
-    assert list(out) == [f"F{i}" for i in range(1, 9)]
+    assert list(out) == [f"F{i}" for i in range(1, 9)] + ["G1", "G2", "G3"]
     for f in out.values():
         assert f.verdict == findings.UNMEASURABLE and f.rule and f.claim
     with pytest.raises(ValueError, match="metric='accuracy'; allowed: loss, dice, iou"):

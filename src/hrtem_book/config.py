@@ -109,6 +109,11 @@ class SimulationConfig:
                 f"sampling_A={self.sampling_A} Å is too coarse for HRTEM of crystals: "
                 "allowed is <= 0.25 Å (images at 0.4 Å correlate only ~0.5 with a 0.05 Å reference)"
             )
+        c_lo, c_hi = self.carbon_thickness_nm
+        if not 0 <= c_lo <= c_hi:
+            raise ValueError(
+                f"carbon_thickness_nm={self.carbon_thickness_nm} must satisfy 0 <= lo <= hi"
+            )
         lo, hi = self.particles_per_image
         if not 1 <= lo <= hi:
             raise ValueError(
@@ -131,7 +136,8 @@ class DataConfig:
     """Which images a profile generates: sizes of the three dataset series.
 
     Domain values: defocus [nm] (negative = overfocus in our sign convention, see
-    :mod:`hrtem_book.simulate`), dose [e⁻/Å²], structure names ``"<lattice>-<small|large>"``.
+    :mod:`hrtem_book.simulate`), dose [e⁻/Å²], structure names ``"<lattice>-<small|large>"``,
+    output pixel size [Å] (magnification), amorphous carbon support thickness [nm] (substrate).
     """
 
     sim: SimulationConfig = field(default_factory=SimulationConfig)
@@ -158,6 +164,11 @@ class DataConfig:
     large_radius_nm: tuple[float, float] = (2.5, 3.5)  # structure series, "large" [nm]
     structure_series_defocus_nm: float = -10.0
     structure_series_dose: float = 300.0  # [e⁻/Å²]
+    # companion study (Sytwu et al.): CdSe scenes at the structure series' defocus and dose, seen
+    # at several output pixel sizes [Å] (the magnification series; each an integer multiple of
+    # the smallest) and on amorphous carbon supports of several thicknesses [nm] (substrate)
+    magnification_pixels_A: tuple[float, ...] = (0.1, 0.2, 0.3)
+    substrate_thickness_nm: tuple[float, ...] = (0.0, 3.0, 9.0)
     seed: int = 0
 
     def domains(self, series: str) -> tuple[Domain, ...]:
@@ -171,6 +182,18 @@ class DataConfig:
         for d in self.doses + (self.defocus_series_dose, self.structure_series_dose):
             if not d > 0:
                 raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")
+        for t in self.substrate_thickness_nm:
+            if not t >= 0:
+                raise ValueError(f"substrate thickness {t!r} nm is not allowed: it must be >= 0")
+        if not self.magnification_pixels_A:
+            raise ValueError("magnification_pixels_A is empty; allowed: one or more sizes > 0 [Å]")
+        finest = min(self.magnification_pixels_A)
+        for p in self.magnification_pixels_A:
+            if not finest > 0 or abs(p / finest - round(p / finest)) > 1e-6:
+                raise ValueError(
+                    f"magnification pixel {p!r} Å is not allowed: pixel sizes must be > 0 and "
+                    f"whole multiples of the smallest ({finest} Å)"
+                )
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,7 @@ from .profiles import get_profile
 from .series import SERIES, get_series, scene_group
 from .simulate import check_device
 
-GENERATOR_VERSION = 4  # bump when the images change for an unchanged config (even by rounding)
+GENERATOR_VERSION = 5  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
 SPLITS = ("train", "val")
 SIZES = ("small", "large")
@@ -84,13 +84,6 @@ def validate(series: str, data: DataConfig) -> None:
     for size in data.sizes:
         if size not in SIZES:
             raise ValueError(f"unknown particle size {size!r}; allowed: {', '.join(SIZES)}")
-    field_A = sim.field_nm * 10
-    for name, step in (("sampling_A", sim.sampling_A), ("pixel_A", sim.pixel_A)):
-        if abs(field_A / step - round(field_A / step)) > 1e-6:
-            raise ValueError(
-                f"{name}={step} Å does not divide the {sim.field_nm} nm field; "
-                "allowed: a step that fits a whole number of times"
-            )
     if sim.image_px < 16:
         raise ValueError(
             f"pixel_A={sim.pixel_A} Å leaves {sim.image_px} pixels across the "
@@ -98,6 +91,15 @@ def validate(series: str, data: DataConfig) -> None:
         )
     spec = get_series(series)
     doms = data.domains(series)[:1] if spec.shared_scenes else data.domains(series)
+    scene_sims = {sim} | {spec.scene_sim(data, None if spec.shared_scenes else d) for d in doms}
+    for s in scene_sims:
+        field_A = s.field_nm * 10
+        for name, step in (("sampling_A", s.sampling_A), ("pixel_A", s.pixel_A)):
+            if abs(field_A / step - round(field_A / step)) > 1e-6:
+                raise ValueError(
+                    f"{name}={step} Å does not divide the {s.field_nm} nm field; "
+                    "allowed: a step that fits a whole number of times"
+                )
     for lo, hi in dict.fromkeys(spec.scene(data, d)[1] for d in doms):
         if not 0 < lo <= hi <= sim.field_nm / 2:
             raise ValueError(
@@ -159,37 +161,41 @@ def _chunk_file(series: str, data: DataConfig, root: Path, unit: _Unit) -> Path:
 
 def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
     """Simulate the scenes of ``unit`` and write one chunk file per series of its group."""
-    from .simulate import noisy_images, simulate_scene
+    from .simulate import noisy_images, simulate_scene, view_mask
     from .structures import build_scene, get_lattice
 
-    sim = data.sim
-    plan = {}  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²])
+    out_px = data.sim.image_px
+    plan = {}  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²], pixels [Å])
     for series in _group_series(unit.group):
+        spec = get_series(series)
         doms = data.domains(series) if unit.domain is None else (unit.domain,)
-        optics = [get_series(series).optics(data, d) for d in doms]
-        plan[series] = (doms, [o[0] for o in optics], [o[1] for o in optics])
-    lattice, radii = get_series(next(iter(plan))).scene(data, unit.domain)
+        optics = [spec.optics(data, d) for d in doms]
+        pixels = [spec.pixel(data, d) for d in doms]
+        plan[series] = (doms, [o[0] for o in optics], [o[1] for o in optics], pixels)
+    first = get_series(next(iter(plan)))
+    lattice, radii = first.scene(data, unit.domain)
+    sim = first.scene_sim(data, unit.domain)
     blur = get_lattice(lattice).label_blur_A
     parts: dict[str, list[xr.Dataset]] = {s: [] for s in plan}
     for index in range(unit.start, unit.stop):
         scene_rng = _rng(data, unit.group, unit.domain or "", unit.split, index, "scene")
         scene = build_scene(sim, lattice, radii, scene_rng)
         sw = simulate_scene(scene, sim, blur, scene_rng, device)
-        mask = sw.mask.cpu().numpy()
-        for series, (doms, defoci, doses) in plan.items():
+        for series, (doms, defoci, doses, pixels) in plan.items():
             # one generator per image: its defocus jitter, then its noise
             rngs = [_rng(data, series, str(dom), unit.split, index, "optics") for dom in doms]
             used = [
                 defocus + rng.normal(0.0, sim.defocus_jitter_nm)
                 for defocus, rng in zip(defoci, rngs, strict=True)
             ]
-            imgs = noisy_images(sw, used, doses, sim, rngs)
-            parts[series].append(_samples(series, doms, unit.split, index, imgs, mask, used, sw))
+            imgs = noisy_images(sw, used, doses, sim, rngs, pixels, out_px)
+            masks = [view_mask(sw.mask, sim.pixel_A, p, out_px).cpu().numpy() for p in pixels]
+            parts[series].append(_samples(series, doms, unit.split, index, imgs, masks, used, sw))
     for series, samples in parts.items():
         _atomic_netcdf(xr.concat(samples, "sample"), _chunk_file(series, data, root, unit))
 
 
-def _samples(series, doms, split, index, imgs, mask, used, sw) -> xr.Dataset:
+def _samples(series, doms, split, index, imgs, masks, used, sw) -> xr.Dataset:
     k = len(doms)
     spec = get_series(series)
     dom = np.array(doms, dtype=spec.dtype())
@@ -198,7 +204,7 @@ def _samples(series, doms, split, index, imgs, mask, used, sw) -> xr.Dataset:
     return xr.Dataset(
         {
             "image": (("sample", "y", "x"), np.stack(imgs).astype(np.float32)),
-            "mask": (("sample", "y", "x"), np.repeat(mask[None], k, 0).astype(np.uint8)),
+            "mask": (("sample", "y", "x"), np.stack(masks).astype(np.uint8)),
             "zero_defocus_nm": ("sample", np.full(k, sw.zero_defocus_A / 10, np.float32)),
         },
         coords={
@@ -298,11 +304,16 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         )
     )
     ds = ds.isel(sample=key)
-    sim = data.sim
+    sim, spec = data.sim, get_series(series)
+    pixel = {d: spec.pixel(data, d) for d in data.domains(series)}
+    # x, y in Å where every domain has one pixel size; in pixels where the domains differ
+    step, unit = (sim.pixel_A, "Å") if len(set(pixel.values())) == 1 else (1.0, "px")
     ds = ds.assign_coords(
-        y=("y", (np.arange(sim.image_px) + 0.5) * sim.pixel_A),
-        x=("x", (np.arange(sim.image_px) + 0.5) * sim.pixel_A),
+        y=("y", (np.arange(sim.image_px) + 0.5) * step),
+        x=("x", (np.arange(sim.image_px) + 0.5) * step),
+        pixel_A=("sample", np.array([pixel[spec.normalize(d)] for d in ds["domain"].values])),
     )
+    ds["pixel_A"].attrs.update(units="Å", long_name="pixel size of the image")
     ds["image"].attrs.update(units="electrons per pixel", long_name="HRTEM image after dose")
     ds["mask"].attrs.update(long_name="particle mask (1 = particle)")
     ds["zero_defocus_nm"].attrs.update(
@@ -311,8 +322,8 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
     ds["defocus_nm"].attrs.update(
         units="nm", long_name="jittered defocus from the calibrated zero (positive = underfocus)"
     )
-    ds["x"].attrs.update(units="Å")
-    ds["y"].attrs.update(units="Å")
+    ds["x"].attrs.update(units=unit)
+    ds["y"].attrs.update(units=unit)
     ds.attrs.update(
         series=series,
         config=stable_json(data),

@@ -1,5 +1,8 @@
 """The study's findings as statistics over the results databases, each with a verdict.
 
+F1-F8 are the transfer-learning study's (Rangel DaCosta et al.), G1-G3 its companion's (Sytwu et
+al.: how far a network trained without transfer generalizes).
+
 :func:`evaluate` turns a set of databases (``{"defocus": ds, "dose": ds, ...}``) into one
 :class:`Finding` per claim of the study: the claim (in our words), the rule that decides it, the
 numbers behind it and the verdict — ``holds``, ``does not hold`` or ``not measurable`` (the grid
@@ -29,6 +32,8 @@ from .results import metric_var, on_domain
 from .series import match_index
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
+# the series of the companion's finding G3 (imaging conditions and support)
+CONDITION_SERIES = ("dose", "defocus", "substrate")
 VERDICTS = (HOLDS, FAILS, UNMEASURABLE)
 IN_FOCUS_NM = 0.0  # the in-focus defocus domain
 
@@ -478,6 +483,152 @@ def structure_follows_target(dbs: Mapping[str, xr.Dataset], metric: str = "loss"
     return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
 
 
+# --- the companion study (Sytwu et al.): generalization without transfer ----------------------
+def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
+    """Off-diagonal gaps of a ``generalization-<series>`` database on the error scale.
+
+    ``gaps[(train, test)]``: median (over seeds) error on ``test`` of the models trained on
+    ``train`` minus that of the models trained on ``test`` itself (the in-domain ideal;
+    positive = worse), for every pair of distinct training domains that are also test domains.
+    ``seed_sd``: median over the training domains of the seed-to-seed (sample) standard
+    deviation of the in-domain error; NaN with fewer than two seeds. ``mean_gap``: mean of the gaps.
+    """
+    err = _stage(ds, "pretrain", metric)  # train_domain, seed, eval_domain
+    med = _median(err, ["train_domain", "eval_domain"])
+    own = on_domain(err, "train_domain")  # train_domain, seed
+    with _quiet():  # the sample standard deviation (ddof 1): NaN from fewer than two seeds
+        sds = own.std("seed", skipna=True, ddof=1).values
+    trains = [t for t in ds["train_domain"].values.tolist()]
+    tests = med["eval_domain"].values
+    ideal = {}
+    for t in trains:
+        j = match_index(tests, t)
+        if j >= 0:
+            ideal[t] = float(med.sel(train_domain=t).values[j])
+    gaps = {}
+    for t in trains:
+        for u, ref in ideal.items():
+            if u == t or not math.isfinite(ref):
+                continue
+            v = float(med.sel(train_domain=t).values[match_index(tests, u)])
+            if math.isfinite(v):
+                gaps[(t, u)] = v - ref
+    finite_sds = sds[np.isfinite(sds)]
+    return {
+        "gaps": gaps,
+        "seed_sd": float(np.median(finite_sds)) if finite_sds.size else math.nan,
+        "mean_gap": float(np.mean(list(gaps.values()))) if gaps else math.nan,
+        "ideal": {t: _value(v, metric) for t, v in ideal.items()},
+    }
+
+
+def _gen_db(dbs: Mapping[str, xr.Dataset], series: str) -> xr.Dataset | None:
+    return dbs.get(f"generalization-{series}")
+
+
+def not_scale_invariant(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
+    key, title = "G1", "no generalization across magnifications"
+    claim = (
+        "A segmentation network is not scale invariant: trained at one magnification (pixel "
+        "size), it segments images taken at another clearly worse than a network trained there."
+    )
+    rule = (
+        "Models trained without transfer on one pixel size and tested on every other one: for "
+        "every (training, test) pair, the median error on the test pixel size minus that of the "
+        "models trained on it (the in-domain ideal); holds if every such gap exceeds twice the "
+        "seed-to-seed standard deviation of the in-domain models."
+    )
+    ds = _gen_db(dbs, "magnification")
+    if ds is None or ds.sizes["train_domain"] < 2:
+        return _unmeasurable(
+            key, title, claim, rule, "two or more trained magnifications needed", metric
+        )
+    g = generalization_gaps(ds, metric)
+    if not g["gaps"] or not math.isfinite(g["seed_sd"]):
+        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
+    smallest = min(g["gaps"], key=g["gaps"].get)
+    verdict = HOLDS if all(v > 2 * g["seed_sd"] for v in g["gaps"].values()) else FAILS
+    pairs = ", ".join(f"{a:g} → {b:g} Å: {v:+.3f}" for (a, b), v in g["gaps"].items())
+    summary = (
+        f"Gaps to the in-domain ideal ({METRIC_NAMES[metric]} scale) by training → test pixel "
+        f"size: {pairs}; the smallest is {g['gaps'][smallest]:+.3f} "
+        f"({smallest[0]:g} → {smallest[1]:g} Å), against twice the seed standard deviation, "
+        f"{2 * g['seed_sd']:.3f}."
+    )
+    return Finding(key, title, claim, rule, verdict, summary, g, metric)
+
+
+def large_particles_generalize_worst(
+    dbs: Mapping[str, xr.Dataset], metric: str = "dice"
+) -> Finding:
+    key, title = "G2", "trained on large particles, generalizes worst"
+    claim = (
+        "Networks trained on images of larger particles generalize the worst to other data; "
+        "training on small particles carries over better."
+    )
+    rule = (
+        "On the structure series without transfer: the mean gap to the in-domain ideal over the "
+        "other test sets, of the models trained on large particles against those trained on "
+        "small ones (every lattice); holds if the large-particle models' mean gap is the larger."
+    )
+    ds = _gen_db(dbs, "structure")
+    if ds is None:
+        return _unmeasurable(
+            key, title, claim, rule, "no generalization-structure database", metric
+        )
+    g = generalization_gaps(ds, metric)
+    by_size: dict[str, list[float]] = {"small": [], "large": []}
+    for (t, _), v in g["gaps"].items():
+        size = str(t).rsplit("-", 1)[-1]
+        if size in by_size:
+            by_size[size].append(v)
+    if not by_size["small"] or not by_size["large"]:
+        return _unmeasurable(key, title, claim, rule, "models trained on both sizes needed", metric)
+    mean = {k: float(np.mean(v)) for k, v in by_size.items()}
+    verdict = HOLDS if mean["large"] > mean["small"] else FAILS
+    summary = (
+        f"Mean gap to the in-domain ideal ({METRIC_NAMES[metric]} scale) over the other test "
+        f"sets: {mean['large']:+.3f} for models trained on large particles, "
+        f"{mean['small']:+.3f} for those trained on small ones (seed standard deviation "
+        f"{_f(g['seed_sd'])})."
+    )
+    return Finding(key, title, claim, rule, verdict, summary, {**g, "by_size": mean}, metric)
+
+
+def conditions_shape_generalization(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
+    key, title = "G3", "dose, defocus and support shape generalization"
+    claim = (
+        "Besides magnification and particle size, the electron dose, the defocus and the "
+        "support (substrate) under the particles also limit how far a trained network carries."
+    )
+    rule = (
+        "For each of the dose, defocus and substrate series without transfer: the mean gap to "
+        "the in-domain ideal over all (training, test) pairs of distinct domains; holds if, for "
+        "all three series, it exceeds twice the seed-to-seed standard deviation of the "
+        "in-domain models."
+    )
+    found = {}
+    for series in CONDITION_SERIES:
+        ds = _gen_db(dbs, series)
+        if ds is None:
+            continue
+        g = generalization_gaps(ds, metric)
+        if g["gaps"] and math.isfinite(g["seed_sd"]):
+            found[series] = (g["mean_gap"], g["seed_sd"])
+    if len(found) < 3:
+        return _unmeasurable(
+            key, title, claim, rule, "dose, defocus and substrate databases needed", metric
+        )
+    verdict = HOLDS if all(m > 2 * sd for m, sd in found.values()) else FAILS
+    summary = (
+        f"Mean gap to the in-domain ideal ({METRIC_NAMES[metric]} scale): "
+        + "; ".join(f"{s} {m:+.3f} (2 sd {2 * sd:.3f})" for s, (m, sd) in found.items())
+        + "."
+    )
+    numbers = {"by_series": {s: {"mean_gap": m, "seed_sd": sd} for s, (m, sd) in found.items()}}
+    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
+
+
 FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
     in_focus_hardest,
     pretraining_matters_less,
@@ -487,6 +638,9 @@ FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
     transfer_matches_mixture,
     in_focus_pretraining_asymmetry,
     structure_follows_target,
+    not_scale_invariant,
+    large_particles_generalize_worst,
+    conditions_shape_generalization,
 )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .config import DataConfig, ModelConfig, SimulationConfig, StageConfig
+from .series import GENERALIZATION_SERIES
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,10 @@ LAPTOP_DATA = DataConfig(
     # a heavy (CdSe, wurtzite) and a light (Si, diamond) lattice whose fringes (3.3-3.7 Å and
     # 3.1 Å) the 1 Å pixels resolve; Cu {200} and C {220} would alias away (shared/README)
     lattices=("CdSe", "Si"),
+    # companion study: 0.5-1.5 Å pixels (3.2-9.6 nm fields of 64 px; scenes of 9.6 nm), and
+    # supports from none to thicker than the other series' 2-8 nm
+    magnification_pixels_A=(0.5, 1.0, 1.5),
+    substrate_thickness_nm=(0.0, 3.0, 9.0),
 )
 
 # GPU campaign (one H200, ≤ 8 minutes): the laptop's physics (6.4 nm field, 1 Å pixels, 64²),
@@ -62,6 +67,8 @@ GPU_DATA = DataConfig(
     n_train=256,
     n_val=16,
     large_radius_nm=(1.8, 2.3),
+    magnification_pixels_A=(0.5, 1.0, 1.5),
+    substrate_thickness_nm=(0.0, 3.0, 9.0),
 )
 
 SMOKE_DATA = DataConfig(
@@ -82,6 +89,8 @@ SMOKE_DATA = DataConfig(
     series_radius_nm=(0.7, 1.0),
     small_radius_nm=(0.6, 0.8),
     large_radius_nm=(0.9, 1.1),
+    magnification_pixels_A=(0.5, 1.0),
+    substrate_thickness_nm=(0.0, 2.0),
 )
 
 # --- models ------------------------------------------------------------------------------
@@ -197,6 +206,18 @@ PROFILES: dict[str, Profile] = {
                 "transfer_lr": 1e-4,
                 "n_transfer": 16,
             },
+            # companion study (no transfer): every domain of the dose and structure series and
+            # the defocus study's three pretraining defoci are the pretrainings above (read
+            # again, not retrained); magnification and substrate train 9 models each
+            **{
+                f"generalization-{series}": {"pretrain_lr": 1e-3, "seed": (0, 1, 2)}
+                for series in GENERALIZATION_SERIES
+            },
+            "generalization-defocus": {
+                "train_domain": (-10.0, 0.0, 10.0),
+                "pretrain_lr": 1e-3,
+                "seed": (0, 1, 2),
+            },
         },
     ),
     "gpu": Profile(
@@ -218,6 +239,8 @@ PROFILES: dict[str, Profile] = {
             "baseline": {"mix": ("64:192", "128:128", "192:64")},
             "dose": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 64},
             "structure": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 64},
+            # companion study: every domain of every series, 3 seeds
+            **{f"generalization-{s}": {"pretrain_lr": 1e-3} for s in GENERALIZATION_SERIES},
         },
     ),
     "smoke": Profile(
@@ -261,6 +284,10 @@ PROFILES: dict[str, Profile] = {
                 "pretrain_lr": 1e-3,
                 "transfer_lr": 1e-4,
                 "n_transfer": 4,
+            },
+            **{
+                f"generalization-{s}": {"pretrain_lr": 1e-3, "seed": (0,)}
+                for s in GENERALIZATION_SERIES
             },
         },
     ),

@@ -2,7 +2,10 @@
 
 A *series* is a family of dataset domains that differ in one condition: the ``defocus`` series
 images the same CdSe scenes at several defoci [nm], ``dose`` at several electron doses [e⁻/Å²],
-``structure`` shows other lattices and particle sizes (domain names ``"<lattice>-<size>"``).
+``structure`` shows other lattices and particle sizes (domain names ``"<lattice>-<size>"``),
+``magnification`` the same scenes at several output pixel sizes [Å] on an image grid of fixed
+size (so the field of view changes with the pixel), ``substrate`` CdSe particles on amorphous
+carbon supports of several thicknesses [nm] (0 = none).
 Everything that depends on *which* series a value belongs to — is a domain a number or a name,
 how is it written, how are two values compared, which optics image it — is answered here, once,
 so no other module branches on a series' name.
@@ -15,12 +18,14 @@ strings.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-Domain = float | str  # defocus [nm], dose [e⁻/Å²] or structure name "<lattice>-<size>"
+# defocus [nm], dose [e⁻/Å²], structure name "<lattice>-<size>", pixel size [Å] or support
+# thickness [nm]
+Domain = float | str
 MATCH_RTOL = 1e-9  # relative tolerance of numeric domain matching
 
 
@@ -33,6 +38,12 @@ class SeriesSpec:
     is taken at; ``scene(data, domain)`` the (lattice, particle radius range [nm]) of its scenes.
     Series with the same ``scene_group`` image the same scenes (their exit waves are simulated
     once); ``shared_scenes`` False means every domain has scenes of its own.
+
+    ``scene_sim(data, domain)`` is the :class:`~hrtem_book.config.SimulationConfig` the scenes
+    are built and simulated with (``domain`` None for shared scenes), ``pixel(data, domain)`` the
+    pixel size [Å] of the domain's images: each image is the central ``data.sim.image_px``²
+    pixels of that size, binned from the scene's images (a whole-number ratio). By default both
+    are the profile's own: ``data.sim``, ``data.sim.pixel_A``.
     """
 
     name: str
@@ -44,6 +55,8 @@ class SeriesSpec:
     scene: Callable[[Any, Domain | None], tuple[str, tuple[float, float]]]
     scene_group: str
     shared_scenes: bool
+    scene_sim: Callable[[Any, Domain | None], Any] = lambda data, domain: data.sim
+    pixel: Callable[[Any, Domain], float] = lambda data, domain: data.sim.pixel_A
 
     # --- values ------------------------------------------------------------------------------
     def normalize(self, value: Any) -> Domain:
@@ -106,6 +119,30 @@ def _structure_scene(data, domain):
     return lattice, getattr(data, f"{size}_radius_nm")
 
 
+def _magnification_sim(data, domain=None):
+    """Scenes of the magnification series: the field of the coarsest pixel, output at the finest.
+
+    The field is ``image_px`` × the largest pixel size, and the particle count per scene grows with
+    its area, so that every domain's window holds as many particles per nm² as the other series.
+    """
+    sim = data.sim
+    coarsest, finest = max(data.magnification_pixels_A), min(data.magnification_pixels_A)
+    field_nm = sim.image_px * coarsest / 10
+    area = (field_nm / sim.field_nm) ** 2
+    lo, hi = sim.particles_per_image
+    return replace(
+        sim,
+        field_nm=field_nm,
+        pixel_A=finest,
+        particles_per_image=(max(1, round(lo * area)), max(1, round(hi * area))),
+    )
+
+
+def _substrate_sim(data, domain):
+    """Scenes of the substrate series: a support of exactly ``domain`` nm of amorphous carbon."""
+    return replace(data.sim, carbon_thickness_nm=(float(domain), float(domain)))
+
+
 SERIES_SPECS: dict[str, SeriesSpec] = {
     "defocus": SeriesSpec(
         name="defocus",
@@ -143,8 +180,40 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
         scene_group="structure",
         shared_scenes=False,
     ),
+    "magnification": SeriesSpec(
+        name="magnification",
+        numeric=True,
+        unit="Å/px",
+        description="the same CdSe scenes seen at every output pixel size of "
+        "DataConfig.magnification_pixels_A on the same image grid (a finer pixel, a smaller "
+        "field of view), at the structure series' defocus and dose",
+        domains=lambda data: tuple(float(p) for p in data.magnification_pixels_A),
+        optics=lambda data, d: (data.structure_series_defocus_nm, data.structure_series_dose),
+        scene=lambda data, d: ("CdSe", data.series_radius_nm),
+        scene_group="magnification",
+        shared_scenes=True,
+        scene_sim=_magnification_sim,
+        pixel=lambda data, d: float(d),
+    ),
+    "substrate": SeriesSpec(
+        name="substrate",
+        numeric=True,
+        unit="nm",
+        description="CdSe scenes of their own on an amorphous carbon support of every thickness "
+        "of DataConfig.substrate_thickness_nm (0: none), at the structure series' defocus and "
+        "dose",
+        domains=lambda data: tuple(float(t) for t in data.substrate_thickness_nm),
+        optics=lambda data, d: (data.structure_series_defocus_nm, data.structure_series_dose),
+        scene=lambda data, d: ("CdSe", data.series_radius_nm),
+        scene_group="substrate",
+        shared_scenes=False,
+        scene_sim=_substrate_sim,
+    ),
 }
 SERIES = tuple(SERIES_SPECS)
+# the series whose generalization the companion study (Sytwu et al.) measures, each the subject
+# of a study "generalization-<series>" (hrtem_book.studies)
+GENERALIZATION_SERIES = ("defocus", "dose", "structure", "magnification", "substrate")
 
 
 def get_series(name: str) -> SeriesSpec:

@@ -432,21 +432,51 @@ def simulate_scene(scene, sim: SimulationConfig, blur_A: float, rng, device="cpu
     return SceneWaves(waves, mask, zero)
 
 
+def view(images: Images, pixel_A: float, out_px: int) -> Images:
+    """The central ``out_px``² pixels of size ``pixel_A`` [Å] of ``images``: a window of
+    ``out_px · pixel_A`` Å cut from the middle of the field and binned to ``pixel_A`` (a whole
+    multiple of ``images.sampling_A``), as a camera at a lower magnification sees it. The
+    identity when the pixel and the size are the images' own."""
+    ratio = pixel_A / images.sampling_A
+    factor = round(ratio)
+    n_in = images.array.shape[-1]
+    if factor < 1 or abs(ratio - factor) > 1e-6 or out_px * factor > n_in:
+        raise ValueError(
+            f"pixel_A={pixel_A} Å × {out_px} px is not a view of {n_in} px of "
+            f"{images.sampling_A} Å; allowed: whole multiples of the pixel that fit the field"
+        )
+    lo = (n_in - out_px * factor) // 2
+    window = images.array[..., lo : lo + out_px * factor, lo : lo + out_px * factor]
+    return Images(window, images.sampling_A).bin(factor)
+
+
+def view_mask(mask: torch.Tensor, sampling_A: float, pixel_A: float, out_px: int) -> torch.Tensor:
+    """The label of :func:`view`: a pixel is particle if most of its area is (uint8)."""
+    frac = view(Images(mask.float(), sampling_A), pixel_A, out_px).array
+    return (frac > 0.5).to(torch.uint8)
+
+
 def noisy_images(
     scene_waves: SceneWaves,
     defocus_nm: np.ndarray,
     dose_per_A2: np.ndarray,
     sim: SimulationConfig,
     rngs: Sequence[np.random.Generator],
+    pixels_A: Sequence[float] | None = None,
+    out_px: int | None = None,
 ) -> np.ndarray:
-    """Counts ``[k, image_px, image_px]`` float32 for k (defocus offset [nm], dose) pairs, the
+    """Counts ``[k, out_px, out_px]`` float32 for k (defocus offset [nm], dose) pairs, the
     noise of image i drawn from ``rngs[i]``; the noise-free images come from one
-    :func:`image_intensities` call (one FFT of the waves for all k)."""
+    :func:`image_intensities` call (one FFT of the waves for all k). Image i is the
+    :func:`view` at ``pixels_A[i]`` (default: ``sim.pixel_A``, ``sim.image_px``), its dose
+    counted over that pixel's area."""
     defocus_A = scene_waves.zero_defocus_A + 10.0 * np.asarray(defocus_nm, float)
     clean = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A), sim)
     doses = np.asarray(dose_per_A2, float)
+    pixels = [sim.pixel_A] * len(doses) if pixels_A is None else list(pixels_A)
+    out_px = sim.image_px if out_px is None else out_px
     out = [
-        replace(clean, array=clean.array[i]).poisson_noise(float(d), rng).array
-        for i, (d, rng) in enumerate(zip(doses, rngs, strict=True))
+        view(replace(clean, array=clean.array[i]), p, out_px).poisson_noise(float(d), rng).array
+        for i, (d, p, rng) in enumerate(zip(doses, pixels, rngs, strict=True))
     ]
     return torch.stack(out).cpu().numpy()

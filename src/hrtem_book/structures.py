@@ -379,8 +379,8 @@ def build_scene(
     Number of particles uniform in ``sim.particles_per_image`` (fewer when they do not fit),
     radii uniform in ``radius_range_nm`` [nm], every particle inside the field and at least
     ``sim.particle_gap_nm`` from the others (surface to surface); carbon thickness uniform in
-    ``sim.carbon_thickness_nm``. Each particle sits on the slab, its lowest possible atom
-    ``sim.carbon_min_distance_A`` above the highest carbon plane.
+    ``sim.carbon_thickness_nm`` (0 nm: no support). Each particle sits on the slab, its lowest
+    possible atom ``sim.carbon_min_distance_A`` above the highest carbon plane.
     """
     get_lattice(lattice)
     r_lo, r_hi = radius_range_nm
@@ -399,9 +399,12 @@ def build_scene(
 
     t_lo, t_hi = sim.carbon_thickness_nm
     thickness = rng.uniform(t_lo, t_hi) * 10
-    carbon = amorphous_carbon(
-        L, thickness, sim.carbon_density_g_cm3, sim.carbon_min_distance_A, rng
-    )
+    if thickness > 0:
+        carbon = amorphous_carbon(
+            L, thickness, sim.carbon_density_g_cm3, sim.carbon_min_distance_A, rng
+        )
+    else:  # no support: the particles float in vacuum (the substrate series' thinnest domain)
+        carbon = ase.Atoms(cell=[L, L, 0.0], pbc=(True, True, False))
     slab_top = VACUUM_A + thickness
     pos, num, tags, info = [carbon.positions + [0, 0, VACUUM_A]], [carbon.numbers], [], []
     tags.append(np.zeros(len(carbon), int))

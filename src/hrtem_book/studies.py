@@ -13,6 +13,14 @@ dose        pretrain_domain, target_domain, freeze, seed                     180
 structure   pretrain_domain, target_domain, freeze, seed                     2,754 transfer on 54
 ==========  ===============================================================  =================
 
+The companion study (Sytwu et al.) trains without transfer and tests everywhere: one
+``generalization-<series>`` study per series (defocus, dose, structure, magnification, substrate)
+with axes ``train_domain, seed``; each model is one pretraining on ``train_domain``, evaluated on
+every domain of its series (the database's ``eval_domain`` is the test domain). A pretraining
+whose config equals one of a transfer study (same series, domain, learning rate, seed, data,
+model and stage) is the same run: its checkpoint is trained once and read by both.
+``generalization`` names the whole group on the command line.
+
 Domain values are defocus [nm], dose [e⁻/Å²] or structure names ``"<lattice>-<size>"``. Cells
 where the target equals the pretraining domain are *excluded* (the paper transfers to the other
 domains only). A baseline cell ``(domain_a, domain_b, mix="128:384")`` trains one model on
@@ -46,9 +54,12 @@ from .config import (
     config_hash,
     normalize_domain,
 )
+from .series import GENERALIZATION_SERIES
 
 STAGES_TRANSFER = ("pretrain", "transfer")
 STAGES_MIXTURE = ("mixture",)
+STAGES_PRETRAIN = ("pretrain",)
+KINDS = {"transfer": STAGES_TRANSFER, "mixture": STAGES_MIXTURE, "pretrain": STAGES_PRETRAIN}
 PAPER_SEEDS = (0, 1, 2)  # three replicates
 PAPER_PRETRAIN_DEFOCI_NM = (-10.0, -5.0, 0.0, 5.0, 10.0)
 
@@ -76,6 +87,11 @@ def _defocus_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
     }
 
 
+def _generalization_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
+    """Every domain of the series as a training domain, three replicates."""
+    return {"train_domain": data.domains(series), "seed": PAPER_SEEDS}
+
+
 def _baseline_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
     return {
         "domain_a": PAPER_PRETRAIN_DEFOCI_NM,
@@ -93,7 +109,9 @@ class StudySpec:
 
     name: str
     series: str  # dataset series the runs train on
-    kind: str  # "transfer" (pretrain → transfer) or "mixture" (one stage on two domains)
+    # "transfer" (pretrain → transfer), "mixture" (one stage on two domains) or "pretrain" (one
+    # stage on one domain, evaluated on all)
+    kind: str
     axes: tuple[str, ...]
     domain_axes: tuple[str, ...]  # axes whose values are domains of ``series``
     paper: Callable[[DataConfig, str], dict[str, tuple]] = _transfer_paper_values
@@ -102,7 +120,7 @@ class StudySpec:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        return STAGES_MIXTURE if self.kind == "mixture" else STAGES_TRANSFER
+        return KINDS[self.kind]
 
 
 _TRANSFER_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
@@ -153,7 +171,23 @@ STUDIES: dict[str, StudySpec] = {
         description="Transfer between crystal structures and particle sizes.",
     ),
 }
+for _series in GENERALIZATION_SERIES:
+    STUDIES[f"generalization-{_series}"] = StudySpec(
+        name=f"generalization-{_series}",
+        series=_series,
+        kind="pretrain",
+        axes=("train_domain", "seed"),
+        domain_axes=("train_domain",),
+        paper=_generalization_paper_values,
+        fixed={"pretrain_lr": _TRANSFER_FIXED["pretrain_lr"]},
+        description=f"Trained on one {_series} domain, tested on every one (no transfer).",
+    )
 STUDY_NAMES = tuple(STUDIES)
+# names that stand for several studies on the command line
+STUDY_GROUPS = {
+    "generalization": tuple(s for s in STUDY_NAMES if STUDIES[s].kind == "pretrain"),
+    "all": STUDY_NAMES,
+}
 
 
 def get_study(name: str) -> StudySpec:
@@ -304,6 +338,9 @@ def build_grid(study: str, profile) -> StudyGrid:
     cells: dict[tuple, RunConfig] = {}
     for cell in itertools.product(*(coords[a] for a in spec.axes)):
         v = dict(zip(spec.axes, cell, strict=True))
+        if spec.kind == "pretrain":
+            cells[cell] = pretrain(v["train_domain"], fixed["pretrain_lr"], v["seed"])
+            continue
         if spec.kind == "mixture":
             if v["domain_a"] == v["domain_b"]:
                 continue

@@ -45,7 +45,7 @@ from .layout import Layout, check_writable, remove_stale_tmp
 from .profiles import Profile, get_profile
 from .records import failure_record, kind_of, read_record, write_record
 from .simulate import check_device
-from .studies import STUDIES, STUDY_NAMES, build_grid
+from .studies import STUDIES, STUDY_GROUPS, STUDY_NAMES, build_grid
 
 # --- the sweep ----------------------------------------------------------------------------------
 EXECUTORS = ("inprocess", "dask", "stacked")
@@ -136,7 +136,8 @@ def run_sweep(
     max_stack: int = 64,
     deadline_s: float | None = None,
 ) -> SweepSummary:
-    """Run every missing run of ``studies`` for ``profile``; return the counts.
+    """Run every missing run of ``studies`` for ``profile``; return the counts (of distinct
+    runs: a config that several studies share runs once and is recorded in each).
 
     ``root`` is the project folder holding ``data/`` and ``results/`` (see
     :class:`~hrtem_book.layout.Layout`). ``run_fn(cfg, *, layout, device) -> record`` replaces
@@ -165,15 +166,24 @@ def run_sweep(
         prepare_data(
             studies, profile, layout, workers=sim_workers, progress=progress, device=device
         )
+    # one run per config: studies that share a config (a generalization model that is a transfer
+    # study's pretraining) share its run, and each keeps a copy of the record in its own folder
+    shared: dict[str, list[_Task]] = {}
     for task in tasks:
-        rec = read_record(task.path, log=log)
-        if rec is not None and (rec["status"] == "ok" or not retry_failed):
-            records[task.hash] = rec
+        shared.setdefault(task.hash, []).append(task)
+    for h, group in shared.items():
+        recs = [read_record(t.path, log=log) for t in group]
+        kept = [r for r in recs if r is not None and (r["status"] == "ok" or not retry_failed)]
+        if kept:
+            for t, r in zip(group, recs, strict=True):
+                if r is None:
+                    write_record(t.path, kept[0])  # the same run, recorded by another study
+            records[h] = kept[0]
             summary.skipped += 1
         else:
-            if rec is not None and isinstance(task.cfg, PretrainConfig):
-                drop_failed_checkpoint(layout, task.cfg)
-            todo.append(task)
+            if any(r is not None for r in recs) and isinstance(group[0].cfg, PretrainConfig):
+                drop_failed_checkpoint(layout, group[0].cfg)
+            todo.append(group[0])
 
     # transfer runs wait for the pretraining whose checkpoint they load
     pending_pre = {t.hash for t in todo if kind_of(t.cfg) == "pretrain"}
@@ -216,7 +226,8 @@ def run_sweep(
         record = dict(record)
         record.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         record.setdefault("host", socket.gethostname())
-        write_record(task.path, record)
+        for t in shared[task.hash]:
+            write_record(t.path, record)
         records[task.hash] = record
         if record["status"] == "ok":
             summary.done += 1
@@ -256,15 +267,17 @@ def run_sweep(
 
 
 def expand_studies(studies: str | Sequence[str]) -> list[str]:
+    """Study names, with each group name (``all``, ``generalization``) replaced by its studies."""
     names = [studies] if isinstance(studies, str) else list(studies)
     out: list[str] = []
     for name in names:
-        if name == "all":
-            out.extend(STUDY_NAMES)
+        if name in STUDY_GROUPS:
+            out.extend(STUDY_GROUPS[name])
         elif name in STUDY_NAMES:
             out.append(name)
         else:
-            raise ValueError(f"unknown study {name!r}; allowed: {', '.join(STUDY_NAMES)}, all")
+            allowed = ", ".join([*STUDY_NAMES, *STUDY_GROUPS])
+            raise ValueError(f"unknown study {name!r}; allowed: {allowed}")
     return list(dict.fromkeys(out))
 
 
@@ -312,7 +325,7 @@ def register_cli(subparsers) -> None:
         description="\n\n".join(__doc__.split("\n\n")[:2]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--study", required=True, choices=(*STUDY_NAMES, "all"))
+    p.add_argument("--study", required=True, choices=(*STUDY_NAMES, *STUDY_GROUPS))
     p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
     p.add_argument("--root", default=".", help="project folder holding data/ and results/")
     p.add_argument("--executor", default="inprocess", choices=EXECUTORS)

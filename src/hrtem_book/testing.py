@@ -48,7 +48,19 @@ _SYNTHETIC_COORDS = {
         "seed": [0, 1],
     },
 }
+_GENERALIZATION_TRAIN = {
+    "defocus": [-10.0, 0.0, 10.0],
+    "dose": [30.0, 150.0, 600.0],
+    "structure": ["CdSe-small", "CdSe-large", "Cu-small"],
+    "magnification": [0.5, 1.0, 1.5],
+    "substrate": [0.0, 3.0, 9.0],
+}
+for _series, _domains in _GENERALIZATION_TRAIN.items():
+    _SYNTHETIC_COORDS[f"generalization-{_series}"] = {"train_domain": _domains, "seed": [0, 1]}
 _SYNTHETIC_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
+# the domain distance that moves the synthetic loss by 0.25 (0: ratios, on a log scale)
+_SYNTHETIC_SCALE = {"defocus": 10.0, "dose": 0.0, "structure": 1.0, "magnification": 0.0,
+                    "substrate": 3.0}  # fmt: skip
 _SYNTHETIC_PARAMS = {"none": 921_000.0, "encoder": 160_000.0, "decoder": 761_000.0}
 
 
@@ -75,10 +87,10 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     spec = get_study(study)
     rng = np.random.default_rng(seed)
     coords = _SYNTHETIC_COORDS[study]
-    eval_domains = list(dict.fromkeys(coords[spec.domain_axes[0]] + coords[spec.domain_axes[1]]))
-    fixed = {} if study in ("defocus", "baseline") else dict(_SYNTHETIC_FIXED)
+    eval_domains = list(dict.fromkeys(v for a in spec.domain_axes for v in coords[a]))
+    fixed = {k: _SYNTHETIC_FIXED[k] for k in spec.fixed}
     ds = empty_database(study, coords, eval_domains, n_epochs, profile="synthetic", fixed=fixed)
-    scale = {"defocus": 10.0, "baseline": 10.0, "dose": 0.0, "structure": 1.0}[study]
+    scale = _SYNTHETIC_SCALE[spec.series]
     epochs = np.arange(1, n_epochs + 1)
     status = ds["status"].values
     hashes = ds["config_hash"].values
@@ -88,8 +100,8 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     failed_marked = False
     for idx in np.ndindex(status.shape):
         cell = {a: coords[a][i] for a, i in zip(spec.axes, idx, strict=True)}
-        a, b = cell[spec.domain_axes[0]], cell[spec.domain_axes[1]]
-        if a == b:
+        a, b = (cell[d] for d in (spec.domain_axes * 2)[:2])  # one domain axis: a = b
+        if a == b and spec.kind != "pretrain":
             status[idx] = "excluded"
             continue
         hashes[idx] = f"{rng.integers(0, 2**63):016x}"[:16]

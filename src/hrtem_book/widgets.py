@@ -26,7 +26,7 @@ from IPython import get_ipython
 from IPython.display import Image, display
 from matplotlib.figure import Figure
 
-from .figures._common import axis_label, format_value, metric_title, var_of
+from .figures._common import AXIS_LABELS, axis_label, format_value, metric_title, var_of
 from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
@@ -270,6 +270,119 @@ class FigureApp:
             fig = self.figure_fn(self.ds, **self.default_kwargs)
         reduction = self.default_kwargs["reduce"]
         return save_placeholder(fig, path, reduction=reduction, **metadata)
+
+    def _ipython_display_(self) -> None:
+        display(self.widget)
+
+
+class SeriesApp:
+    """A figure drawn from several databases, one per dataset series (the companion study's
+    matrices): ``fn(dbs, *, series, select, reduce, metric) -> Figure``.
+
+    Controls: a ``Series`` multi-select (which databases to draw), a ``seed (replicate)``
+    filter over the seeds the databases hold, the ``Reduction mode`` over the selected seeds and
+    the ``Metric``. Attributes as :class:`FigureApp`: ``series``, ``filters``, ``reduction``,
+    ``metric``, ``output``, ``figure``, ``widget``.
+    """
+
+    def __init__(
+        self,
+        figure_fn: FigureFunction,
+        dbs: Mapping[str, xr.Dataset],
+        *,
+        reduction: str = "median",
+        metrics: Sequence[str] = ("dice", "loss"),
+        metric: str = "dice",
+    ) -> None:
+        check_reduction(reduction, name="reduction")
+        if not dbs:
+            raise ValueError("no databases: a SeriesApp needs at least one")
+        if metric not in metrics:
+            raise ValueError(f"metric={metric!r}; allowed: {', '.join(metrics)}")
+        for m in metrics:
+            var_of(m)
+        self.figure_fn = figure_fn
+        self.dbs = dict(dbs)
+        style = {"description_width": "initial"}
+        names = list(self.dbs)
+        self.series = W.SelectMultiple(
+            options=names, value=tuple(names), rows=min(len(names), 6), description="Series",
+            style=style,
+        )  # fmt: skip
+        seeds = sorted({_plain(v) for ds in self.dbs.values() for v in ds["seed"].values})
+        self.filters = {
+            "seed": W.SelectMultiple(
+                options=[(format_value(v), v) for v in seeds],
+                value=tuple(seeds),
+                rows=min(len(seeds), 6),
+                description=AXIS_LABELS["seed"],
+                style=style,
+            )
+        }
+        self.reduction = W.Dropdown(
+            options=list(REDUCTIONS), value=reduction, description="Reduction mode", style=style
+        )
+        self.metric = W.Dropdown(
+            options=[(metric_title(m), m) for m in metrics],
+            value=metric,
+            description="Metric",
+            style=style,
+        )
+        self.default_kwargs = self.kwargs()
+        self.output = W.Output()
+        self.figure: Figure | None = None
+        self.png: bytes | None = None
+        for control in (self.series, self.reduction, self.metric, *self.filters.values()):
+            control.observe(lambda change: self.redraw(), names="value")
+        self.widget = W.VBox(
+            [
+                W.HBox([self.reduction, self.metric]),
+                W.HBox([self.series, *self.filters.values()]),
+                self.output,
+            ]
+        )
+        self.redraw()
+
+    def kwargs(self) -> dict[str, Any]:
+        seed = self.filters["seed"]
+        select = {}
+        if list(seed.value) != [v for _, v in seed.options]:
+            select["seed"] = list(seed.value)
+        return {
+            "series": list(self.series.value),
+            "select": select,
+            "reduce": self.reduction.value,
+            "metric": self.metric.value,
+        }
+
+    def redraw(self) -> None:
+        if not self.series.value or not self.filters["seed"].value:
+            with self.output:
+                self.output.clear_output(wait=True)
+                print("Select at least one series and one seed.")
+            return
+        try:
+            fig = self.figure_fn(self.dbs, **self.kwargs())
+        except ValueError as exc:
+            with self.output:
+                self.output.clear_output(wait=True)
+                print(f"Nothing to show: {exc}")
+            return
+        self.figure = fig
+        self.png = figure_png(fig)
+        if get_ipython() is None:
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(Image(data=self.png, format="png"))
+
+    def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
+        """Write the placeholder PNG of the figure at the app's initial settings."""
+        if self.figure is not None and self.kwargs() == self.default_kwargs:
+            fig = self.figure
+        else:
+            fig = self.figure_fn(self.dbs, **self.default_kwargs)
+        return save_placeholder(fig, path, reduction=self.default_kwargs["reduce"], **metadata)
 
     def _ipython_display_(self) -> None:
         display(self.widget)

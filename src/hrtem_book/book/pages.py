@@ -33,6 +33,7 @@ from ..results import load_database
 from ..studies import STUDY_NAMES
 
 # models of the published study, per study (its text and tables)
+# (the companion study's abstract gives no model counts)
 PAPER_MODELS = {"defocus": "7,200", "baseline": "720", "dose": "180", "structure": "≈2,500"}
 
 
@@ -86,8 +87,8 @@ def overview(results_dir: str | Path, profile: str) -> Numbers:
         failed=str(tally[findings_mod.FAILS]),
         untested=str(tally[findings_mod.UNMEASURABLE]),
         tally=(
-            f"{tally[findings_mod.HOLDS]} of the study's {len(found)} findings hold in this "
-            f"build, {tally[findings_mod.FAILS]} do not"
+            f"{tally[findings_mod.HOLDS]} of the {len(found)} findings of the study and its "
+            f"companion hold in this build, {tally[findings_mod.FAILS]} do not"
             + (
                 f" and {tally[findings_mod.UNMEASURABLE]} cannot be tested on its grid"
                 if tally[findings_mod.UNMEASURABLE]
@@ -114,7 +115,7 @@ def study_table(results_dir: str | Path):
                 "failed": f"{c['failed']:,}",
                 "missing": f"{c['missing']:,}",
                 "stages stopped on a plateau": pct(plateau),
-                "published models": PAPER_MODELS[study],
+                "published models": PAPER_MODELS.get(study, "–"),
             }
         )
     return pd.DataFrame(rows).style.hide(axis="index")
@@ -142,6 +143,9 @@ def datasets(profile: str) -> Numbers:
         lattices=", ".join(data.lattices),
         small=f"{data.small_radius_nm[0]:g}–{data.small_radius_nm[1]:g} nm",
         large=f"{data.large_radius_nm[0]:g}–{data.large_radius_nm[1]:g} nm",
+        magnifications=", ".join(f"{p:g}" for p in data.magnification_pixels_A) + " Å",
+        fields=", ".join(f"{sim.image_px * p / 10:g}" for p in data.magnification_pixels_A) + " nm",
+        substrates=", ".join(f"{t:g}" for t in data.substrate_thickness_nm) + " nm",
     )
 
 
@@ -323,6 +327,42 @@ def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
         Fd=found["dice"],
         f5=verdict_sentence(found["loss"]["F5"]),
         f8=verdict_sentence(found["loss"]["F8"]),
+    )
+
+
+def _deviation_text(name: str, n: dict, unit: str) -> str:
+    a, b = n["worst_pair"]
+    fmt = (lambda v: f"{v:g} {unit}".strip()) if isinstance(a, float) else str  # noqa: E731
+    return (
+        f"{name}: {n['mean_deviation']:+.3f} on average, worst {fmt(a)} → {fmt(b)} "
+        f"({n['worst_deviation']:+.3f})"
+    )
+
+
+def companion(results_dir: str | Path, reduction: str) -> Numbers:
+    """Chapter "Generalization without transfer": the companion study's matrices and G1-G3."""
+    from ..figures.companion import companion_numbers
+    from ..results import generalization_databases
+    from ..series import get_series
+
+    dbs = databases(results_dir)
+    found = _findings(dbs)
+    gen = generalization_databases(results_dir)
+    models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
+    nd = companion_numbers(gen, "dice")
+    ideal = "; ".join(
+        f"{s}: {min(n['ideal'].values()):.3f}–{max(n['ideal'].values()):.3f}" for s, n in nd.items()
+    )
+    order = sorted(nd, key=lambda s: nd[s]["mean_deviation"])
+    return Numbers(
+        models=plural(models, "model"),
+        series=", ".join(gen),
+        ideal=ideal,
+        deviations="; ".join(_deviation_text(s, nd[s], get_series(s).unit) for s in order),
+        hardest=order[0] if order else "n/a",
+        F=found["loss"],
+        Fd=found["dice"],
+        **{k.lower(): verdict_sentence(found["dice"][k]) for k in ("G1", "G2", "G3")},
     )
 
 

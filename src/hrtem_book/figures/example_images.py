@@ -17,13 +17,15 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..datasets import sample_positions
+from ..series import get_series
 
 _OUTLINE = (1.0, 0.45, 0.0)  # orange mask outline
 
 
 def _domain_label(ds: xr.Dataset, domain) -> str:
-    unit = {"defocus": " nm defocus", "dose": " e⁻/Å²"}.get(ds.attrs["series"], "")
-    return f"{domain:g}{unit}" if isinstance(domain, int | float) else str(domain)
+    spec = get_series(str(ds.attrs["series"]))
+    unit = f" {spec.unit}" if spec.unit else ""
+    return f"{spec.display(domain)}{unit} {spec.name}" if spec.numeric else str(domain)
 
 
 def example_images_figure(
@@ -35,7 +37,8 @@ def example_images_figure(
         raise ValueError(f"index={index} is not allowed; allowed: 0..{len(pos) - 1}")
     sample = ds.isel(sample=int(pos[index]))
     image, mask = sample["image"].values, sample["mask"].values
-    pixel = float(ds.attrs["pixel_A"])
+    # the image's own pixel (the magnification series has several); older files: the series'
+    pixel = float(sample["pixel_A"]) if "pixel_A" in sample.coords else float(ds.attrs["pixel_A"])
     extent_nm = (0, image.shape[1] * pixel / 10, image.shape[0] * pixel / 10, 0)
     used = float(sample["defocus_nm"])
 

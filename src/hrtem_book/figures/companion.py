@@ -1,0 +1,149 @@
+"""Chapter "Generalization without transfer" (the companion study of Sytwu et al.).
+
+``confusion_matrices`` draws, for each series of the ``generalization-<series>`` databases, the
+table of a metric for every (training domain, test domain) pair of models trained without
+transfer: the number in each cell is the metric, its colour the deviation from the in-domain
+ideal — the models trained on the test domain itself, the diagonal — as in the companion
+study's figures. Red is worse than the ideal, blue better, white equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import xarray as xr
+from matplotlib.figure import Figure
+
+from ..findings import generalization_gaps
+from ..results import deviation_from_ideal, generalization_matrix
+from ..series import GENERALIZATION_SERIES, get_series
+from ._common import check_metric, check_reduce, domain_label, metric_title, new_figure, worse
+
+DEVIATION_CMAP = "RdBu"  # red: below the in-domain ideal, blue: above it
+
+
+def _series_order(dbs: Mapping[str, xr.Dataset], series: Sequence[str] | None) -> list[str]:
+    names = list(series) if series is not None else [s for s in GENERALIZATION_SERIES if s in dbs]
+    unknown = [s for s in names if s not in dbs]
+    if unknown:
+        raise ValueError(f"series {unknown} have no database here; allowed: {', '.join(dbs)}")
+    if not names:
+        raise ValueError("no series selected; choose at least one")
+    return names
+
+
+def _clean(ds: xr.Dataset, select: Mapping[str, Any] | None) -> dict:
+    """The part of ``select`` that names axes of ``ds`` (seeds apply to every series)."""
+    out = {}
+    for axis, values in (select or {}).items():
+        if axis in ds.dims:
+            values = list(values) if isinstance(values, list | tuple) else [values]
+            if not values:
+                raise ValueError(f"select {axis}=[] leaves nothing to plot")
+            out[axis] = values
+    return out
+
+
+def matrices(
+    dbs: Mapping[str, xr.Dataset],
+    *,
+    series: Sequence[str] | None = None,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "dice",
+) -> dict[str, tuple[xr.DataArray, xr.DataArray]]:
+    """``{series: (matrix, deviation)}``: the metric by (train_domain, test_domain) and its
+    deviation from the in-domain ideal, oriented so that negative is worse for every metric."""
+    check_reduce(reduce)
+    check_metric(metric)
+    out = {}
+    for name in _series_order(dbs, series):
+        ds = dbs[name]
+        m = generalization_matrix(ds, metric, _clean(ds, select), reduce)
+        dev = deviation_from_ideal(m)
+        out[name] = (m, -worse(dev, 0.0, metric))
+    return out
+
+
+def confusion_matrices(
+    dbs: Mapping[str, xr.Dataset],
+    *,
+    series: Sequence[str] | None = None,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "dice",
+) -> Figure:
+    """One panel per series: the metric of each (training, test) pair, coloured by its
+    deviation from the in-domain ideal on one symmetric colour scale for all panels."""
+    tables = matrices(dbs, series=series, select=select, reduce=reduce, metric=metric)
+    devs = np.concatenate([np.asarray(d.values, float).ravel() for _, d in tables.values()])
+    devs = devs[np.isfinite(devs)]
+    lim = float(np.abs(devs).max()) if devs.size and np.abs(devs).max() > 0 else 0.05
+    n = len(tables)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = new_figure(4.2 * cols + 0.8, 3.9 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    cmap = matplotlib.colormaps[DEVIATION_CMAP].with_extremes(bad="0.85")
+    im = None
+    for ax, (name, (m, dev)) in zip(axes.ravel(), tables.items(), strict=False):
+        spec = get_series(name)
+        im = ax.imshow(
+            np.ma.masked_invalid(np.asarray(dev.values, float)),
+            cmap=cmap,
+            vmin=-lim,
+            vmax=lim,
+            aspect="auto",
+            interpolation="nearest",
+        )
+        ax.set_yticks(range(m.sizes["train_domain"]), [domain_label(v) for v in
+                      m["train_domain"].values.tolist()])  # fmt: skip
+        ax.set_xticks(range(m.sizes["test_domain"]), [domain_label(v) for v in
+                      m["test_domain"].values.tolist()])  # fmt: skip
+        ax.tick_params(axis="x", labelrotation=30 if not spec.numeric else 0)
+        ax.set_ylabel(spec.title("training"))
+        ax.set_xlabel(spec.title("test"))
+        ax.set_title(name)
+        values = np.asarray(m.values, float)
+        for (i, j), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                d = float(dev.values[i, j])
+                strong = np.isfinite(d) and abs(d) > 0.6 * lim
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if strong else "black")  # fmt: skip
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    if im is not None:
+        bar = fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85)
+        bar.set_label(f"{metric_title(metric)}: deviation from the in-domain ideal")
+    fig.suptitle(
+        f"Trained on one domain, tested on every one, no transfer ({reduce} over seeds; "
+        f"numbers: {metric_title(metric)})",
+        fontsize=10,
+    )
+    return fig
+
+
+def companion_numbers(
+    dbs: Mapping[str, xr.Dataset], metric: str = "dice"
+) -> dict[str, dict[str, float]]:
+    """Per series: the mean gap to the in-domain ideal, the worst pair and the seed spread, on
+    the metric's own scale (negative = below the ideal)."""
+    out = {}
+    for name in _series_order(dbs, None):
+        g = generalization_gaps(dbs[name], metric)
+        if not g["gaps"]:
+            continue
+        sign = -1.0 if metric != "loss" else 1.0  # gaps are errors: back to the metric
+        worst = max(g["gaps"], key=g["gaps"].get)
+        out[name] = {
+            "mean_deviation": sign * g["mean_gap"],
+            "worst_pair": worst,
+            "worst_deviation": sign * g["gaps"][worst],
+            "seed_sd": g["seed_sd"],
+            "ideal": g["ideal"],
+        }
+    return out
