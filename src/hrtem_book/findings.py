@@ -544,8 +544,10 @@ def not_scale_invariant(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> 
             key, title, claim, rule, "two or more trained magnifications needed", metric
         )
     g = generalization_gaps(ds, metric)
-    if not g["gaps"] or not math.isfinite(g["seed_sd"]):
+    if not g["gaps"]:
         return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
+    if not math.isfinite(g["seed_sd"]):
+        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
     smallest = min(g["gaps"], key=g["gaps"].get)
     verdict = HOLDS if all(v > 2 * g["seed_sd"] for v in g["gaps"].values()) else FAILS
     pairs = ", ".join(f"{a:g} → {b:g} Å: {v:+.3f}" for (a, b), v in g["gaps"].items())
@@ -613,9 +615,12 @@ def conditions_shape_generalization(dbs: Mapping[str, xr.Dataset], metric: str =
         if ds is None:
             continue
         g = generalization_gaps(ds, metric)
-        if g["gaps"] and math.isfinite(g["seed_sd"]):
-            found[series] = (g["mean_gap"], g["seed_sd"])
-    if len(found) < 3:
+        if not g["gaps"]:
+            continue
+        if not math.isfinite(g["seed_sd"]):
+            return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
+        found[series] = (g["mean_gap"], g["seed_sd"])
+    if len(found) < len(CONDITION_SERIES):
         return _unmeasurable(
             key, title, claim, rule, "dose, defocus and substrate databases needed", metric
         )
