@@ -248,6 +248,18 @@ def load_cluster_config(path: str | Path) -> dict:
     return cfg
 
 
+# glibc malloc in the worker processes: Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536 so that
+# workers hand freed memory back at once; training then maps and faults its step buffers anew
+# every step. Measured on the laptop sweep of one study (9 pretrainings, 2 workers): 24.6 M page
+# faults and 46 s of system time (31 % of the CPU) with Dask's setting, 0.37 M and 2 s with
+# these, 79 s → 56 s wall. Peak memory of a worker stays under 1 GB.
+WORKER_MALLOC_ENV = {
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_MMAP_THRESHOLD_": str(1 << 28),
+    "MALLOC_TOP_PAD_": str(1 << 28),
+}
+
+
 def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
     """A LocalCluster (``kind: local``) or dask-jobqueue SLURMCluster (``kind: slurm``).
 
@@ -258,7 +270,11 @@ def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
     # worker processes inherit this: one BLAS/OpenMP thread per single-threaded worker
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if kind == "local":
+        import dask
         from distributed import LocalCluster
+
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+        dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, **WORKER_MALLOC_ENV}})
 
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
@@ -269,13 +285,17 @@ def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
         return LocalCluster(**kwargs)
     if kind == "slurm":
         sigint = signal.getsignal(signal.SIGINT)
+        import dask
         from dask_jobqueue import SLURMCluster
 
         # importing dask_jobqueue replaces the SIGINT handler with ``sys.exit()``: Ctrl-C would end
         # a sweep with status 0, as if it had finished. Put back KeyboardInterrupt (status 130).
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
-        kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1"])
+        malloc = [f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()]
+        kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1", *malloc])
+        environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+        dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, **WORKER_MALLOC_ENV}})
         cluster = SLURMCluster(**kwargs)
         if scale:
             cluster.scale(jobs=int(cfg.get("jobs", 1)))
