@@ -174,3 +174,56 @@ def test_option_labels_are_short_and_distinct():
         "64",
         "encoder",
     ]
+
+
+# --- the companion study's app: several databases, one per series ------------------------------
+@pytest.fixture(scope="module")
+def companion():
+    from hrtem_book.series import GENERALIZATION_SERIES
+
+    return {s: synthetic_database(f"generalization-{s}") for s in GENERALIZATION_SERIES}
+
+
+def matrix_panels(app) -> dict[str, np.ndarray]:
+    """The deviation drawn in each panel of the app's figure, by panel title (the series)."""
+    return {
+        ax.get_title(): np.ma.filled(ax.images[0].get_array(), np.nan)
+        for ax in app.figure.axes
+        if ax.images and ax.get_visible()
+    }
+
+
+def test_series_app_draws_the_selected_series(companion):
+    from hrtem_book.figures.companion import confusion_matrices, matrices
+    from hrtem_book.widgets import SeriesApp
+
+    app = SeriesApp(confusion_matrices, companion)
+    assert set(matrix_panels(app)) == set(companion)
+    app.series.value = ("magnification",)
+    panels = matrix_panels(app)
+    assert list(panels) == ["magnification"]
+    # the panel is the deviation from the in-domain ideal: zero on the diagonal
+    expected = matrices(companion, series=["magnification"])["magnification"][1].values
+    np.testing.assert_allclose(panels["magnification"], expected)
+    assert np.allclose(np.diag(panels["magnification"]), 0.0)
+
+
+def test_series_app_seed_filter_and_reduction_redraw(companion):
+    from hrtem_book.figures.companion import confusion_matrices, matrices
+    from hrtem_book.widgets import SeriesApp
+
+    app = SeriesApp(confusion_matrices, companion, reduction="median")
+    app.series.value = ("dose",)
+    app.filters["seed"].value = (1,)
+    assert app.kwargs()["select"] == {"seed": [1]}
+    one = matrices(companion, series=["dose"], select={"seed": [1]})["dose"][1].values
+    np.testing.assert_allclose(matrix_panels(app)["dose"], one)
+    png = app.png
+    app.filters["seed"].value = (0, 1)
+    app.reduction.value = "max"
+    assert app.png != png
+    app.metric.value = "loss"
+    assert app.kwargs()["metric"] == "loss"
+    fig = app.figure
+    app.series.value = ()  # nothing selected: the last figure stays
+    assert app.figure is fig
