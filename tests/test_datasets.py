@@ -143,7 +143,7 @@ def test_cli_reports_bad_values_and_keeps_data(cdse, capsys):
     assert cli.main(args + ["--series", "focus"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "hrtem-book simulate: error: unknown series 'focus'; allowed: defocus, dose, structure, "
-        "magnification, substrate"
+        "magnification, substrate, heldout"
     ]
     assert cli.main(args + ["--series", "dose", "--profile", "nope"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err

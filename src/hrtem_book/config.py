@@ -132,6 +132,57 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class MeasuredImaging:
+    """How a simulated "experimental-like" image departs from the training simulations.
+
+    We cannot ship measured images, so the held-out domains of the ``heldout`` series are
+    simulations degraded the way a real recording differs from an ideal one. This is an
+    approximation with round, plausible values, not a model of any one instrument:
+
+    * the lens: another spherical aberration ``cs_A`` [Å] (a corrector tuned elsewhere) and a
+      residual two-fold astigmatism of magnitude ``astigmatism_A`` [Å] at ``astigmatism_angle_deg``
+      (aberration phase π λ q² |A1| cos 2(φ − φ_A), the C12 term of abTEM's polar aberrations);
+    * specimen drift of ``drift_A`` [Å] along ``drift_angle_deg`` during the exposure: the
+      intensity is averaged along that line (transfer sinc(L q·u), a linear motion blur);
+    * a residual background: a smooth additive intensity of ``background_fraction`` of the
+      vacuum beam with a random linear gradient of up to ± ``background_gradient`` of it across
+      the field (e.g. thicker contamination on one side), drawn per image, before the shot noise;
+    * the detector: every electron deposits a gamma-distributed signal of mean 1 and shape
+      ``gain_shape`` (DQE(0) = k/(k+1): 0.67 at k = 2), the signal is spread by a Gaussian
+      point-spread function whose MTF at the pixel Nyquist frequency is ``mtf_at_nyquist``, and
+      read noise of ``read_noise_e`` electrons rms is added per pixel. Scintillator-coupled
+      cameras have MTF(Nyquist) of order 0.1-0.3 and DQE(0) of 0.5-0.8 at 300 kV; counting
+      direct detectors do better (McMullan et al., Ultramicroscopy 109, 1144 (2009);
+      Ruskin, Yu & Grigorieff, J. Struct. Biol. 184, 385 (2013)).
+    """
+
+    cs_A: float = 5.0e4  # spherical aberration C_s [Å] (+5 µm; the training images: -15 µm)
+    astigmatism_A: float = 20.0  # two-fold astigmatism |A1| [Å]
+    astigmatism_angle_deg: float = 30.0
+    drift_A: float = 1.0  # specimen drift during the exposure [Å]
+    drift_angle_deg: float = 60.0
+    background_fraction: float = 0.1  # mean additive background [fraction of the vacuum beam]
+    background_gradient: float = 0.5  # largest relative gradient of it across the field
+    gain_shape: float = 2.0  # shape k of the per-electron gamma gain (mean 1, variance 1/k)
+    mtf_at_nyquist: float = 0.3  # detector MTF at the output pixel's Nyquist frequency
+    read_noise_e: float = 0.5  # read noise [electrons rms per pixel]
+
+    def __post_init__(self) -> None:
+        for name in ("astigmatism_A", "drift_A", "background_fraction", "read_noise_e"):
+            _check_positive(name, getattr(self, name), allow_zero=True)
+        _check_positive("gain_shape", self.gain_shape)
+        if not 0 < self.mtf_at_nyquist <= 1:
+            raise ValueError(
+                f"mtf_at_nyquist={self.mtf_at_nyquist} is not allowed: it must be in (0, 1]"
+            )
+        if not 0 <= self.background_gradient <= 1:
+            raise ValueError(
+                f"background_gradient={self.background_gradient} is not allowed: it must be "
+                "in [0, 1] (the background stays positive)"
+            )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Which images a profile generates: sizes of the three dataset series.
 
@@ -169,6 +220,8 @@ class DataConfig:
     # the smallest) and on amorphous carbon supports of several thicknesses [nm] (substrate)
     magnification_pixels_A: tuple[float, ...] = (0.1, 0.2, 0.3)
     substrate_thickness_nm: tuple[float, ...] = (0.0, 3.0, 9.0)
+    # the held-out "experimental-like" domains of the heldout series (hrtem_book.series)
+    measured: MeasuredImaging = field(default_factory=MeasuredImaging)
     seed: int = 0
 
     def domains(self, series: str) -> tuple[Domain, ...]:

@@ -90,6 +90,11 @@ def validate(series: str, data: DataConfig) -> None:
             f"{sim.field_nm} nm field; allowed: at least 16"
         )
     spec = get_series(series)
+    if not data.domains(series):
+        raise ValueError(
+            f"the {series} series has no domains in this profile: {spec.description}; "
+            "allowed: a profile that has what it needs"
+        )
     doms = data.domains(series)[:1] if spec.shared_scenes else data.domains(series)
     scene_sims = {sim} | {spec.scene_sim(data, None if spec.shared_scenes else d) for d in doms}
     for s in scene_sims:
@@ -113,33 +118,51 @@ def validate(series: str, data: DataConfig) -> None:
 
 @dataclass(frozen=True)
 class _Unit:
-    """One chunk of scenes: ``domain`` is None for scenes shared by every domain of the group."""
+    """One chunk of scenes of one source (:meth:`~hrtem_book.series.SeriesSpec.scene_source`):
+    ``domain`` is the source's key, None for scenes shared by every domain of the group."""
 
     group: str  # the scene group (hrtem_book.series.SeriesSpec.scene_group)
-    domain: str | None
+    domain: str | float | None
     split: str
     start: int
     stop: int
 
     @property
+    def source(self) -> tuple:
+        return self.group, self.domain
+
+    @property
     def name(self) -> str:
-        return f"{self.domain or self.group}_{self.split}_{self.start:05d}"
+        source = self.group if self.domain is None else f"{self.group}-{self.domain}"
+        return f"{source}_{self.split}_{self.start:05d}"
 
 
 def _units(series: str, data: DataConfig) -> list[_Unit]:
+    """The chunks of scenes that the domains of ``series`` show, each source once."""
     spec = get_series(series)
-    doms = [None] if spec.shared_scenes else data.domains(series)
-    group = spec.scene_group
+    sources = dict.fromkeys(spec.scene_source(data, d) for d in data.domains(series))
     out = []
-    for dom in doms:
+    for group, key in sources:
         for split, n in zip(SPLITS, (data.n_train, data.n_val), strict=True):
             for s in range(0, n, CHUNK_SCENES):
-                out.append(_Unit(group, dom, split, s, min(s + CHUNK_SCENES, n)))
+                out.append(_Unit(group, key, split, s, min(s + CHUNK_SCENES, n)))
     return out
 
 
-def _group_series(group: str) -> tuple[str, ...]:
-    return tuple(s for s in SERIES if get_series(s).scene_group == group)
+def _home(group: str) -> str:
+    """The series that owns the scenes of ``group`` (defines their lattice, sizes, support)."""
+    return next(s for s in SERIES if get_series(s).scene_group == group)
+
+
+def _users(unit: _Unit, data: DataConfig, targets) -> dict[str, tuple]:
+    """Every series of ``targets`` with the domains of it that show the scenes of ``unit``."""
+    out = {}
+    for series in targets:
+        spec = get_series(series)
+        doms = tuple(d for d in data.domains(series) if spec.scene_source(data, d) == unit.source)
+        if doms:
+            out[series] = doms
+    return out
 
 
 def _code(text: str) -> int:
@@ -159,36 +182,37 @@ def _chunk_file(series: str, data: DataConfig, root: Path, unit: _Unit) -> Path:
     return _chunk_dir(series, data, root) / f"{unit.name}.nc"
 
 
-def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str) -> None:
-    """Simulate the scenes of ``unit`` and write one chunk file per series of its group."""
+def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str, targets) -> None:
+    """Simulate the scenes of ``unit`` and write one chunk file per series of ``targets`` that
+    shows them (:func:`_users`)."""
     from .simulate import noisy_images, simulate_scene, view_mask
     from .structures import build_scene, get_lattice
 
     out_px = data.sim.image_px
-    plan = {}  # series -> (domain values, defocus offsets [nm], doses [e⁻/Å²], pixels [Å])
-    for series in _group_series(unit.group):
+    plan = {}  # series -> (domains, defocus offsets [nm], doses [e⁻/Å²], pixels [Å], imaging)
+    for series, doms in _users(unit, data, targets).items():
         spec = get_series(series)
-        doms = data.domains(series) if unit.domain is None else (unit.domain,)
         optics = [spec.optics(data, d) for d in doms]
         pixels = [spec.pixel(data, d) for d in doms]
-        plan[series] = (doms, [o[0] for o in optics], [o[1] for o in optics], pixels)
-    first = get_series(next(iter(plan)))
-    lattice, radii = first.scene(data, unit.domain)
-    sim = first.scene_sim(data, unit.domain)
+        imaging = [spec.imaging(data, d) for d in doms]
+        plan[series] = (doms, [o[0] for o in optics], [o[1] for o in optics], pixels, imaging)
+    home = get_series(_home(unit.group))  # the scenes are the owner's, whoever shows them
+    lattice, radii = home.scene(data, unit.domain)
+    sim = home.scene_sim(data, unit.domain)
     blur = get_lattice(lattice).label_blur_A
     parts: dict[str, list[xr.Dataset]] = {s: [] for s in plan}
     for index in range(unit.start, unit.stop):
         scene_rng = _rng(data, unit.group, unit.domain or "", unit.split, index, "scene")
         scene = build_scene(sim, lattice, radii, scene_rng)
         sw = simulate_scene(scene, sim, blur, scene_rng, device)
-        for series, (doms, defoci, doses, pixels) in plan.items():
+        for series, (doms, defoci, doses, pixels, imaging) in plan.items():
             # one generator per image: its defocus jitter, then its noise
             rngs = [_rng(data, series, str(dom), unit.split, index, "optics") for dom in doms]
             used = [
                 defocus + rng.normal(0.0, sim.defocus_jitter_nm)
                 for defocus, rng in zip(defoci, rngs, strict=True)
             ]
-            imgs = noisy_images(sw, used, doses, sim, rngs, pixels, out_px)
+            imgs = noisy_images(sw, used, doses, sim, rngs, pixels, out_px, imaging)
             masks = [view_mask(sw.mask, sim.pixel_A, p, out_px).cpu().numpy() for p in pixels]
             parts[series].append(_samples(series, doms, unit.split, index, imgs, masks, used, sw))
     for series, samples in parts.items():
@@ -231,34 +255,40 @@ def generate(
     device: str = "cpu",
     workers: int = 1,
     progress: bool = True,
+    with_series: tuple[str, ...] = (),
 ) -> Path:
-    """Generate (or finish generating) ``series`` and every series sharing its scenes.
+    """Generate (or finish generating) ``series``, every series sharing its scene group and
+    those of ``with_series``: each scene is simulated once for all of them.
 
     Returns the path of the finished series. Chunks already on disk are kept and skipped;
     ``workers`` > 1 simulates chunks in that many processes (CPU only).
     """
-    validate(series, data)
+    wanted = tuple(dict.fromkeys(s for x in (series, *with_series) for s in scene_group(x)))
+    for s in wanted:
+        validate(s, data)
     root = Path(root)
-    group = scene_group(series)
-    for s in group:
+    for s in wanted:
         discard_damaged(s, data, root)
-    units = _units(series, data)
-    todo = [u for u in units if not all(_chunk_file(s, data, root, u).exists() for s in group)]
-    if not all(series_path(s, data, root).exists() for s in group):
+    targets = tuple(s for s in wanted if not series_path(s, data, root).exists())
+    units = list(dict.fromkeys(u for s in targets for u in _units(s, data)))
+    todo = [
+        u
+        for u in units
+        if not all(_chunk_file(s, data, root, u).exists() for s in _users(u, data, targets))
+    ]
+    if targets:
         bar = tqdm(
             total=sum(u.stop - u.start for u in units),
             initial=sum(u.stop - u.start for u in units if u not in todo),
-            desc=f"simulate {series}",
+            desc=f"simulate {', '.join(targets)}",
             unit="scene",
             disable=not progress,
         )
         with bar:
-            for unit in _execute(todo, data, root, device, workers):
+            for unit in _execute(todo, data, root, device, workers, targets):
                 bar.update(unit.stop - unit.start)
-    for s in group:
-        if not series_path(s, data, root).exists():
-            _merge(s, data, root, units)  # writes the series file or raises
-    for s in group:
+    for s in targets:
+        _merge(s, data, root, _units(s, data))  # writes the series file or raises
         shutil.rmtree(_chunk_dir(s, data, root), ignore_errors=True)
     try:
         chunks_root(root).rmdir()  # only when no other series is half done
@@ -267,10 +297,10 @@ def generate(
     return series_path(series, data, root)
 
 
-def _execute(todo, data, root, device, workers) -> Iterator[_Unit]:
+def _execute(todo, data, root, device, workers, targets) -> Iterator[_Unit]:
     if workers <= 1 or str(device) != "cpu":
         for unit in todo:
-            _run_unit(unit, data, root, device)
+            _run_unit(unit, data, root, device, targets)
             yield unit
         return
     import concurrent.futures as cf
@@ -278,7 +308,7 @@ def _execute(todo, data, root, device, workers) -> Iterator[_Unit]:
 
     ctx = mp.get_context("spawn")  # fork after torch initialised can deadlock
     with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(_run_unit, u, data, root, device): u for u in todo}
+        futures = {pool.submit(_run_unit, u, data, root, device, targets): u for u in todo}
         for fut in cf.as_completed(futures):
             fut.result()
             yield futures[fut]

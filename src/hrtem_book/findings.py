@@ -1,7 +1,8 @@
 """The study's findings as statistics over the results databases, each with a verdict.
 
-F1-F8 are the transfer-learning study's (Rangel DaCosta et al.), G1-G3 its companion's (Sytwu et
-al.: how far a network trained without transfer generalizes).
+F1-F8 are the transfer-learning study's (Rangel DaCosta et al.), G1-G6 its companion's (Sytwu et
+al.: how far a network trained without transfer generalizes, G1-G3, and how synthetic training
+carries to experimental-like images, G4-G6).
 
 :func:`evaluate` turns a set of databases (``{"defocus": ds, "dose": ds, ...}``) into one
 :class:`Finding` per claim of the study: the claim (in our words), the rule that decides it, the
@@ -28,7 +29,7 @@ import numpy as np
 import xarray as xr
 
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
-from .results import metric_var, on_domain
+from .results import heldout_table, metric_var, on_domain
 from .series import match_index
 
 HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
@@ -634,6 +635,164 @@ def conditions_shape_generalization(dbs: Mapping[str, xr.Dataset], metric: str =
     return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
 
 
+def _heldout(dbs: Mapping[str, xr.Dataset], metric: str) -> xr.DataArray | None:
+    """Error on the experimental-like domain by (pretrain_domain, seed, case), or None."""
+    ds = dbs.get("heldout")
+    return None if ds is None else _error(heldout_table(ds, metric), metric)
+
+
+def _seed_sd(table: xr.DataArray) -> float:
+    """Median over the other cells of the seed-to-seed sample standard deviation (ddof 1)."""
+    with _quiet():
+        sds = table.std("seed", skipna=True, ddof=1).values
+    sds = sds[np.isfinite(sds)]
+    return float(np.median(sds)) if sds.size else math.nan
+
+
+def synthetic_variants_matter(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
+    key, title = "G4", "the synthetic variant decides the first experimental score"
+    claim = (
+        "Trained on simulations and applied to experimental images without transfer, a "
+        "network's success depends on what the simulations varied: the particle sizes and the "
+        "support they showed."
+    )
+    rule = (
+        "Models trained from scratch on each synthetic variant (support of varied or fixed "
+        "thickness, small or large particles only), tested on the experimental-like images: "
+        "the range (largest minus smallest) of the variants' mean error over seeds; holds if "
+        "it exceeds twice the seed-to-seed standard deviation."
+    )
+    err = _heldout(dbs, metric)
+    if err is None or err.sizes["pretrain_domain"] < 2:
+        return _unmeasurable(
+            key, title, claim, rule, "two or more synthetic variants needed", metric
+        )
+    before = err.sel(case="before", drop=True)
+    sd = _seed_sd(before)
+    if not math.isfinite(sd):
+        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
+    with _quiet():
+        means = before.mean("seed", skipna=True)
+    spread = _axis_range(before, "pretrain_domain")
+    verdict = HOLDS if spread > 2 * sd else FAILS
+    name = METRIC_NAMES[metric]
+    by = {
+        str(v): _value(float(means.sel(pretrain_domain=v)), metric)
+        for v in means["pretrain_domain"].values
+    }
+    summary = (
+        f"Mean {name} on the experimental-like images before transfer: "
+        + ", ".join(f"{v} {x:.3f}" for v, x in by.items())
+        + f"; range {spread:.3f} against twice the seed standard deviation, {2 * sd:.3f}."
+    )
+    return Finding(
+        key,
+        title,
+        claim,
+        rule,
+        verdict,
+        summary,
+        {"before": by, "range": spread, "seed_sd": sd},
+        metric,
+    )
+
+
+def transfer_rescues_experimental(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
+    key, title = "G5", "transfer overcomes a poor synthetic start"
+    claim = (
+        "Transfer learning on a few experimental images overcomes a poor start: after it, "
+        "every synthetic variant does better on experimental data, and the variants differ less."
+    )
+    rule = (
+        "On the experimental-like validation images: the mean error over seeds of each "
+        "synthetic variant before transfer and after transfer on a few unbiased experimental-like "
+        "images; holds if every variant's error drops and the range across variants shrinks."
+    )
+    err = _heldout(dbs, metric)
+    if err is None or not {"before", "after"} <= set(err["case"].values.tolist()):
+        return _unmeasurable(
+            key, title, claim, rule, "transfers to the experimental-like images needed", metric
+        )
+    with _quiet():
+        means = err.sel(case=["before", "after"]).mean("seed", skipna=True)
+    if not np.isfinite(means.values).all():
+        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
+    drops = {
+        str(v): float(
+            means.sel(pretrain_domain=v, case="before") - means.sel(pretrain_domain=v, case="after")
+        )
+        for v in means["pretrain_domain"].values
+    }
+    spread = {
+        c: _axis_range(err.sel(case=c, drop=True), "pretrain_domain") for c in ("before", "after")
+    }
+    ranges_ok = all(math.isfinite(v) for v in spread.values())
+    verdict = (
+        HOLDS
+        if all(d > 0 for d in drops.values()) and ranges_ok and spread["after"] < spread["before"]
+        else FAILS
+    )
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Improvement by transfer on the experimental-like images (error before minus after, "
+        f"{name} scale): "
+        + ", ".join(f"{v} {d:+.3f}" for v, d in drops.items())
+        + f"; range across variants {_f(spread['before'])} before, {_f(spread['after'])} after."
+    )
+    return Finding(
+        key, title, claim, rule, verdict, summary, {"gain": drops, "range": spread}, metric
+    )
+
+
+def size_bias_hurts_transfer(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
+    key, title = "G6", "a size-biased transfer set costs accuracy"
+    claim = (
+        "Transfer learning suffers when the few experimental images it uses are biased to "
+        "one particle size."
+    )
+    rule = (
+        "Paired by synthetic variant and seed: the error on the experimental-like validation "
+        "images (all sizes) after transfer on images of small particles only, minus that after "
+        "transfer on as many unbiased images; holds if the mean paired cost exceeds twice the "
+        "seed-to-seed standard deviation of the unbiased transfers."
+    )
+    err = _heldout(dbs, metric)
+    if err is None or not {"after", "after-biased"} <= set(err["case"].values.tolist()):
+        return _unmeasurable(
+            key, title, claim, rule, "unbiased and size-biased transfers needed", metric
+        )
+    cost = err.sel(case="after-biased", drop=True) - err.sel(case="after", drop=True)
+    sd = _seed_sd(err.sel(case="after", drop=True))
+    if not math.isfinite(sd):
+        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
+    with _quiet():
+        mean = float(cost.mean(skipna=True))
+    if not math.isfinite(mean):
+        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
+    verdict = HOLDS if mean > 2 * sd else FAILS
+    with _quiet():
+        med = {
+            c: _value(float(_median(err.sel(case=c, drop=True))), metric)
+            for c in ("after", "after-biased")
+        }
+    name = METRIC_NAMES[metric]
+    summary = (
+        f"Median {name} on the experimental-like images after transfer: {med['after']:.3f} "
+        f"with unbiased images, {med['after-biased']:.3f} with small particles only; mean paired "
+        f"cost {mean:+.3f} against twice the seed standard deviation, {2 * sd:.3f}."
+    )
+    return Finding(
+        key,
+        title,
+        claim,
+        rule,
+        verdict,
+        summary,
+        {"median": med, "mean_cost": mean, "seed_sd": sd},
+        metric,
+    )
+
+
 FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
     in_focus_hardest,
     pretraining_matters_less,
@@ -646,6 +805,9 @@ FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
     not_scale_invariant,
     large_particles_generalize_worst,
     conditions_shape_generalization,
+    synthetic_variants_matter,
+    transfer_rescues_experimental,
+    size_bias_hurts_transfer,
 )
 
 

@@ -218,6 +218,15 @@ PROFILES: dict[str, Profile] = {
                 "pretrain_lr": 1e-3,
                 "seed": (0, 1, 2),
             },
+            # synthetic → experimental-like (companion study): 4 variants × 3 seeds trained
+            # from scratch, each transferred on 8 experimental-like images, unbiased or small
+            # particles only: 24 transfers on 12 pretrainings; no new scenes (borrowed)
+            "heldout": {
+                "seed": (0, 1, 2),
+                "pretrain_lr": 1e-3,
+                "transfer_lr": 1e-4,
+                "n_transfer": 8,
+            },
         },
     ),
     "gpu": Profile(
@@ -241,6 +250,7 @@ PROFILES: dict[str, Profile] = {
             "structure": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 64},
             # companion study: every domain of every series, 3 seeds
             **{f"generalization-{s}": {"pretrain_lr": 1e-3} for s in GENERALIZATION_SERIES},
+            "heldout": {"pretrain_lr": 1e-3, "transfer_lr": 1e-4, "n_transfer": 32},
         },
     ),
     "smoke": Profile(
@@ -288,6 +298,13 @@ PROFILES: dict[str, Profile] = {
             **{
                 f"generalization-{s}": {"pretrain_lr": 1e-3, "seed": (0,)}
                 for s in GENERALIZATION_SERIES
+            },
+            "heldout": {
+                "pretrain_domain": ("varied", "small"),
+                "seed": (0,),
+                "pretrain_lr": 1e-3,
+                "transfer_lr": 1e-4,
+                "n_transfer": 4,
             },
         },
     ),

@@ -381,6 +381,40 @@ def generalization_matrix(
     return da.rename(eval_domain="test_domain")
 
 
+HELDOUT_TEST = "experimental"  # the held-out domain every case is measured on
+# (case, stage, transfer target): before transfer, after transfer on a few unbiased images,
+# after transfer on as many images of small particles only
+HELDOUT_CASES = (
+    ("before", "pretrain", "experimental"),
+    ("after", "transfer", "experimental"),
+    ("after-biased", "transfer", "experimental-small"),
+)
+
+
+def heldout_table(ds: xr.Dataset, metric: str = "dice") -> xr.DataArray:
+    """``metric`` on the experimental-like validation images of the ``heldout`` database, by
+    synthetic variant (``pretrain_domain``), seed and case: ``before`` transfer (the model the
+    pretraining kept), ``after`` transfer on a few experimental-like images and
+    ``after-biased`` transfer on as many images of small particles only."""
+    if ds.attrs.get("study") != "heldout":
+        raise ValueError(
+            f"study {ds.attrs.get('study')!r} is not the held-out study; allowed: heldout"
+        )
+    var = ds[metric_var(metric, "final")]
+    test = _match_indices(ds["eval_domain"], [HELDOUT_TEST])
+    if not test:
+        raise ValueError(f"the heldout database has no {HELDOUT_TEST!r} evaluation domain")
+    parts = []
+    for case, stage, target in HELDOUT_CASES:
+        hit = _match_indices(ds["target_domain"], [target])
+        if not hit:
+            continue
+        da = var.isel(target_domain=hit[0], eval_domain=test[0]).sel(stage=stage, drop=True)
+        parts.append(da.drop_vars(["target_domain", "eval_domain"]).expand_dims(case=[case]))
+    table = xr.concat(parts, "case").transpose("pretrain_domain", "seed", "case")
+    return table.rename(f"{metric} on {HELDOUT_TEST}")
+
+
 def generalization_databases(results_dir: str | Path) -> dict[str, xr.Dataset]:
     """``{series: database}`` of every ``generalization-<series>`` study found in
     ``results_dir``; a FileNotFoundError saying how to make them when there is none."""

@@ -5,7 +5,8 @@ images the same CdSe scenes at several defoci [nm], ``dose`` at several electron
 ``structure`` shows other lattices and particle sizes (domain names ``"<lattice>-<size>"``),
 ``magnification`` the same scenes at several output pixel sizes [Å] on an image grid of fixed
 size (so the field of view changes with the pixel), ``substrate`` CdSe particles on amorphous
-carbon supports of several thicknesses [nm] (0 = none).
+carbon supports of several thicknesses [nm] (0 = none), ``heldout`` synthetic training variants
+and simulated "experimental-like" recordings of scenes borrowed from the others.
 Everything that depends on *which* series a value belongs to — is a domain a number or a name,
 how is it written, how are two values compared, which optics image it — is answered here, once,
 so no other module branches on a series' name.
@@ -57,6 +58,19 @@ class SeriesSpec:
     shared_scenes: bool
     scene_sim: Callable[[Any, Domain | None], Any] = lambda data, domain: data.sim
     pixel: Callable[[Any, Domain], float] = lambda data, domain: data.sim.pixel_A
+    # the imperfect recording of a domain (a config.MeasuredImaging), None: the ideal one
+    imaging: Callable[[Any, Domain], Any] = lambda data, domain: None
+    # where a domain's scenes come from when they are another series' (see scene_source)
+    borrow: Callable[[Any, Domain], tuple[str, Domain | None]] | None = None
+
+    def scene_source(self, data, domain) -> tuple[str, Domain | None]:
+        """``(scene group, scene key)`` of the scenes a domain shows: key None for scenes
+        shared by the whole group, else the domain of the group's own series whose scenes they
+        are. A series that *borrows* scenes names another group's; images of one source show
+        the same structures, so they are simulated once for every series that needs them."""
+        if self.borrow is not None:
+            return self.borrow(data, domain)
+        return self.scene_group, (None if self.shared_scenes else self.normalize(domain))
 
     # --- values ------------------------------------------------------------------------------
     def normalize(self, value: Any) -> Domain:
@@ -143,6 +157,38 @@ def _substrate_sim(data, domain):
     return replace(data.sim, carbon_thickness_nm=(float(domain), float(domain)))
 
 
+# --- the held-out series: synthetic training variants and "experimental-like" targets --------
+HELDOUT_SYNTHETIC = ("varied", "fixed-support", "small", "large")
+HELDOUT_MEASURED = ("experimental", "experimental-small")
+HELDOUT_LATTICE = "CdSe"
+
+
+def fixed_support_nm(data) -> float:
+    """The substrate thickness [nm] of the ``fixed-support`` variant: of the substrate series'
+    thicknesses, the one nearest the middle of the range the other series draw from."""
+    lo, hi = data.sim.carbon_thickness_nm
+    return min(data.substrate_thickness_nm, key=lambda t: (abs(t - (lo + hi) / 2), t))
+
+
+def _heldout_domains(data) -> tuple:
+    have = HELDOUT_LATTICE in data.lattices and {"small", "large"} <= set(data.sizes)
+    return HELDOUT_SYNTHETIC + HELDOUT_MEASURED if have else ()
+
+
+def _heldout_borrow(data, domain) -> tuple[str, Domain | None]:
+    """Scenes of the held-out series, borrowed: CdSe of the defocus/dose series (mixed sizes,
+    support of varied thickness), of the substrate series at one thickness, or of the structure
+    series' small or large CdSe particles (varied support)."""
+    return {
+        "varied": ("cdse", None),
+        "fixed-support": ("substrate", float(fixed_support_nm(data))),
+        "small": ("structure", f"{HELDOUT_LATTICE}-small"),
+        "large": ("structure", f"{HELDOUT_LATTICE}-large"),
+        "experimental": ("cdse", None),
+        "experimental-small": ("structure", f"{HELDOUT_LATTICE}-small"),
+    }[str(domain)]
+
+
 SERIES_SPECS: dict[str, SeriesSpec] = {
     "defocus": SeriesSpec(
         name="defocus",
@@ -208,6 +254,23 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
         scene_group="substrate",
         shared_scenes=False,
         scene_sim=_substrate_sim,
+    ),
+    "heldout": SeriesSpec(
+        name="heldout",
+        numeric=False,
+        unit="",
+        description="synthetic variants — CdSe of mixed sizes on supports of varied thickness "
+        "('varied'), of one thickness ('fixed-support'), small or large particles only — and "
+        "'experimental'-like recordings of the varied and the small scenes (another lens, "
+        "drift, background, an imperfect detector: config.MeasuredImaging), all at the "
+        "structure series' defocus and dose; scenes borrowed from the other series",
+        domains=_heldout_domains,
+        optics=lambda data, d: (data.structure_series_defocus_nm, data.structure_series_dose),
+        scene=lambda data, d: ("CdSe", data.series_radius_nm),  # (unused: scenes borrowed)
+        scene_group="heldout",
+        shared_scenes=False,
+        imaging=lambda data, d: data.measured if str(d) in HELDOUT_MEASURED else None,
+        borrow=_heldout_borrow,
     ),
 }
 SERIES = tuple(SERIES_SPECS)

@@ -130,13 +130,17 @@ class CTF:
 
     ``defocus_A`` [Å] is −C10 (positive = underfocus, as abTEM); a float or a 1D tensor of
     defoci (one transfer function each). ``cs_A`` [Å] spherical aberration C30; ``focal_spread_A``
-    [Å] the 1/e half-width of the defocus spread (temporal envelope, see module docstring).
+    [Å] the 1/e half-width of the defocus spread (temporal envelope, see module docstring);
+    ``astigmatism_A`` [Å] the two-fold astigmatism |C12| at azimuth ``astigmatism_angle_rad``,
+    adding π λ q² |C12| cos 2(φ − φ12) to χ (abTEM's polar C12, phi12).
     """
 
     energy_eV: float
     defocus_A: float | torch.Tensor
     cs_A: float = 0.0
     focal_spread_A: float = 0.0
+    astigmatism_A: float = 0.0
+    astigmatism_angle_rad: float = 0.0
 
     def evaluate(self, gpts: int, sampling_A: float, device="cpu") -> torch.Tensor:
         """Complex64 ``[gpts, gpts]`` (float defocus) or ``[n_defoci, gpts, gpts]``."""
@@ -144,7 +148,8 @@ class CTF:
 
     def _terms(self, gpts: int, sampling_A: float, device) -> tuple[torch.Tensor, ...]:
         """The defocus-independent parts of :meth:`evaluate`: (π λ q², the C_s phase, E(q))."""
-        key = (self.energy_eV, self.cs_A, self.focal_spread_A, gpts, sampling_A, device)
+        key = (self.energy_eV, self.cs_A, self.focal_spread_A, gpts, sampling_A, device,
+               self.astigmatism_A, self.astigmatism_angle_rad)  # fmt: skip
         return _ctf_terms(*key)
 
     @staticmethod
@@ -170,13 +175,23 @@ class CTF:
 
 
 @lru_cache(maxsize=8)
-def _ctf_terms(energy_eV, cs_A, focal_spread_A, gpts, sampling_A, device):
+def _ctf_terms(
+    energy_eV, cs_A, focal_spread_A, gpts, sampling_A, device, astig_A=0.0, astig_rad=0.0
+):
     """:meth:`CTF._terms`, cached per lens and grid (read-only): every image of a series shares
     them, and at 320² they cost as much as the two FFTs of applying the CTF."""
     lam = wavelength_A(energy_eV)
     q2 = _frequencies2(gpts, sampling_A, device)
     defocus_term = math.pi * lam * q2
     cs_term = 0.5 * math.pi * cs_A * lam**3 * q2**2
+    if astig_A:
+        # q² cos 2(φ − φ12) = (qx² − qy²) cos 2φ12 + 2 qx qy sin 2φ12 (rows = y)
+        q = torch.fft.fftfreq(gpts, d=sampling_A, device=device, dtype=torch.float64)
+        qy, qx = q[:, None], q[None, :]
+        c2, s2 = math.cos(2 * astig_rad), math.sin(2 * astig_rad)
+        cs_term = (
+            cs_term + (math.pi * lam * astig_A * ((qx**2 - qy**2) * c2 + 2 * qx * qy * s2)).float()
+        )
     envelope = torch.exp(-((0.5 * math.pi * lam * focal_spread_A * q2) ** 2))
     return defocus_term, cs_term, envelope
 
@@ -365,13 +380,20 @@ def particle_wave(particles, sim: SimulationConfig, device="cpu") -> Waves:
     return _static_waves(particles, [particles.positions], sim, device)
 
 
-def image_intensities(waves: Waves, defocus_A: torch.Tensor, sim: SimulationConfig) -> Images:
+def image_intensities(
+    waves: Waves, defocus_A: torch.Tensor, sim: SimulationConfig, measured=None
+) -> Images:
     """Noise-free images ``[n_defoci, image_px, image_px]`` in beam units: the CTF applied to each
-    phonon's wave (optics grid) and the intensities averaged over phonons, then 2×2-binned."""
+    phonon's wave (optics grid) and the intensities averaged over phonons, then 2×2-binned.
+    With ``measured`` (:class:`~hrtem_book.config.MeasuredImaging`) the lens is its C_s and
+    astigmatism instead of ``sim.cs_A``."""
     defocus_A = torch.as_tensor(defocus_A, dtype=torch.float32).reshape(-1)
     # the waves' spectrum and the defocus-independent CTF terms once for all defoci (the
     # zero-defocus calibration images 62 of them), then the operations of Waves.apply_ctf
-    terms = CTF(sim.energy_eV, 0.0, sim.cs_A, sim.focal_spread_A)._terms(
+    lens = (sim.cs_A, 0.0, 0.0)
+    if measured is not None:
+        lens = (measured.cs_A, measured.astigmatism_A, math.radians(measured.astigmatism_angle_deg))
+    terms = CTF(sim.energy_eV, 0.0, lens[0], sim.focal_spread_A, lens[1], lens[2])._terms(
         waves.gpts, waves.sampling_A, waves.array.device
     )
     spec = torch.fft.fft2(waves.array)  # [phonons, M, M]
@@ -456,6 +478,55 @@ def view_mask(mask: torch.Tensor, sampling_A: float, pixel_A: float, out_px: int
     return (frac > 0.5).to(torch.uint8)
 
 
+def measured_counts(
+    intensity: Images, dose_per_A2: float, measured, rng: np.random.Generator
+) -> Images:
+    """A recording of ``intensity`` (``[n, n]``, beam units) by the imperfect instrument of
+    ``measured`` (:class:`~hrtem_book.config.MeasuredImaging`, steps and sources there): a
+    smooth background with a random gradient, the drift blur, shot noise at ``dose_per_A2``
+    [e⁻/Å²], a gamma-distributed gain per electron, the detector MTF and read noise. In
+    electrons per pixel (the mean signal of one electron is 1)."""
+    m = measured
+    a = intensity.array.detach().cpu().double().numpy()
+    n, pixel = a.shape[-1], intensity.sampling_A
+    r = (np.arange(n) + 0.5 - n / 2) / (n / 2)  # -1..1 across the field
+    theta, slope = rng.uniform(0, 2 * math.pi), rng.uniform(-1, 1) * m.background_gradient
+    ramp = (math.cos(theta) * r[None, :] + math.sin(theta) * r[:, None]) / (
+        abs(math.cos(theta)) + abs(math.sin(theta))
+    )  # within ±1
+    a = a + m.background_fraction * (1 + slope * ramp)
+    drift = drift_transfer(n, pixel, m.drift_A, m.drift_angle_deg)
+    a = np.clip(np.fft.ifft2(np.fft.fft2(a) * drift).real, 0, None)
+    counts = rng.poisson(a * dose_per_A2 * pixel**2)
+    # the sum of c gamma(k, 1/k) gains is gamma(c k, 1/k) (0 for no electron)
+    signal = rng.gamma(counts * m.gain_shape, 1 / m.gain_shape)
+    signal = np.fft.ifft2(np.fft.fft2(signal) * detector_mtf(n, pixel, m.mtf_at_nyquist)).real
+    signal = signal + rng.normal(0.0, m.read_noise_e, signal.shape)
+    out = torch.from_numpy(signal.astype(np.float32)).to(intensity.array.device)
+    return Images(out, pixel)
+
+
+def _q(n: int, pixel_A: float) -> tuple[np.ndarray, np.ndarray]:
+    q = np.fft.fftfreq(n, d=pixel_A)
+    return q[:, None], q[None, :]  # qy (rows), qx [Å⁻¹]
+
+
+def drift_transfer(n: int, pixel_A: float, drift_A: float, angle_deg: float) -> np.ndarray:
+    """Transfer function ``[n, n]`` of a uniform linear drift of ``drift_A`` [Å] along
+    ``angle_deg`` during the exposure: the image averaged over the line, sinc(L q·u)."""
+    qy, qx = _q(n, pixel_A)
+    phi = math.radians(angle_deg)
+    return np.sinc(drift_A * (qx * math.cos(phi) + qy * math.sin(phi)))
+
+
+def detector_mtf(n: int, pixel_A: float, at_nyquist: float) -> np.ndarray:
+    """A Gaussian detector MTF ``[n, n]`` equal to ``at_nyquist`` at the pixel's Nyquist
+    frequency 1/(2 pixel) along each axis."""
+    qy, qx = _q(n, pixel_A)
+    nyquist = 1 / (2 * pixel_A)
+    return np.exp(math.log(at_nyquist) * (qx**2 + qy**2) / nyquist**2)
+
+
 def noisy_images(
     scene_waves: SceneWaves,
     defocus_nm: np.ndarray,
@@ -464,19 +535,31 @@ def noisy_images(
     rngs: Sequence[np.random.Generator],
     pixels_A: Sequence[float] | None = None,
     out_px: int | None = None,
+    measured: Sequence | None = None,
 ) -> np.ndarray:
     """Counts ``[k, out_px, out_px]`` float32 for k (defocus offset [nm], dose) pairs, the
     noise of image i drawn from ``rngs[i]``; the noise-free images come from one
     :func:`image_intensities` call (one FFT of the waves for all k). Image i is the
     :func:`view` at ``pixels_A[i]`` (default: ``sim.pixel_A``, ``sim.image_px``), its dose
-    counted over that pixel's area."""
+    counted over that pixel's area. Where ``measured[i]`` is a
+    :class:`~hrtem_book.config.MeasuredImaging`, image i is taken through its lens and
+    recorded by :func:`measured_counts` instead of an ideal counting detector."""
     defocus_A = scene_waves.zero_defocus_A + 10.0 * np.asarray(defocus_nm, float)
-    clean = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A), sim)
     doses = np.asarray(dose_per_A2, float)
     pixels = [sim.pixel_A] * len(doses) if pixels_A is None else list(pixels_A)
+    kinds = [None] * len(doses) if measured is None else list(measured)
     out_px = sim.image_px if out_px is None else out_px
-    out = [
-        view(replace(clean, array=clean.array[i]), p, out_px).poisson_noise(float(d), rng).array
-        for i, (d, p, rng) in enumerate(zip(doses, pixels, rngs, strict=True))
-    ]
+    ideal = [i for i, m in enumerate(kinds) if m is None]
+    clean = {}
+    if ideal:
+        imgs = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A[ideal]), sim)
+        clean.update({i: replace(imgs, array=imgs.array[j]) for j, i in enumerate(ideal)})
+    out = []
+    for i, (d, p, m, rng) in enumerate(zip(doses, pixels, kinds, rngs, strict=True)):
+        if m is None:
+            out.append(view(clean[i], p, out_px).poisson_noise(float(d), rng).array)
+            continue
+        img = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A[[i]]), sim, m)
+        seen = view(replace(img, array=img.array[0]), p, out_px)
+        out.append(measured_counts(seen, float(d), m, rng).array)
     return torch.stack(out).cpu().numpy()

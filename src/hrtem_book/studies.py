@@ -13,6 +13,12 @@ dose        pretrain_domain, target_domain, freeze, seed                     180
 structure   pretrain_domain, target_domain, freeze, seed                     2,754 transfer on 54
 ==========  ===============================================================  =================
 
+The companion's synthetic → experimental question is the ``heldout`` study: pretrainings on
+synthetic variants (``pretrain_domain``: varied or fixed support thickness, small or large
+particles only) transferred on a few images of an experimental-like domain (``target_domain``:
+``experimental``, or ``experimental-small``, a transfer set biased to small particles), every
+run evaluated on the experimental-like validation images before and after transfer.
+
 The companion study (Sytwu et al.) trains without transfer and tests everywhere: one
 ``generalization-<series>`` study per series (defocus, dose, structure, magnification, substrate)
 with axes ``train_domain, seed``; each model is one pretraining on ``train_domain``, evaluated on
@@ -54,7 +60,7 @@ from .config import (
     config_hash,
     normalize_domain,
 )
-from .series import GENERALIZATION_SERIES
+from .series import GENERALIZATION_SERIES, HELDOUT_MEASURED, HELDOUT_SYNTHETIC
 
 STAGES_TRANSFER = ("pretrain", "transfer")
 STAGES_MIXTURE = ("mixture",)
@@ -182,6 +188,29 @@ for _series in GENERALIZATION_SERIES:
         fixed={"pretrain_lr": _TRANSFER_FIXED["pretrain_lr"]},
         description=f"Trained on one {_series} domain, tested on every one (no transfer).",
     )
+
+
+def _heldout_paper_values(data: DataConfig, series: str) -> dict[str, tuple]:
+    """Every synthetic variant as pretraining, each experimental-like domain as target."""
+    return {
+        "pretrain_domain": HELDOUT_SYNTHETIC,
+        "target_domain": HELDOUT_MEASURED,
+        "seed": PAPER_SEEDS,
+    }
+
+
+STUDIES["heldout"] = StudySpec(
+    name="heldout",
+    series="heldout",
+    kind="transfer",
+    axes=("pretrain_domain", "target_domain", "seed"),
+    domain_axes=("pretrain_domain", "target_domain"),
+    paper=_heldout_paper_values,
+    # the companion's transfer to a few experimental images: the study's rates, nothing frozen
+    fixed={**_TRANSFER_FIXED, "n_transfer": 64, "freeze": "none"},
+    description="Synthetic variants → experimental-like images: Dice before and after transfer "
+    "on a few of them, one transfer set biased to small particles.",
+)
 STUDY_NAMES = tuple(STUDIES)
 # names that stand for several studies on the command line
 STUDY_GROUPS = {
@@ -372,7 +401,7 @@ def build_grid(study: str, profile) -> StudyGrid:
             domain=v["target_domain"],
             n_train=n_transfer,
             lr=v.get("transfer_lr", fixed.get("transfer_lr")),
-            freeze=v["freeze"],
+            freeze=v.get("freeze", fixed.get("freeze")),
             stage=transfer_stage,
         )
     return StudyGrid(

@@ -97,13 +97,16 @@ def prepare_data(
     """
     data_root = layout.data_dir
     sim_device = device if device.startswith("cuda") else "cpu"
+    missing = []
     for series in dict.fromkeys(STUDIES[s].series for s in studies):
         damaged = datasets.discard_damaged(series, profile.data, data_root)
         if damaged or not datasets.series_path(series, profile.data, data_root).exists():
-            datasets.generate(
-                series, profile.data, data_root, workers=workers, progress=progress,
-                device=sim_device,
-            )  # fmt: skip
+            missing.append(series)
+    if missing:  # in one pass: series that show the same scenes simulate them once
+        datasets.generate(
+            missing[0], profile.data, data_root, workers=workers, progress=progress,
+            device=sim_device, with_series=tuple(missing[1:]),
+        )  # fmt: skip
 
 
 def plan(studies: Iterable[str], profile: Profile, layout: Layout) -> list[_Task]:

@@ -57,19 +57,27 @@ _GENERALIZATION_TRAIN = {
 }
 for _series, _domains in _GENERALIZATION_TRAIN.items():
     _SYNTHETIC_COORDS[f"generalization-{_series}"] = {"train_domain": _domains, "seed": [0, 1]}
-_SYNTHETIC_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128}
+_SYNTHETIC_COORDS["heldout"] = {
+    "pretrain_domain": ["varied", "fixed-support", "small", "large"],
+    "target_domain": ["experimental", "experimental-small"],
+    "seed": [0, 1],
+}
+_SYNTHETIC_FIXED = {"pretrain_lr": 1e-4, "transfer_lr": 1e-5, "n_transfer": 128, "freeze": "none"}
 # the domain distance that moves the synthetic loss by 0.25 (0: ratios, on a log scale)
 _SYNTHETIC_SCALE = {"defocus": 10.0, "dose": 0.0, "structure": 1.0, "magnification": 0.0,
-                    "substrate": 3.0}  # fmt: skip
+                    "substrate": 3.0, "heldout": 1.0}  # fmt: skip
+_SIZES = ("small", "large")
 _SYNTHETIC_PARAMS = {"none": 921_000.0, "encoder": 160_000.0, "decoder": 761_000.0}
 
 
 def _domain_gap(a, b, scale: float) -> float:
     """Dimensionless distance between two domains (0 = same); drives the synthetic losses."""
     if isinstance(a, str):
-        lat_a, size_a = a.rsplit("-", 1)
-        lat_b, size_b = b.rsplit("-", 1)
-        return 1.0 * (lat_a != lat_b) + 0.4 * (size_a != size_b)
+        lat_a, _, size_a = a.rpartition("-")
+        lat_b, _, size_b = b.rpartition("-")
+        if size_a in _SIZES and size_b in _SIZES and lat_a and lat_b:  # "<lattice>-<size>"
+            return 1.0 * (lat_a != lat_b) + 0.4 * (size_a != size_b)
+        return 0.0 if a == b else 1.0  # other names: equal or not
     if scale == 0:  # dose: ratios matter
         return abs(np.log(a / b)) / np.log(20.0)
     return abs(a - b) / scale
@@ -123,7 +131,9 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
                     gap = min(_domain_gap(b, dom, scale), _domain_gap(a, dom, scale) + 0.3)
                     n = cell.get("n_transfer", 128)
                     floor = 0.07 + 0.02 * np.log2(512 / n)
-                    floor += {"none": 0.0, "encoder": 0.03, "decoder": 0.015}[cell["freeze"]]
+                    floor += {"none": 0.0, "encoder": 0.03, "decoder": 0.015}[
+                        cell.get("freeze", "none")
+                    ]
                 end = floor + 0.25 * gap + 0.01 * rng.standard_normal()
                 curve = end + (0.7 - end) * np.exp(-(epochs - 1) / 1.5)
                 history[idx + (s, e)] = curve + 0.005 * rng.standard_normal(n_epochs)

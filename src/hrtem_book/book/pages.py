@@ -30,6 +30,7 @@ from ..figures.noise_structure import domains_of_size, size_numbers
 from ..layout import database_file
 from ..profiles import PROFILES, get_profile
 from ..results import load_database
+from ..series import fixed_support_nm
 from ..studies import STUDY_NAMES
 
 # models of the published study, per study (its text and tables)
@@ -146,6 +147,19 @@ def datasets(profile: str) -> Numbers:
         magnifications=", ".join(f"{p:g}" for p in data.magnification_pixels_A) + " Å",
         fields=", ".join(f"{sim.image_px * p / 10:g}" for p in data.magnification_pixels_A) + " nm",
         substrates=", ".join(f"{t:g}" for t in data.substrate_thickness_nm) + " nm",
+        fixed_support=f"{fixed_support_nm(data):g} nm",
+        measured=_measured_text(data.measured),
+    )
+
+
+def _measured_text(m) -> str:
+    """The experimental-like instrument (config.MeasuredImaging) in one phrase."""
+    return (
+        f"C_s = {m.cs_A / 1e4:+g} µm, {m.astigmatism_A / 10:g} nm of two-fold astigmatism, "
+        f"{m.drift_A:g} Å of drift, a background of {100 * m.background_fraction:g} % of the "
+        f"beam (gradient up to ±{100 * m.background_gradient:g} %), a detector gain of shape "
+        f"{m.gain_shape:g} (DQE(0) {m.gain_shape / (m.gain_shape + 1):.2f}), MTF "
+        f"{m.mtf_at_nyquist:g} at Nyquist and {m.read_noise_e:g} e⁻ of read noise"
     )
 
 
@@ -340,7 +354,8 @@ def _deviation_text(name: str, n: dict, unit: str) -> str:
 
 
 def companion(results_dir: str | Path, reduction: str) -> Numbers:
-    """Chapter "Generalization without transfer": the companion study's matrices and G1-G3."""
+    """Chapter "Generalization without transfer": the companion study's matrices, the held-out
+    study and G1-G6."""
     from ..figures.companion import companion_numbers
     from ..results import generalization_databases
     from ..series import get_series
@@ -362,7 +377,33 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
         hardest=order[0] if order else "n/a",
         F=found["loss"],
         Fd=found["dice"],
-        **{k.lower(): verdict_sentence(found["dice"][k]) for k in ("G1", "G2", "G3")},
+        **{k.lower(): verdict_sentence(found["dice"][k]) for k in COMPANION_FINDINGS},
+        heldout=heldout_numbers(dbs.get("heldout")),
+    )
+
+
+COMPANION_FINDINGS = ("G1", "G2", "G3", "G4", "G5", "G6")
+
+
+def heldout_numbers(ds) -> Numbers:
+    """The held-out study in words: its models and the Dice on the experimental-like images by
+    case (median over variants and seeds)."""
+    from ..results import heldout_table
+
+    if ds is None:
+        return Numbers(models="no models", before="n/a", after="n/a", biased="n/a", n="n/a")
+    table = heldout_table(ds, "dice")
+    with np.errstate(all="ignore"):
+        med = {c: float(np.nanmedian(table.sel(case=c).values)) if c in table["case"].values
+               else math.nan for c in ("before", "after", "after-biased")}  # fmt: skip
+    runs = int((ds["status"].values == "ok").sum())
+    return Numbers(
+        models=plural(runs, "transfer run"),
+        variants=", ".join(str(v) for v in ds["pretrain_domain"].values.tolist()),
+        before=f3(med["before"]),
+        after=f3(med["after"]),
+        biased=f3(med["after-biased"]),
+        n=str(int(ds.attrs["n_transfer"])) if "n_transfer" in ds.attrs else "a few",
     )
 
 

@@ -5,6 +5,10 @@ table of a metric for every (training domain, test domain) pair of models traine
 transfer: the number in each cell is the metric, its colour the deviation from the in-domain
 ideal — the models trained on the test domain itself, the diagonal — as in the companion
 study's figures. Red is worse than the ideal, blue better, white equal.
+
+``heldout_bars`` draws the synthetic → experimental-like study: for each synthetic training
+variant, the metric on the experimental-like validation images before transfer, after transfer
+on a few of them, and after transfer on as many images of small particles only.
 """
 
 from __future__ import annotations
@@ -18,9 +22,24 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..findings import generalization_gaps
-from ..results import deviation_from_ideal, generalization_matrix
-from ..series import GENERALIZATION_SERIES, get_series
-from ._common import check_metric, check_reduce, domain_label, metric_title, new_figure, worse
+from ..results import (
+    HELDOUT_CASES,
+    HELDOUT_TEST,
+    deviation_from_ideal,
+    generalization_matrix,
+    heldout_table,
+)
+from ..series import GENERALIZATION_SERIES, get_series, match_mask
+from ._common import (
+    check_metric,
+    check_reduce,
+    clean_select,
+    domain_label,
+    metric_title,
+    new_figure,
+    reduce_da,
+    worse,
+)
 
 DEVIATION_CMAP = "RdBu"  # red: below the in-domain ideal, blue: above it
 
@@ -147,3 +166,60 @@ def companion_numbers(
             "ideal": g["ideal"],
         }
     return out
+
+
+HELDOUT_LABELS = {
+    "before": "before transfer",
+    "after": "after transfer",
+    "after-biased": "after transfer on small particles only",
+}
+HELDOUT_COLOURS = {"before": "0.6", "after": "tab:blue", "after-biased": "tab:orange"}
+
+
+def heldout_bars(
+    ds: xr.Dataset,
+    *,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "dice",
+) -> Figure:
+    """One group of bars per synthetic training variant: the metric on the experimental-like
+    validation images (:func:`~hrtem_book.results.heldout_table`) before transfer, after transfer
+    on a few experimental-like images and after transfer on as many images of small particles
+    only; bars ``reduce`` over the selected seeds, dots the seeds."""
+    check_reduce(reduce)
+    check_metric(metric)
+    sel = clean_select(ds, select)
+    table = heldout_table(ds, metric)
+    for axis in ("pretrain_domain", "seed"):
+        if axis in sel:
+            keep = np.zeros(table.sizes[axis], bool)
+            for v in sel[axis]:
+                keep |= match_mask(table[axis].values, v)
+            table = table.isel({axis: np.flatnonzero(keep)})
+    bars = reduce_da(table.rename("value"), reduce, keep=["pretrain_domain", "case"])
+    variants = table["pretrain_domain"].values.tolist()
+    cases = [c for c, _, _ in HELDOUT_CASES if c in table["case"].values.tolist()]
+    fig = new_figure(1.6 * len(variants) + 2.4, 3.8)
+    ax = fig.subplots()
+    width = 0.8 / len(cases)
+    for k, case in enumerate(cases):
+        x = np.arange(len(variants)) + (k - (len(cases) - 1) / 2) * width
+        heights = [float(bars.sel(pretrain_domain=v, case=case)) for v in variants]
+        ax.bar(x, heights, width * 0.92, color=HELDOUT_COLOURS[case], label=HELDOUT_LABELS[case])
+        for i, v in enumerate(variants):
+            dots = np.asarray(table.sel(pretrain_domain=v, case=case).values, float)
+            ax.plot(np.full(dots.shape, x[i]), dots, "k.", ms=4)
+    ax.set_xticks(range(len(variants)), [str(v) for v in variants])
+    ax.set_xlabel("synthetic training variant")
+    ax.set_ylabel(f"{metric_title(metric)} on {HELDOUT_TEST}-like images")
+    finite = np.asarray(table.values, float)
+    finite = finite[np.isfinite(finite)]
+    if finite.size and metric != "loss":
+        ax.set_ylim(max(0.0, float(finite.min()) - 0.05), min(1.0, float(finite.max()) + 0.03))
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(
+        f"Synthetic → experimental-like ({reduce} over {table.sizes['seed']} seeds; dots: seeds)",
+        fontsize=10,
+    )
+    return fig
