@@ -150,6 +150,9 @@ def test_tiny_book_builds_offline_and_embeds_resolve(tmp_path, synthetic_results
     # the txt: embed carries the number computed from the database (four studies)
     assert f"**{len(STUDY_NAMES)}** databases" in text
     assert (root / "_build" / "book" / "smoke" / "_build" / "papermill" / "x.ipynb").is_file()
+    # MyST kept papermill's outputs (the notebook ran once) and did not execute it again
+    staged = json.loads((root / "_build" / "book" / "smoke" / "notebooks" / "x.ipynb").read_text())
+    assert staged["metadata"]["execute"] == {"skip": True} and "papermill" in staged["metadata"]
 
 
 PLANTED = {  # fault → what the check must report

@@ -97,8 +97,11 @@ def test_profiles_shrink_values_but_keep_every_axis(name, paper):
 
 
 def test_laptop_has_three_seeds_everywhere():
+    """Three seeds in every study but the held-out one, which has two (a spread, at least):
+    with three the laptop book took 20 min 18 s, over its 20-minute budget (README)."""
     for study in STUDIES:
-        assert len(build_grid(study, get_profile("laptop")).coords["seed"]) >= 3
+        seeds = build_grid(study, get_profile("laptop")).coords["seed"]
+        assert len(seeds) >= (2 if study == "heldout" else 3), study
 
 
 def _with_studies(changes: dict):

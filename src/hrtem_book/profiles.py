@@ -154,7 +154,8 @@ PROFILES: dict[str, Profile] = {
         name="laptop",
         description="Every study end to end on a 2-core CPU in under 20 minutes, converged: "
         "6.4 nm field, 1 Å pixels, one phonon, a 0.9 M-parameter U-Net in bf16, 128 images "
-        "per pretraining, 3 seeds, every stage to a plateau of its in-domain loss.",
+        "per pretraining, 3 seeds (2 in the held-out study), every stage to a plateau of its "
+        "in-domain loss.",
         data=LAPTOP_DATA,
         model=NARROW_MODEL,
         stage=LAPTOP_STAGE,

@@ -162,12 +162,16 @@ def stage_book(
 
 
 def mark_executed(src: Path, dst: Path) -> None:
-    """Copy the papermill output ``src`` to ``dst`` marked for MyST as already executed (page
-    frontmatter ``execute: {skip: true}``, read from the notebook metadata): ``myst --execute``
-    keeps its outputs instead of running the notebook a second time (about 20 s of the laptop
-    build); the chapters are still executed by MyST."""
+    """Copy notebook ``src`` to ``dst``; a papermill output is marked for MyST as executed (page
+    frontmatter ``execute: {skip: true}``, read from the notebook metadata), so that
+    ``myst --execute`` keeps its outputs instead of running it a second time (about 20 s of the
+    laptop build). Any other notebook is copied as it is and executed by MyST, as the chapters
+    are."""
     nb = json.loads(src.read_text())
-    nb.setdefault("metadata", {})["execute"] = {"skip": True}
+    if "papermill" not in nb.get("metadata", {}):
+        shutil.copy2(src, dst)
+        return
+    nb["metadata"]["execute"] = {"skip": True}
     dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     shutil.copystat(src, dst)
 

@@ -215,9 +215,14 @@ def heldout_bars(
     ax.set_ylabel(f"{metric_title(metric)} on {HELDOUT_TEST}-like images")
     finite = np.asarray(table.values, float)
     finite = finite[np.isfinite(finite)]
-    if finite.size and metric != "loss":
-        ax.set_ylim(max(0.0, float(finite.min()) - 0.05), min(1.0, float(finite.max()) + 0.03))
-    ax.legend(fontsize=8, loc="lower right")
+    if finite.size:  # room above the bars for the legend
+        lo, hi = float(finite.min()), float(finite.max())
+        top = hi + 0.25 * (hi - lo) + 0.02
+        if metric == "loss":
+            ax.set_ylim(0.0, top)
+        else:
+            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, top))
+    ax.legend(fontsize=8, loc="upper center", ncols=len(cases), frameon=False)
     ax.set_title(
         f"Synthetic → experimental-like ({reduce} over {table.sizes['seed']} seeds; dots: seeds)",
         fontsize=10,
