@@ -20,6 +20,7 @@ scheduling (what runs when, what is recorded) is :mod:`hrtem_book.sweep`'s.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -100,7 +101,7 @@ class InProcessExecutor:
     def wait_any(self, handles: list) -> list[tuple[Any, dict]]:
         return [(h, h.record) for h in handles]
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
         pass
 
 
@@ -145,7 +146,7 @@ class StackedExecutor:
                 out += [(h, rec) for (h, _), rec in zip(chunk, records, strict=True)]
         return out
 
-    def close(self) -> None:
+    def close(self, interrupted: bool = False) -> None:
         pass
 
 
@@ -199,10 +200,24 @@ class DaskExecutor:
                 out.append((fut, infrastructure_failure(f"{type(exc).__name__}: {exc}")))
         return out
 
-    def close(self) -> None:
-        self.client.close()
+    def close(self, interrupted: bool = False) -> None:
+        """Disconnect and stop the cluster this executor started. After an interruption
+        (Ctrl-C) every wait is bounded by ``INTERRUPTED_CLOSE_S`` and a failing shutdown is
+        ignored: the finished records are on disk, and a cluster that lost its workers (a
+        cancelled SLURM job) must not keep the interrupted sweep from exiting."""
+        if not interrupted:
+            self.client.close()
+            if self.cluster is not None:
+                self.cluster.close()
+            return
+        with contextlib.suppress(Exception):
+            self.client.close(timeout=INTERRUPTED_CLOSE_S)
         if self.cluster is not None:
-            self.cluster.close()
+            with contextlib.suppress(Exception):
+                self.cluster.close(timeout=INTERRUPTED_CLOSE_S)
+
+
+INTERRUPTED_CLOSE_S = 10  # longest wait of each shutdown step of an interrupted sweep [s]
 
 
 SCHEDULER_TIMEOUT_S = 10  # a scheduler that does not answer within this is not there

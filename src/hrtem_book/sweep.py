@@ -246,6 +246,7 @@ def run_sweep(
                 finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
 
     in_flight: dict[Any, _Task] = {}
+    interrupted = True  # until the loop ends normally or with an error of its own
     try:
         while ready or in_flight:
             if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
@@ -259,8 +260,12 @@ def run_sweep(
                 in_flight[ex.submit(task.cfg, priority=priority)] = task
             for handle, record in ex.wait_any(list(in_flight)):
                 finish(in_flight.pop(handle), record)
+        interrupted = False
+    except Exception:
+        interrupted = False
+        raise
     finally:
-        ex.close()
+        ex.close(interrupted)  # Ctrl-C: a bounded shutdown
         bar.close()
     summary.wall_s = time.perf_counter() - t0
     log(summary.line(f"sweep {','.join(studies)} (profile {profile.name})"))
