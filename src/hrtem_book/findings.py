@@ -752,9 +752,9 @@ def size_bias_hurts_transfer(dbs: Mapping[str, xr.Dataset], metric: str = "dice"
     )
     rule = (
         "Paired by synthetic variant and seed: the error on the experimental-like validation "
-        "images (all sizes) after transfer on images of small particles only, minus that after "
-        "transfer on as many unbiased images; holds if the mean paired cost exceeds twice the "
-        "seed-to-seed standard deviation of the unbiased transfers."
+        "images (sizes unbiased) after transfer on images of small particles only, minus that "
+        "after transfer on as many unbiased images; holds if the mean paired cost exceeds twice "
+        "the seed-to-seed standard deviation of the unbiased transfers."
     )
     err = _heldout(dbs, metric)
     if err is None or not {"after", "after-biased"} <= set(err["case"].values.tolist()):

@@ -391,12 +391,14 @@ def heldout_numbers(ds) -> Numbers:
     from ..results import heldout_table
 
     if ds is None:
-        return Numbers(models="no models", before="n/a", after="n/a", biased="n/a", n="n/a")
+        return Numbers(models="no models", before="n/a", after="n/a", biased="n/a", n="n/a",
+                       variants="n/a", sizes="n/a", small="n/a")  # fmt: skip
     table = heldout_table(ds, "dice")
     with np.errstate(all="ignore"):
         med = {c: float(np.nanmedian(table.sel(case=c).values)) if c in table["case"].values
                else math.nan for c in ("before", "after", "after-biased")}  # fmt: skip
     runs = int((ds["status"].values == "ok").sum())
+    profile = PROFILES.get(str(ds.attrs.get("profile")))
     return Numbers(
         models=plural(runs, "transfer run"),
         variants=", ".join(str(v) for v in ds["pretrain_domain"].values.tolist()),
@@ -404,7 +406,13 @@ def heldout_numbers(ds) -> Numbers:
         after=f3(med["after"]),
         biased=f3(med["after-biased"]),
         n=str(int(ds.attrs["n_transfer"])) if "n_transfer" in ds.attrs else "a few",
+        sizes=_radii(profile.data.series_radius_nm) if profile else "n/a",
+        small=_radii(profile.data.small_radius_nm) if profile else "n/a",
     )
+
+
+def _radii(r) -> str:
+    return f"radii {r[0]:g}–{r[1]:g} nm"
 
 
 def findings(results_dir: str | Path) -> Numbers:
