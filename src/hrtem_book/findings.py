@@ -89,6 +89,14 @@ def _median(da: xr.DataArray, keep: list[str] | tuple[str, ...] = ()) -> xr.Data
         return da.median(dims, skipna=True) if dims else da
 
 
+def _seed_sd(table: xr.DataArray) -> float:
+    """Median over the other cells of the seed-to-seed sample standard deviation (ddof 1)."""
+    with _quiet():
+        sds = table.std("seed", skipna=True, ddof=1).values
+    sds = sds[np.isfinite(sds)]
+    return float(np.median(sds)) if sds.size else math.nan
+
+
 def _f(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.3f}"
 
@@ -497,8 +505,6 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
     err = _stage(ds, "pretrain", metric)  # train_domain, seed, eval_domain
     med = _median(err, ["train_domain", "eval_domain"])
     own = on_domain(err, "train_domain")  # train_domain, seed
-    with _quiet():  # the sample standard deviation (ddof 1): NaN from fewer than two seeds
-        sds = own.std("seed", skipna=True, ddof=1).values
     trains = [t for t in ds["train_domain"].values.tolist()]
     tests = med["eval_domain"].values
     ideal = {}
@@ -514,10 +520,9 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
             v = float(med.sel(train_domain=t).values[match_index(tests, u)])
             if math.isfinite(v):
                 gaps[(t, u)] = v - ref
-    finite_sds = sds[np.isfinite(sds)]
     return {
         "gaps": gaps,
-        "seed_sd": float(np.median(finite_sds)) if finite_sds.size else math.nan,
+        "seed_sd": _seed_sd(own),  # NaN from fewer than two seeds
         "mean_gap": float(np.mean(list(gaps.values()))) if gaps else math.nan,
         "ideal": {t: _value(v, metric) for t, v in ideal.items()},
     }
@@ -639,14 +644,6 @@ def _heldout(dbs: Mapping[str, xr.Dataset], metric: str) -> xr.DataArray | None:
     """Error on the experimental-like domain by (pretrain_domain, seed, case), or None."""
     ds = dbs.get("heldout")
     return None if ds is None else _error(heldout_table(ds, metric), metric)
-
-
-def _seed_sd(table: xr.DataArray) -> float:
-    """Median over the other cells of the seed-to-seed sample standard deviation (ddof 1)."""
-    with _quiet():
-        sds = table.std("seed", skipna=True, ddof=1).values
-    sds = sds[np.isfinite(sds)]
-    return float(np.median(sds)) if sds.size else math.nan
 
 
 def synthetic_variants_matter(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:

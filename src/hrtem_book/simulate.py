@@ -549,17 +549,16 @@ def noisy_images(
     pixels = [sim.pixel_A] * len(doses) if pixels_A is None else list(pixels_A)
     kinds = [None] * len(doses) if measured is None else list(measured)
     out_px = sim.image_px if out_px is None else out_px
-    ideal = [i for i, m in enumerate(kinds) if m is None]
-    clean = {}
-    if ideal:
-        imgs = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A[ideal]), sim)
-        clean.update({i: replace(imgs, array=imgs.array[j]) for j, i in enumerate(ideal)})
+    clean = {}  # the noise-free images, one image_intensities call per lens
+    for m in dict.fromkeys(kinds):
+        idx = [i for i, k in enumerate(kinds) if k == m]
+        imgs = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A[idx]), sim, m)
+        clean.update({i: replace(imgs, array=imgs.array[j]) for j, i in enumerate(idx)})
     out = []
     for i, (d, p, m, rng) in enumerate(zip(doses, pixels, kinds, rngs, strict=True)):
+        seen = view(clean[i], p, out_px)
         if m is None:
-            out.append(view(clean[i], p, out_px).poisson_noise(float(d), rng).array)
-            continue
-        img = image_intensities(scene_waves.waves, torch.as_tensor(defocus_A[[i]]), sim, m)
-        seen = view(replace(img, array=img.array[0]), p, out_px)
-        out.append(measured_counts(seen, float(d), m, rng).array)
+            out.append(seen.poisson_noise(float(d), rng).array)
+        else:
+            out.append(measured_counts(seen, float(d), m, rng).array)
     return torch.stack(out).cpu().numpy()

@@ -29,7 +29,7 @@ from ..results import (
     generalization_matrix,
     heldout_table,
 )
-from ..series import GENERALIZATION_SERIES, get_series, match_mask
+from ..series import GENERALIZATION_SERIES, get_series
 from ._common import (
     check_metric,
     check_reduce,
@@ -38,6 +38,7 @@ from ._common import (
     metric_title,
     new_figure,
     reduce_da,
+    selected,
     worse,
 )
 
@@ -190,14 +191,12 @@ def heldout_bars(
     check_reduce(reduce)
     check_metric(metric)
     sel = clean_select(ds, select)
-    table = heldout_table(ds, metric)
-    for axis in ("pretrain_domain", "seed"):
-        if axis in sel:
-            keep = np.zeros(table.sizes[axis], bool)
-            for v in sel[axis]:
-                keep |= match_mask(table[axis].values, v)
-            table = table.isel({axis: np.flatnonzero(keep)})
-    bars = reduce_da(table.rename("value"), reduce, keep=["pretrain_domain", "case"])
+    table = selected(
+        heldout_table(ds, metric).to_dataset(name="value"),
+        "value",
+        {a: v for a, v in sel.items() if a in ("pretrain_domain", "seed")},
+    )
+    bars = reduce_da(table, reduce, keep=["pretrain_domain", "case"])
     variants = table["pretrain_domain"].values.tolist()
     cases = [c for c, _, _ in HELDOUT_CASES if c in table["case"].values.tolist()]
     fig = new_figure(1.6 * len(variants) + 2.4, 3.8)
