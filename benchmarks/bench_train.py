@@ -7,10 +7,12 @@ against a plain fp32 loop.
     python benchmarks/bench_train.py --device cuda                    # GPU part (paper settings)
 
 CPU part, all rates in images per second of this process's CPU time (one thread), measured in
-the same run: (1) the laptop U-Net at 64² under the previous engine (fp32, channels_last,
-batches of 4 — the laptop stage before the convergence change) and the current one (bf16
-autocast, channels_last, batches of 16), training and evaluation; (2) every profile's model at
-its image size and batch in fp32 and bf16; (3) the wall time of one laptop pretraining and its
+the same run and headed by the CPU capability (``train.cpu_capability()``: the vector ISA and
+any native bf16 units): (1) the laptop U-Net at 64², channels_last, in fp32 with batches of 4
+(the laptop stage before the convergence change) and of 16 (the current CPU engine), and with
+bf16 autocast (native only on AVX512-BF16 or AMX; elsewhere emulated and ~10× slower), training
+and evaluation, fp32 contiguous beside it; (2) every base profile's model at its image size and
+batch in fp32 and bf16; (3) the wall time of one laptop pretraining and its
 transfer runs through :func:`hrtem_book.runs.run`, on the laptop defocus series when
 ``--data-root`` holds it, else on random images of the same shapes (speed does not depend on the
 pixel values); (4) with ``--precision-check N``, N seeds of one pretraining and one transfer in
@@ -43,7 +45,7 @@ from hrtem_book.config import PretrainConfig, StageConfig, TransferConfig
 from hrtem_book.datasets import load_series, series_path
 from hrtem_book.layout import Layout
 from hrtem_book.models import build_model, count_parameters
-from hrtem_book.profiles import PROFILES
+from hrtem_book.profiles import BASE_PROFILES, PROFILES
 from hrtem_book.testing import random_series
 
 PREVIOUS_BATCH = 4  # the laptop stage before training to convergence: fp32, batches of 4
@@ -99,40 +101,46 @@ def eval_rate(model, px: int, precision: str, n: int = 256, repeats: int = 3) ->
 
 
 def engine_comparison(args) -> None:
-    """The laptop U-Net: previous engine (fp32, batch 4) against the current one (bf16, 16)."""
+    """The laptop U-Net: fp32 (batch 4 and 16, channels_last and contiguous) and bf16."""
     profile = PROFILES["laptop"]
     px = profile.data.sim.image_px
     cpu = torch.device("cpu")
     rates = {}
-    for name, batch, precision in (
-        ("previous (fp32, batch 4)", PREVIOUS_BATCH, "fp32"),
-        ("fp32, batch 16", profile.stage.batch_size, "fp32"),
-        ("current (bf16, batch 16)", profile.stage.batch_size, "bf16"),
+    # bf16 emulated (no native units) is ~10x slower: fewer steps keep the benchmark short
+    bf16_steps = args.steps * 3 if train.native_bf16(train.cpu_capability()) else 2
+    for name, batch, precision, layout, steps in (
+        ("fp32, batch 4", PREVIOUS_BATCH, "fp32", train.LAYOUT, args.steps * 3),
+        ("fp32, batch 16, contiguous", 16, "fp32", torch.contiguous_format, args.steps * 3),
+        ("fp32, batch 16 (engine)", 16, "fp32", train.LAYOUT, args.steps * 3),
+        ("bf16, batch 16", 16, "bf16", train.LAYOUT, bf16_steps),
     ):
         torch.manual_seed(0)
-        rates[name] = step_rate(
-            build_model(profile.model), px, batch, cpu, args.steps * 3, 3, train.LAYOUT, precision
-        )
+        rates[name] = step_rate(build_model(profile.model), px, batch, cpu, steps, 2, layout,
+                                precision)  # fmt: skip
     ev = {}
     for precision in ("fp32", "bf16"):
         torch.manual_seed(0)
         ev[precision] = eval_rate(build_model(profile.model), px, precision)
-    base = rates["previous (fp32, batch 4)"]
-    print(f"laptop U-Net at {px}², channels_last, images per CPU-second (training step):")
+    base = rates["fp32, batch 16 (engine)"]
+    print(f"laptop U-Net at {px}², images per CPU-second (training step):")
     for name, rate in rates.items():
-        print(f"  {name:26} {rate:7.1f}  ({rate / base:.2f}× the previous engine)")
+        print(f"  {name:28} {rate:7.1f}  ({rate / base:.2f}× the fp32 engine)")
     print(f"  evaluation: fp32 {ev['fp32']:.0f}, bf16 {ev['bf16']:.0f} "
           f"({ev['bf16'] / ev['fp32']:.2f}×)")  # fmt: skip
 
 
 def cpu_part(args) -> None:
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+    capability = train.cpu_capability()
+    native = "native bf16" if train.native_bf16(capability) else "no native bf16: emulated"
+    print(f"CPU capability {capability} ({native}); torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores")  # fmt: skip
     if not args.skip_models:
         engine_comparison(args)
         print("\nimages/s of forward + backward + Adam step on the CPU (per second of CPU time)")
         print(f"{'profile':8} {'params':>10} {'px':>4} {'batch':>5} {'fp32':>8} {'bf16':>8}")
-        for name, profile in PROFILES.items():
+        for name in BASE_PROFILES:
+            profile = PROFILES[name]
             px = profile.data.sim.image_px
             big = px > 256
             batch = args.paper_batch if big else profile.stage.batch_size
@@ -141,6 +149,9 @@ def cpu_part(args) -> None:
             for precision in ("fp32", "bf16"):
                 torch.manual_seed(0)
                 model = build_model(profile.model)
+                if precision == "bf16" and big and not train.native_bf16(train.cpu_capability()):
+                    out.append(float("nan"))  # emulated at 640²: minutes per step, skipped
+                    continue
                 out.append(step_rate(model, px, batch, torch.device("cpu"), steps, warmup,
                                      train.LAYOUT, precision))  # fmt: skip
             print(f"{name:8} {count_parameters(model)[1]:>10,} {px:>4} {batch:>5} "
@@ -276,7 +287,7 @@ def compare_loops(device: torch.device, model_cfg, px: int, n: int, batch: int) 
     torch.manual_seed(0)
     ours = build_model(model_cfg).to(device, memory_format=train.LAYOUT)
     # the paper's stage: D4 on n/8 images gives n samples per epoch, as many as the plain loop's
-    stage = StageConfig(max_epochs=1, batch_size=batch, augment="d4", precision="bf16")
+    stage = StageConfig(max_epochs=1, batch_size=batch, augment="d4", precision="bf16")  # GPU
     base = tuple(train.to_device(t[: n // 8], device) for t in (images, masks))
     # one small evaluation domain: the stage monitors it, its time is kept apart (eval_time_s)
     tiny = train.EvalSet.from_sets({"bench": tuple(t[:4] for t in base)})

@@ -66,7 +66,7 @@ def test_campaign_rehearsal_writes_databases_and_benchmark(tmp_path, smoke_data)
         own = load_database(Layout(root, "smoke").database_path(study), study)
         assert own.attrs["campaign_wall_s"] == ds.attrs["campaign_wall_s"]
     bench = json.loads((out / "benchmark.json").read_text())
-    assert bench["training_profile"]["stacked_bf16_img_s"] > 0
+    assert bench["training_profile"]["stacked_fp32_img_s"] > 0
     assert bench["simulation"]["images_per_s"] > 0
 
 

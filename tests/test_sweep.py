@@ -20,6 +20,7 @@ import pytest
 import xarray as xr
 from conftest import smoke_project
 
+from hrtem_book import train
 from hrtem_book.cli import main
 from hrtem_book.config import PretrainConfig, TransferConfig, config_hash, to_jsonable
 from hrtem_book.executors import load_cluster_config, make_cluster
@@ -334,6 +335,11 @@ def test_dask_local_cluster_and_in_process_give_the_same_database(tmp_path, smok
             a.drop_vars(times).drop_attrs(), b.drop_vars(times).drop_attrs()
         )
         assert bool(np.isfinite(a["train_time_s"].where(a["status"] == "ok")).any())
+        # the precision and the machine the models were trained with
+        compute = train.compute_provenance("cpu")
+        machine = f"cpu ({compute['cpu_capability']}), torch {compute['torch']}"
+        assert a.attrs["trained_on"] == b.attrs["trained_on"] == machine
+        assert {v for k, v in a.attrs.items() if k.endswith("_precision")} == {"fp32"}
 
 
 # --- cluster configuration and command line -------------------------------------------------

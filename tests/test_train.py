@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -20,7 +22,13 @@ import xarray as xr
 
 from hrtem_book import checkpoints, runs, train
 from hrtem_book.cli import main as cli_main
-from hrtem_book.config import MixtureConfig, PretrainConfig, StageConfig, TransferConfig
+from hrtem_book.config import (
+    MixtureConfig,
+    PretrainConfig,
+    StageConfig,
+    TransferConfig,
+    config_hash,
+)
 from hrtem_book.layout import Layout
 from hrtem_book.models import build_model, count_parameters
 from hrtem_book.profiles import NARROW_MODEL, SMOKE_DATA, SMOKE_STAGE, get_profile
@@ -369,6 +377,62 @@ def test_cli_trains_and_writes_a_record(data, tmp_path, monkeypatch, capsys):
     record = json.loads(records[0].read_text())
     assert record["kind"] == "transfer" and record["config"]["freeze"] == "encoder"
     assert record["trainable_params"] < count_parameters(build_model(NARROW_MODEL))[1]
+
+
+# --- precision ----------------------------------------------------------------------------------
+def test_cpu_profiles_train_in_fp32_and_bf16_is_an_opt_in_variant(tmp_path):
+    """The same numbers on every x86 CPU: the CPU profiles are fp32; bf16 is the gpu profile's
+    and a named variant of each CPU profile that reads its base's data and keeps its results
+    apart (precision is in every stage config, so the runs hash differently)."""
+    for name in ("smoke", "laptop", "paper"):
+        profile = get_profile(name)
+        assert profile.precisions == ("fp32",)
+        variant = get_profile(f"{name}-bf16")
+        assert variant.precisions == ("bf16",) and variant.base == name
+        assert variant.data == profile.data and variant.studies == profile.studies
+        assert Layout.of(tmp_path, variant).data_dir == Layout.of(tmp_path, profile).data_dir
+        assert Layout.of(tmp_path, variant).results_dir != Layout.of(tmp_path, profile).results_dir
+    assert get_profile("gpu").precisions == ("bf16",)
+    pre = pretrain_cfg()
+    assert config_hash(pre) != config_hash(replace(pre, stage=replace(STAGE, precision="bf16")))
+
+
+@pytest.mark.parametrize(
+    "capability, native",
+    [("AVX2", False), ("AVX512", False), ("DEFAULT", False), ("AVX512 AVX512_BF16", True),
+     ("AVX512 AVX512_BF16 AMX", True), ("AVX512 AMX", True)],
+)  # fmt: skip
+def test_native_bf16_means_avx512_bf16_or_amx(capability, native):
+    assert train.native_bf16(capability) is native
+
+
+def test_bf16_on_a_cpu_without_it_exits_2_with_one_line_before_any_work(tmp_path):
+    """On this machine's CPU: refused in one line (exit 2, nothing simulated) unless it computes
+    bf16 natively. The real command line, in a fresh process (no torch imported beforehand)."""
+    capability = train.cpu_capability()
+    if train.native_bf16(capability):
+        assert train.precision_problem("bf16", "cpu") is None
+        pytest.skip(f"this CPU ({capability}) has native bf16: the opt-in is allowed here")
+    for argv in (
+        ["train", "--series", "defocus", "--pretrain", "-10", "--profile", "smoke-bf16"],
+        ["sweep", "--study", "defocus", "--profile", "laptop-bf16"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "hrtem_book.cli", *argv, "--root", str(tmp_path)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert f"precision bf16 on this CPU ({capability})" in lines[0]
+        assert "allowed here:" in lines[0]
+    assert not (tmp_path / "data").exists()  # nothing simulated, nothing trained
+
+
+def test_records_say_where_they_computed(data, tmp_path):
+    record = run(transfer_cfg(), root=tmp_path, data=data)
+    assert record["compute"] == train.compute_provenance("cpu")
+    assert record["compute"]["cpu_capability"] == train.cpu_capability()
 
 
 # --- the real smoke series --------------------------------------------------------------------

@@ -32,10 +32,9 @@ from .layout import Layout, atomic_write_text, check_writable, git_commit
 from .models import build_model
 from .profiles import PROFILES, Profile, get_profile
 from .results import collect, load_database, save_database
-from .simulate import check_device
 from .stacked import Stack
 from .studies import STUDY_NAMES
-from .sweep import prepare_data, run_sweep
+from .sweep import check_profile_compute, prepare_data, run_sweep
 
 RESERVE_S = 60.0  # kept for collection and the benchmark out of the budget
 
@@ -79,10 +78,16 @@ def plain_rate(model_cfg: ModelConfig, px: int, batch: int, device: str, steps: 
 
 
 def stacked_rate(
-    model_cfg: ModelConfig, px: int, batch: int, device: str, steps: int, n_models: int
+    model_cfg: ModelConfig,
+    px: int,
+    batch: int,
+    device: str,
+    steps: int,
+    n_models: int,
+    precision: str = "bf16",
 ) -> float:
-    """Images/s of the stacked engine: ``n_models`` models, bf16 autocast, channels_last, data
-    resident on the device, D4 applied there."""
+    """Images/s of the stacked engine: ``n_models`` models, ``precision`` autocast,
+    channels_last, data resident on the device, D4 applied there."""
     dev = torch.device(device)
     models = []
     for seed in range(n_models):
@@ -105,7 +110,7 @@ def stacked_rate(
             ks = torch.randint(0, 8, (batch,), generator=gen)
             xs.append(train._augment(images[idx], ks))
             ys.append(train._augment(masks[idx], ks))
-        with train.autocast(dev, "bf16"):
+        with train.autocast(dev, precision):
             logits = stack.forward(torch.stack(xs))
         y = torch.stack(ys)
         loss = sum(F.cross_entropy(logits[m].float(), y[m]) for m in range(n_models))
@@ -141,19 +146,20 @@ def benchmark(profile: Profile, device: str, *, scale: str, steps: int) -> dict:
     the profile's, and simulator images/s (paper settings, or the profile's for ``scale
     "profile"`` — the CPU rehearsal)."""
     paper = PROFILES["paper"]
-    out: dict = {"device": device_name(device), "steps": steps}
+    precision = profile.stage.precision  # the profile's: bf16 on a GPU, fp32 in a CPU rehearsal
+    out: dict = {"device": device_name(device), "steps": steps, "precision": precision}
     settings = {"profile": (profile.model, profile.data.sim.image_px, 16, 32)}
     if scale == "paper":
         settings["paper"] = (paper.model, 512, 16, 4)
     for name, (model_cfg, px, batch, n_models) in settings.items():
         plain = plain_rate(model_cfg, px, batch, device, steps)
-        ours = stacked_rate(model_cfg, px, batch, device, steps, n_models)
+        ours = stacked_rate(model_cfg, px, batch, device, steps, n_models, precision)
         out[f"training_{name}"] = {
             "px": px,
             "batch": batch,
             "models_stacked": n_models,
             "plain_fp32_img_s": round(plain, 1),
-            "stacked_bf16_img_s": round(ours, 1),
+            f"stacked_{precision}_img_s": round(ours, 1),
             "speedup": round(ours / plain, 2),
         }
     data = paper.data if scale == "paper" else profile.data
@@ -186,7 +192,7 @@ def run_campaign(
     docstring. Returns what ``campaign.json`` holds."""
     t0 = time.perf_counter()
     out = check_writable(Path(out), "--out")
-    layout = Layout(root, profile.name)
+    layout = Layout.of(root, profile)
     times: dict[str, float] = {}
     prepare_data(STUDY_NAMES, profile, layout, device=device, progress=False)
     times["simulate_s"] = time.perf_counter() - t0
@@ -241,7 +247,7 @@ def run_campaign(
 
 def _cli(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile)
-    check_device(args.device)
+    check_profile_compute(profile, args.device)
     if args.budget_s <= RESERVE_S:
         raise ValueError(f"--budget-s {args.budget_s:g}; allowed: more than {RESERVE_S:g} s")
     if args.max_stack < 1:

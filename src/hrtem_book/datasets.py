@@ -489,7 +489,7 @@ def _cli_simulate(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} is not allowed: it must be >= 1")
     check_device(args.device)
-    out = Path(args.out) if args.out else Layout(args.root, profile.name).data_dir
+    out = Path(args.out) if args.out else Layout.of(args.root, profile).data_dir
     check_writable(out, "--out" if args.out else "--root")
     path = generate(args.series, profile.data, out, device=args.device, workers=args.workers)
     print(path)

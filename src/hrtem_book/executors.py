@@ -25,6 +25,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,7 @@ class DaskExecutor:
     ):
         from distributed import Client
 
-        resolved = Layout(layout.root.resolve(), layout.profile)  # workers may start elsewhere
+        resolved = replace(layout, root=layout.root.resolve())  # workers may start elsewhere
         self.layout, self.device, self.run_fn = resolved, device, run_fn
         self.cluster = None
         if scheduler_address:

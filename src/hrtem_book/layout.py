@@ -34,19 +34,26 @@ GENERATED_FOLDERS = ("results", "data")
 
 @dataclass(frozen=True)
 class Layout:
-    """The folders of one profile inside a project folder ``root``."""
+    """The folders of one profile inside a project folder ``root``; ``data_name`` names the
+    data folder where it is not the profile's own (a variant reading its base's series)."""
 
     root: Path
     profile: str
+    data_name: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of(cls, root: str | Path, profile) -> Layout:
+        """The layout of a :class:`~hrtem_book.profiles.Profile` (its name and data folder)."""
+        return cls(Path(root), profile.name, profile.data_name)
 
     # --- inputs ---------------------------------------------------------------------------------
     @property
     def data_dir(self) -> Path:
         """Simulated dataset series of the profile."""
-        return self.root / "data" / self.profile
+        return self.root / "data" / (self.data_name or self.profile)
 
     # --- results --------------------------------------------------------------------------------
     @property

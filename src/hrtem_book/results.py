@@ -31,8 +31,9 @@ NaN where a run failed, is missing, or the cell is excluded (target =
 pretraining domain), so every reduction skips them. ``epoch`` counts from 1; a stage that stopped
 early has NaN after its last epoch. Attrs: ``study``, ``series``, ``profile``,
 ``package_version``, ``git_commit``, ``created`` (ISO 8601, UTC), ``schema_version``, the
-stopping rule of every stage (``<stage>_stopping_rule``, ``<stage>_patience``, ...) and the
-study's fixed settings.
+stopping rule of every stage (``<stage>_stopping_rule``, ``<stage>_patience``, ...) and its
+arithmetic (``<stage>_precision``: fp32 or bf16), ``trained_on`` (the devices, CPU capabilities
+and torch versions its records were computed with) and the study's fixed settings.
 """
 
 from __future__ import annotations
@@ -536,7 +537,7 @@ def stopping_attrs(stage, prefix: str = "") -> dict[str, Any]:
 def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.Dataset:
     """The database of ``study`` for ``profile`` from the records under ``root/results``."""
     grid = build_grid(study, profile)
-    layout = Layout(root, profile.name)
+    layout = Layout.of(root, profile)
     records = {}
     for h in grid.runs:
         rec = read_record(layout.record_path(study, h))
@@ -555,13 +556,26 @@ def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.D
         ds.attrs.update(stopping_attrs(config, prefix=f"{stage}_"))
     ds.attrs["n_pretrain"] = profile.n_pretrain
     ds.attrs["n_records"] = len(records)
+    ds.attrs["trained_on"] = trained_on(records.values())
     fill_from_records(ds, grid, records)
     return ds
 
 
+def trained_on(records: Iterable[dict]) -> str:
+    """Where the records' runs computed, each distinct machine once: ``"cpu (AVX2), torch
+    2.13.0+cpu"``, several joined by ``"; "`` (records of older code: ``"unrecorded"``)."""
+    seen = set()
+    for rec in records:
+        c = rec.get("compute")
+        seen.add(
+            f"{c['device']} ({c['cpu_capability']}), torch {c['torch']}" if c else "unrecorded"
+        )
+    return "; ".join(sorted(seen))
+
+
 def collect(profile: Profile, root: str | Path = ".", studies: Iterable[str] | None = None) -> dict:
     """Write ``results/<profile>/<study>.nc`` for every study with records; return the paths."""
-    layout = Layout(root, profile.name)
+    layout = Layout.of(root, profile)
     out = {}
     for study in studies or STUDIES:
         ds = build_database(study, profile, root)
@@ -576,7 +590,7 @@ def _cli(args) -> int:
     paths = collect(profile, args.root)
     if not paths:
         raise FileNotFoundError(
-            f"no records under {Layout(args.root, profile.name).records_root}; run "
+            f"no records under {Layout.of(args.root, profile).records_root}; run "
             f"`hrtem-book sweep --study all --profile {profile.name}` first"
         )
     for study, path in paths.items():

@@ -30,6 +30,7 @@ from .config import (
     MixtureConfig,
     PretrainConfig,
     RunConfig,
+    StageConfig,
     TransferConfig,
     config_hash,
 )
@@ -72,6 +73,7 @@ class Context:
         self.data = data
         self.progress = progress
         self._eval: dict[int | None, train.EvalSet] = {}
+        self.compute = train.compute_provenance(self.device)  # stamped into its records
 
     def tensors(self, domain, split: str, n: int | None):
         return tuple(
@@ -130,6 +132,7 @@ def train_pretrain(cfg: PretrainConfig, ctx: Context) -> tuple[dict, torch.nn.Mo
         model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain", {cfg.domain: 1}
     )
     record = build_record(cfg, {"pretrain": summary}, error, count_parameters(model))
+    record["compute"] = ctx.compute
     return record, (None if error else model)
 
 
@@ -227,6 +230,7 @@ def _pretrain_group(cfgs: list[PretrainConfig], layout: Layout, ctx: Context) ->
         out = _stack_train(ctx, todo, models, sets, [{c.domain: 1} for c in todo], "pretrain")
         for c, model, (summary, error) in zip(todo, models, out, strict=True):
             record = build_record(c, {"pretrain": summary}, error, count_parameters(model))
+            record["compute"] = ctx.compute
             state = None if error else model.state_dict()
             checkpoints.save_checkpoint(checkpoints.checkpoint_path(layout, c), c, record, state)
     return [_pretrained(c, layout, ctx)["record"] for c in cfgs]
@@ -289,19 +293,35 @@ def run_group(
     if len(keys) != 1:
         raise ValueError(f"run_group needs configs of one stack key, got {len(keys)}")
     train.set_threads_from_env()
-    check_device(device)
+    _check_compute(cfgs, device)
     series, data_cfg = series_and_data(cfgs[0])
     if data is None:
         data = open_series(series, data_cfg, layout.data_dir, device)
     for c in cfgs:
         _check_domains(c, data)
     ctx = Context(device, data, None)
-    return GROUP_RUNNERS[kind_of(cfgs[0])](cfgs, layout, ctx)
+    records = GROUP_RUNNERS[kind_of(cfgs[0])](cfgs, layout, ctx)
+    for record in records:
+        record.setdefault("compute", ctx.compute)
+    return records
 
 
 def series_and_data(cfg: RunConfig) -> tuple[str, DataConfig]:
     base = cfg.pretrain if isinstance(cfg, TransferConfig) else cfg
     return base.series, base.data
+
+
+def stage_configs(cfg: RunConfig) -> list[StageConfig]:
+    """The stage configs a run trains with (a transfer: its pretraining's and its own)."""
+    if isinstance(cfg, TransferConfig):
+        return [cfg.pretrain.stage, cfg.stage]
+    return [cfg.stage]
+
+
+def _check_compute(cfgs: list[RunConfig], device: str) -> None:
+    check_device(device)
+    precisions = [s.precision for c in cfgs for s in stage_configs(c)]
+    train.check_precision(precisions, device, what="run")
 
 
 def _check_domains(cfg: RunConfig, ds: xr.Dataset) -> None:
@@ -335,7 +355,7 @@ def run(
     """
     runner = RUNNERS[kind_of(cfg)]
     train.set_threads_from_env()
-    check_device(device)
+    _check_compute([cfg], device)
     series, data_cfg = series_and_data(cfg)
     if data is None:
         data = open_series(series, data_cfg, layout.data_dir, device)
@@ -343,7 +363,9 @@ def run(
     ctx = Context(device, data, progress)
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed image sizes: autotuned kernels pay off
-    return runner(cfg, layout, ctx)
+    record = runner(cfg, layout, ctx)
+    record.setdefault("compute", ctx.compute)  # a pretraining's record says where it trained
+    return record
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -423,9 +445,9 @@ class ProgressTable:
 
 def _cli(args) -> int:
     profile = get_profile(args.profile)
-    layout = Layout(args.root, profile.name)
+    layout = Layout.of(args.root, profile)
     cfg = config_from_args(args, profile)
-    check_device(args.device)
+    _check_compute([cfg], args.device)  # before any work: a bad device or precision
     # before any training: a record that cannot be written would lose the work
     check_writable(layout.records_dir("train"))
     check_writable(layout.checkpoints_dir)

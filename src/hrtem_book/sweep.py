@@ -42,10 +42,11 @@ from .executors import (
     load_cluster_config,
 )
 from .layout import Layout, check_writable, remove_stale_tmp
-from .profiles import Profile, get_profile
+from .profiles import PROFILES, Profile, get_profile
 from .records import failure_record, kind_of, read_record, write_record
 from .simulate import check_device
 from .studies import STUDIES, STUDY_GROUPS, STUDY_NAMES, build_grid
+from .train import check_precision
 
 # --- the sweep ----------------------------------------------------------------------------------
 EXECUTORS = ("inprocess", "dask", "stacked")
@@ -121,6 +122,15 @@ def plan(studies: Iterable[str], profile: Profile, layout: Layout) -> list[_Task
     return pre + rest
 
 
+def check_profile_compute(profile: Profile, device: str) -> None:
+    """One-line ValueError before any work if ``device`` cannot train ``profile`` here (an
+    unknown device, or bf16 on a CPU without native bf16)."""
+    check_device(device)
+    fp32 = [p.name for p in PROFILES.values() if p.precisions == ("fp32",)]
+    allowed = f"the fp32 profiles ({', '.join(fp32)})"
+    check_precision(profile.precisions, device, what=f"--profile {profile.name}", allowed=allowed)
+
+
 def run_sweep(
     studies: str | Sequence[str],
     profile: Profile,
@@ -156,7 +166,8 @@ def run_sweep(
     studies = expand_studies(studies)
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
-    layout = Layout(root, profile.name)
+    check_profile_compute(profile, device)
+    layout = Layout.of(root, profile)
     tasks = plan(studies, profile, layout)
     for folder in {t.path.parent for t in tasks}:
         if folder.is_dir():
@@ -305,8 +316,8 @@ def _cli(args: argparse.Namespace) -> int:
     cluster_config = load_cluster_config(args.cluster) if args.cluster else None
     executor = "dask" if (cluster_config or args.scheduler) else args.executor
     device = args.device or (cluster_config or {}).get("device", "cpu")
-    check_device(device)
-    layout = Layout(args.root, profile.name)
+    check_profile_compute(profile, device)
+    layout = Layout.of(args.root, profile)
     for folder in (layout.data_dir, layout.records_root, layout.checkpoints_dir):
         check_writable(folder)  # before any work: a record that cannot be written is work lost
     if args.scheduler:

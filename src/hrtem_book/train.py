@@ -122,6 +122,63 @@ def autocast(device: torch.device, precision: str = "bf16"):
     return contextlib.nullcontext()
 
 
+# CPU features that compute bf16 natively, and torch's probes of them (torch.cpu, private but
+# stable since 2.2; a torch without a probe counts as lacking the feature)
+BF16_UNITS = (("AVX512_BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+
+
+def cpu_capability() -> str:
+    """This CPU as torch sees it: the vector instruction set its kernels use
+    (``torch.backends.cpu.get_cpu_capability()``, e.g. ``"AVX2"``, ``"AVX512"``) followed by its
+    native bf16 units, e.g. ``"AVX512 AVX512_BF16 AMX"``."""
+    units = [name for name, probe in BF16_UNITS if getattr(torch.cpu, probe, lambda: False)()]
+    return " ".join([torch.backends.cpu.get_cpu_capability(), *units])
+
+
+def native_bf16(capability: str) -> bool:
+    """Whether a CPU of ``capability`` (:func:`cpu_capability`) computes bf16 natively."""
+    return any(name in capability.split() for name, _ in BF16_UNITS)
+
+
+def precision_problem(precision: str, device: str | torch.device) -> str | None:
+    """Why ``precision`` should not run on ``device`` here (None: it may). bf16 on a CPU
+    without bf16 units is emulated by oneDNN — about 10× slower than fp32, never faster — and
+    is refused rather than run."""
+    if precision != "bf16":
+        return None
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return None if ok else f"precision bf16: {dev} has no bf16 support"
+    capability = cpu_capability()
+    if native_bf16(capability):
+        return None
+    return (
+        f"precision bf16 on this CPU ({capability}): it has no native bf16 (AVX512_BF16 or "
+        "AMX), so bf16 would run ~10x slower than fp32"
+    )
+
+
+def check_precision(
+    precisions, device: str | torch.device, what: str = "run", allowed: str = "fp32"
+) -> None:
+    """ValueError (one line: ``what``, the problem, ``allowed``) if any of ``precisions``
+    should not run on ``device`` here."""
+    for precision in dict.fromkeys(precisions):
+        problem = precision_problem(precision, device)
+        if problem:
+            raise ValueError(f"{what}: {problem}; allowed here: {allowed}")
+
+
+def compute_provenance(device: str | torch.device) -> dict[str, str]:
+    """Where a run computed: its device (with the GPU's name), the CPU capability and torch."""
+    dev = torch.device(device)
+    name = str(dev)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        name = f"{dev} ({torch.cuda.get_device_name(dev)})"
+    return {"device": name, "cpu_capability": cpu_capability(), "torch": str(torch.__version__)}
+
+
 # channels_last on every device: on CUDA it feeds the tensor cores; on this CPU (oneDNN) it made
 # the narrow U-Net at 64² 1.3-1.6× faster to train and 2× faster to evaluate (bench_train.py)
 LAYOUT = torch.channels_last
