@@ -45,9 +45,14 @@ CHROMIUM ?= /usr/bin/chromium
 export HRTEM_BOOK_CHROMIUM := $(CHROMIUM)
 APT_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# the MyST book-theme for `myst build --html` without network, where a local copy is provided
+# (this workplace's ../shared/tools); elsewhere myst downloads it
+THEME_INSTALLER ?= $(wildcard ../shared/tools/install-book-theme)
+
 # database (sweep if missing) → papermill → myst build --html, or the checked offline site
 book: $(STAMP)
-	$(VENV)/bin/hrtem-book book $(if $(PROFILE),--profile $(PROFILE))
+	$(VENV)/bin/hrtem-book book $(if $(PROFILE),--profile $(PROFILE)) \
+	  $(if $(THEME_INSTALLER),--theme-installer $(THEME_INSTALLER))
 
 # the figure notebooks' apps in Voila on http://127.0.0.1:$(PORT)/ (Ctrl-C stops)
 live: $(STAMP)

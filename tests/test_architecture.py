@@ -48,6 +48,7 @@ ORDER = (
     "hrtem_book.book.pages",
     "hrtem_book.book.processes",
     "hrtem_book.book.check",
+    "hrtem_book.book.browser",
     "hrtem_book.book.notebooks",
     "hrtem_book.book.build",
     "hrtem_book.book.live",

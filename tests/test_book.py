@@ -8,6 +8,7 @@ synthetic databases (``testing.synthetic_database``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import sys
@@ -451,13 +452,47 @@ def test_every_figure_notebook_is_thin_and_labelled():
         assert all(not c.get("outputs") for c in nbformat.read(nb, 4).cells), f"{nb} has outputs"
 
 
+# this workplace's offline copy of the MyST book-theme (../shared/tools); elsewhere myst fetches it
+THEME_INSTALLER = ROOT.parent / "shared" / "tools" / "install-book-theme"
+CHROMIUM = Path(os.environ.get("HRTEM_BOOK_CHROMIUM", "/usr/bin/chromium"))
+# the chapters whose screenshots the test leaves for a reader to look at
+SCREENSHOT_CHAPTERS = ("7", "10", "11")
+
+
+def _pages_by_enumerator(site: Path) -> dict[str, str]:
+    """Chapter number → the page's URL path in the HTML site, from the built AST."""
+    out = {}
+    for path in (site / "content").glob("*.json"):
+        page = json.loads(path.read_text())
+        enumerator = page.get("frontmatter", {}).get("enumerator")
+        if enumerator:
+            out[str(enumerator)] = f"{path.stem}/"
+    return out
+
+
+def _notebook_pages(site: Path) -> dict[str, str]:
+    """Notebook file name → its page's URL path (MyST renames a slug a chapter already took)."""
+    out = {}
+    for path in (site / "content").glob("*.json"):
+        location = json.loads(path.read_text()).get("location", "")
+        if location.endswith(".ipynb"):
+            out[Path(location).name] = f"{path.stem}/"
+    return out
+
+
 @needs_myst
 @pytest.mark.slow
+@pytest.mark.browser
 def test_real_book_from_a_real_smoke_sweep(tmp_path):
     """`make book PROFILE=smoke` end to end in a copy of the book: the missing database is made
     by the real sweep (simulation, training, collect), every notebook runs under papermill
-    against it, the placeholders are rewritten, and the offline MyST build of the whole book
-    passes the AST check."""
+    against it, the placeholders are rewritten, and the real `myst build --html` of the whole
+    book (with the book-theme from ../shared/tools, or fetched) passes the AST check. Then the
+    HTML is served on loopback and read in Chromium: every figure of every page shows a loaded
+    image, and no page shows a kernel-connection box, an unexecuted expression, a citation
+    without a year, doubled parentheses or a Python repr. Screenshots of chapters 7, 10 and 11
+    are left in _build/html-check/ for a reader. `jupyter-book build --html` of the same stage
+    then passes the same reading."""
     root = tmp_path / "book"
     root.mkdir()
     for name in book.BOOK_SOURCES:
@@ -466,20 +501,56 @@ def test_real_book_from_a_real_smoke_sweep(tmp_path):
     notebooks = book.figure_notebooks(root)
     assert notebooks, "no figure notebooks"
     started = time.time() - 1.0
-    result = book.build_book(SMOKE, root, offline=True)
+    installer = THEME_INSTALLER if THEME_INSTALLER.is_file() else None
+    result = book.build_book(SMOKE, root, theme_installer=installer)
     placeholders = book.chapter_placeholders(sorted((root / "chapters").glob("*.md")))
     assert placeholders and all(p.stat().st_mtime >= started for p, _ in placeholders.values())
     assert book.missing_studies(root / "results" / "smoke") == []
-    assert result.kind == "site" and result.path.is_dir()
     assert sorted(p.name for p in result.notebooks) == sorted(p.name for p in notebooks)
-    built = {p.stem for p in (result.path / "content").glob("*.json")}
+    site = result.stage / "_build" / "site"
+    built = {p.stem for p in (site / "content").glob("*.json")}
     assert len(built) >= len(notebooks) + 1
     # numbering as the reader sees it: chapter 7 is "7", its figures "7.1", "7.2"; the abstract
-    # takes no number
-    page = json.loads((result.path / "content" / "imaging-conditions.json").read_text())
+    # and the notebook pages (an appendix) take no number
+    page = json.loads((site / "content" / "imaging-conditions.json").read_text())
     assert page["frontmatter"]["enumerator"] == "7"
     figures = [n["enumerator"] for n in book.check.walk(page["mdast"])
                if n.get("type") == "container" and n.get("kind") == "figure"]  # fmt: skip
     assert figures and all(e.startswith("7.") for e in figures), figures
-    abstract = json.loads((result.path / "content" / "index.json").read_text())
+    abstract = json.loads((site / "content" / "index.json").read_text())
     assert "enumerator" not in abstract["frontmatter"]
+    nb_pages = _notebook_pages(site)
+    assert sorted(nb_pages) == sorted(nb.name for nb in notebooks)
+    for path in nb_pages.values():
+        matter = json.loads((site / "content" / f"{path[:-1]}.json").read_text())["frontmatter"]
+        assert "enumerator" not in matter, path
+
+    if result.kind != "html":
+        pytest.skip("no HTML: neither ../shared/tools/install-book-theme nor the network")
+    if not CHROMIUM.exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: `make test` installs Debian's (apt-get install)")
+    pytest.importorskip("playwright.sync_api")
+    from hrtem_book.book.browser import read_site, site_problems
+
+    chapters = _pages_by_enumerator(site)
+    shots_dir = ROOT / "_build" / "html-check"
+    shots = {chapters[c]: shots_dir / f"chapter-{c}.png" for c in SCREENSHOT_CHAPTERS}
+    pages = read_site(result.path, CHROMIUM, screenshots=shots)
+    assert not site_problems(pages), "\n".join(site_problems(pages))
+    read = {p.path: p for p in pages}
+    # every figure the chapters declare is on its page, with its image
+    declared = sum(len(book.notebooks._FIGURE_BLOCK.findall(c.read_text()))
+                   for c in (root / "chapters").glob("*.md"))  # fmt: skip
+    shown = sum(len(read[chapters[c]].figures) for c in chapters if chapters[c] in read)
+    assert shown >= declared > 0, (shown, declared)
+    # every notebook page shows its app as an image too
+    for name, path in nb_pages.items():
+        assert read[path].images >= 1, name
+    assert all(path.is_file() and path.stat().st_size > 0 for path in shots.values())
+
+    # Jupyter Book 2 builds the same staged book with the same engine: the same pages
+    kind, html = book.build_site(result.stage, engine="jupyter-book", jobs=2, log=lambda m: None)
+    assert kind == "html"
+    again = read_site(html, CHROMIUM)
+    assert not site_problems(again), "\n".join(site_problems(again))
+    assert sorted(p.path for p in again) == sorted(read)

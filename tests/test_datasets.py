@@ -177,7 +177,8 @@ def test_cli_runs_as_a_console_command(tmp_path):
 
 
 def test_example_images_figure_and_app(cdse):
-    from hrtem_book.figures.example_images import example_images_app, example_images_figure
+    from hrtem_book.figures.example_images import example_images_figure
+    from hrtem_book.widgets import ImagesApp
 
     _, defocus, dose = cdse
     fig = example_images_figure(defocus, SMOKE.defoci_nm[0], 1, overlay=True)
@@ -186,7 +187,8 @@ def test_example_images_figure_and_app(cdse):
     assert not example_images_figure(dose, SMOKE.doses[0], 0, overlay=False).axes[0].collections
     with pytest.raises(ValueError, match="index=99"):
         example_images_figure(defocus, SMOKE.defoci_nm[0], 99)
-    app = example_images_app({"defocus": defocus, "dose": dose})
-    series, domain = app.children[0].children
-    series.value = "dose"  # switching series offers that series' domains
-    assert list(domain.options) == list(SMOKE.doses)
+    app = ImagesApp({"defocus": defocus, "dose": dose})
+    first = app.png
+    app.series.value = "dose"  # switching series offers that series' domains and redraws
+    assert list(app.domain.options) == list(SMOKE.doses)
+    assert app.png != first and "image/png" in app._repr_mimebundle_()

@@ -121,6 +121,25 @@ def test_colour_range_reaches_the_figure(defocus):
     assert app.figure.axes[0].images[0].get_clim() == pytest.approx((0.2, 0.3))
 
 
+def test_colour_range_shows_the_drawn_colour_bar_until_the_reader_sets_it(defocus):
+    """The slider spans the metric's values; its readout is what the colour bar shows."""
+
+    def drawn(app):
+        clims = [im.get_clim() for ax in app.figure.axes for im in ax.images]
+        return min(c[0] for c in clims), max(c[1] for c in clims)
+
+    app = figure_app(imaging_conditions, defocus, colour_scale=True)
+    assert tuple(app.vlim.value) == pytest.approx(drawn(app))
+    assert "vlim" not in app.kwargs()
+    app.filters["freeze"].value = ("encoder",)
+    assert tuple(app.vlim.value) == pytest.approx(drawn(app))
+    app.vlim.value = (0.2, 0.3)  # the reader's choice sticks through other changes
+    app.reduction.value = "max"
+    assert drawn(app) == pytest.approx((0.2, 0.3)) and app.kwargs()["vlim"] == (0.2, 0.3)
+    app.metric.value = "dice"  # a new metric: back to the colour bar
+    assert tuple(app.vlim.value) == pytest.approx(drawn(app)) and "vlim" not in app.kwargs()
+
+
 def test_empty_filter_keeps_the_last_figure(defocus):
     app = figure_app(imaging_conditions, defocus)
     fig = app.figure
@@ -165,10 +184,11 @@ def test_placeholder_reuses_the_figure_drawn_on_start(defocus, tmp_path):
 def test_option_labels_are_short_and_distinct():
     from hrtem_book.figures._common import format_value
 
-    assert [format_value(v) for v in (1e-3, 2.5e-4, 1e-4, -10.0, 0.0, 64, "encoder")] == [
-        "1e-3",
-        "2.5e-4",
-        "1e-4",
+    assert [format_value(v) for v in (1e-3, 2.5e-4, 1e-4, 3e-3, -10.0, 0.0, 64, "encoder")] == [
+        "10⁻³",
+        "2.5×10⁻⁴",
+        "10⁻⁴",
+        "3×10⁻³",
         "-10",
         "0",
         "64",
@@ -227,3 +247,23 @@ def test_series_app_seed_filter_and_reduction_redraw(companion):
     fig = app.figure
     app.series.value = ()  # nothing selected: the last figure stays
     assert app.figure is fig
+
+
+def test_an_app_displays_as_the_widget_and_as_its_current_image(defocus):
+    """One output, two representations: a kernel-backed front end renders the widget view, a
+    static page (the MyST HTML book without a kernel) the image of the current figure; its
+    plain text is no Python repr."""
+    import base64
+
+    app = figure_app(imaging_conditions, defocus)
+    bundle = app._repr_mimebundle_()
+    view = bundle["application/vnd.jupyter.widget-view+json"]
+    assert view["model_id"] == app.widget.model_id
+    assert base64.b64decode(bundle["image/png"]) == app.png
+    assert bundle["text/html"].startswith('<img src="data:image/png;base64,')
+    assert bundle["image/png"] in bundle["text/html"]
+    assert "imaging conditions" in bundle["text/html"]  # the alternative text
+    assert "VBox(" not in bundle["text/plain"] and "object at" not in bundle["text/plain"]
+    # the image follows the controls
+    app.reduction.value = "max"
+    assert base64.b64decode(app._repr_mimebundle_()["image/png"]) == app.png

@@ -556,11 +556,11 @@ def not_scale_invariant(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> 
         return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
     smallest = min(g["gaps"], key=g["gaps"].get)
     verdict = HOLDS if all(v > 2 * g["seed_sd"] for v in g["gaps"].values()) else FAILS
-    pairs = ", ".join(f"{a:g} → {b:g} Å: {v:+.3f}" for (a, b), v in g["gaps"].items())
+    pairs = ", ".join(f"{a:g} → {b:g} Å/px: {v:+.3f}" for (a, b), v in g["gaps"].items())
     summary = (
         f"Gaps to the in-domain ideal ({METRIC_NAMES[metric]} scale) by training → test pixel "
         f"size: {pairs}; the smallest is {g['gaps'][smallest]:+.3f} "
-        f"({smallest[0]:g} → {smallest[1]:g} Å), against twice the seed standard deviation, "
+        f"({smallest[0]:g} → {smallest[1]:g} Å/px), against twice the seed standard deviation, "
         f"{2 * g['seed_sd']:.3f}."
     )
     return Finding(key, title, claim, rule, verdict, summary, g, metric)

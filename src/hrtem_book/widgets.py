@@ -14,6 +14,8 @@ control redraws the figure in place: the figure is rendered to PNG and re-displa
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -97,7 +99,65 @@ def _write_placeholder(
     return path
 
 
-class FigureApp:
+def _select_layout(options: Sequence[tuple[str, Any]]) -> W.Layout:
+    """A multi-select wide enough to read its longest option (an HBox shrinks "auto" widths to
+    a sliver), in a layout whose rows wrap instead of overflowing."""
+    longest = max((len(label) for label, _ in options), default=4)
+    return W.Layout(width="auto", min_width=f"{max(8, longest + 4)}ch", flex="0 0 auto")
+
+
+def _describe(fn: Callable) -> str:
+    """``"figure: imaging conditions"`` for a figure function named ``imaging_conditions``."""
+    return "figure: " + getattr(fn, "__name__", "figure").strip("_").replace("_", " ")
+
+
+class _App:
+    """What every app shares: an ``output`` the figure is drawn into, the latest ``figure`` and
+    its ``png``, and a display that works with and without a kernel.
+
+    Displayed, an app is one output of two representations: the live widget (a Jupyter front
+    end with a kernel — JupyterLab, Voilà, a book page whose kernel is connected — renders it)
+    and the current figure as an image (``text/html`` with the PNG inline, and ``image/png``),
+    which a static page shows instead: a MyST HTML book without a kernel drops the widget view
+    and renders the image.
+    """
+
+    widget: W.Widget
+    output: W.Output
+    figure: Figure | None = None
+    png: bytes | None = None
+    description = "figure"  # the image's alternative text
+
+    def _show(self, fig: Figure) -> None:
+        """Keep ``fig`` as the current figure and draw it into the output."""
+        self.figure = fig
+        self.png = figure_png(fig)
+        if get_ipython() is None:  # plain Python (tests, scripts): nothing to display into
+            return
+        with self.output:
+            self.output.clear_output(wait=True)
+            display(Image(data=self.png, format="png"))
+
+    def _say(self, text: str) -> None:
+        """Replace the figure by a line of text (a selection that leaves nothing to draw)."""
+        with self.output:
+            self.output.clear_output(wait=True)
+            print(text)
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        bundle = dict(self.widget._repr_mimebundle_())
+        bundle["text/plain"] = f"Interactive {self.description} (needs a running kernel)"
+        if self.png is not None:
+            data = base64.b64encode(self.png).decode("ascii")
+            alt = html.escape(self.description, quote=True)
+            bundle["image/png"] = data
+            bundle["text/html"] = (
+                f'<img src="data:image/png;base64,{data}" alt="{alt}" style="max-width:100%">'
+            )
+        return bundle
+
+
+class FigureApp(_App):
     """A figure function bound to a Dataset, with controls generated from its coordinates.
 
     ``filters`` names the grid axes that get a multi-select (default: every grid axis; each is
@@ -130,13 +190,13 @@ class FigureApp:
         for m in metrics:
             var_of(m)  # a clear error for an unknown metric
         self.figure_fn = figure_fn
+        self.description = _describe(figure_fn)
         self.ds = ds
         initial = dict(initial or {})
         options = axis_options(ds, filters)
         unknown = [a for a in initial if a not in options]
         if unknown:
             raise ValueError(f"initial selection names {unknown}; allowed axes: {list(options)}")
-        layout = W.Layout(width="auto")
         style = {"description_width": "initial"}
         self.filters: dict[str, W.SelectMultiple] = {}
         for axis, opts in options.items():
@@ -150,8 +210,10 @@ class FigureApp:
                 value=chosen,
                 rows=min(len(opts), 6),
                 description=axis_label(ds, axis),
-                layout=layout,
+                description_allow_html=False,
+                layout=_select_layout(opts),
                 style=style,
+                tooltip="Ctrl- or Shift-click selects several values",
             )
         self.reduction = W.Dropdown(
             options=list(REDUCTIONS), value=reduction, description="Reduction mode", style=style
@@ -179,6 +241,7 @@ class FigureApp:
                 layout=W.Layout(width="28em"),
             )
         self._full_vlim = None if self.vlim is None else self.vlim.value
+        self._user_vlim = False  # True once the reader moved the colour range
         self.default_kwargs = self.kwargs()  # what the static placeholder shows
         self.output = W.Output()
         self.figure: Figure | None = None
@@ -186,9 +249,11 @@ class FigureApp:
         for control in self.controls:
             control.observe(self._on_change, names="value")
         head = [self.reduction] + [w for w in (self.metric, self.vlim) if w is not None]
+        wrap = W.Layout(flex_flow="row wrap", align_items="flex-start")
         self.widget = W.VBox(
-            [W.HBox(head), W.HBox(list(self.filters.values())), self.output],
-        )
+            [W.HBox(head, layout=wrap), W.HBox(list(self.filters.values()), layout=wrap),
+             self.output],
+        )  # fmt: skip
         self.redraw()
 
     @property
@@ -221,28 +286,39 @@ class FigureApp:
     def redraw(self) -> None:
         """Re-render and replace the figure shown in the Output widget."""
         if any(len(w.value) == 0 for w in self.filters.values()):
-            with self.output:
-                self.output.clear_output(wait=True)
-                print("Select at least one value of every filter.")
+            self._say("Select at least one value of every filter.")
             return
         try:
             fig = self.render()
         except ValueError as exc:  # e.g. a selection that leaves nothing to plot
-            with self.output:
-                self.output.clear_output(wait=True)
-                print(f"Nothing to show: {exc}")
+            self._say(f"Nothing to show: {exc}")
             return
-        self.figure = fig
-        self.png = figure_png(fig)
-        if get_ipython() is None:  # plain Python (tests, scripts): nothing to display into
+        self._follow_colour_bar(fig)
+        self._show(fig)
+
+    def _follow_colour_bar(self, fig: Figure) -> None:
+        """Until the reader sets it, the Colour range shows the limits the figure's colour bar
+        was drawn with (the figure picks them from the cells it shows), not the data's range."""
+        clims = [im.get_clim() for ax in fig.axes for im in ax.images]
+        if self.vlim is None or self._user_vlim or not clims:
             return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=self.png, format="png"))
+        s = self.vlim
+        lo = max(s.min, min(c[0] for c in clims))
+        hi = min(s.max, max(c[1] for c in clims))
+        if not lo < hi:
+            return
+        self._resetting = True
+        try:
+            s.value = (lo, hi)
+        finally:
+            self._resetting = False
+        self._full_vlim = tuple(s.value)
 
     def _on_change(self, change) -> None:
         if getattr(self, "_resetting", False):
             return
+        if self.vlim is not None and change.get("owner") is self.vlim:
+            self._user_vlim = True
         if self.metric is not None and change.get("owner") is self.metric:
             self._reset_colour_range()
         self.redraw()
@@ -261,6 +337,7 @@ class FigureApp:
         finally:
             self._resetting = False
         self._full_vlim = (lo, hi)
+        self._user_vlim = False
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Write the placeholder PNG of the figure at the app's initial settings."""
@@ -271,11 +348,8 @@ class FigureApp:
         reduction = self.default_kwargs["reduce"]
         return save_placeholder(fig, path, reduction=reduction, **metadata)
 
-    def _ipython_display_(self) -> None:
-        display(self.widget)
 
-
-class SeriesApp:
+class SeriesApp(_App):
     """A figure drawn from several databases, one per dataset series (the companion study's
     matrices): ``fn(dbs, *, series, select, reduce, metric) -> Figure``.
 
@@ -302,12 +376,14 @@ class SeriesApp:
         for m in metrics:
             var_of(m)
         self.figure_fn = figure_fn
+        self.description = _describe(figure_fn)
         self.dbs = dict(dbs)
         style = {"description_width": "initial"}
         names = list(self.dbs)
         self.series = W.SelectMultiple(
             options=names, value=tuple(names), rows=min(len(names), 6), description="Series",
-            style=style,
+            style=style, layout=_select_layout([(n, n) for n in names]),
+            tooltip="Ctrl- or Shift-click selects several values",
         )  # fmt: skip
         seeds = sorted({_plain(v) for ds in self.dbs.values() for v in ds["seed"].values})
         self.filters = {
@@ -317,6 +393,8 @@ class SeriesApp:
                 rows=min(len(seeds), 6),
                 description=AXIS_LABELS["seed"],
                 style=style,
+                layout=_select_layout([(format_value(v), v) for v in seeds]),
+                tooltip="Ctrl- or Shift-click selects several values",
             )
         }
         self.reduction = W.Dropdown(
@@ -357,24 +435,14 @@ class SeriesApp:
 
     def redraw(self) -> None:
         if not self.series.value or not self.filters["seed"].value:
-            with self.output:
-                self.output.clear_output(wait=True)
-                print("Select at least one series and one seed.")
+            self._say("Select at least one series and one seed.")
             return
         try:
             fig = self.figure_fn(self.dbs, **self.kwargs())
         except ValueError as exc:
-            with self.output:
-                self.output.clear_output(wait=True)
-                print(f"Nothing to show: {exc}")
+            self._say(f"Nothing to show: {exc}")
             return
-        self.figure = fig
-        self.png = figure_png(fig)
-        if get_ipython() is None:
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=self.png, format="png"))
+        self._show(fig)
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Write the placeholder PNG of the figure at the app's initial settings."""
@@ -384,11 +452,8 @@ class SeriesApp:
             fig = self.figure_fn(self.dbs, **self.default_kwargs)
         return save_placeholder(fig, path, reduction=self.default_kwargs["reduce"], **metadata)
 
-    def _ipython_display_(self) -> None:
-        display(self.widget)
 
-
-class ChoiceApp:
+class ChoiceApp(_App):
     """A figure that depends on one named choice (e.g. a profile's model), with a Dropdown.
 
     For figures drawn from something other than a results database, such as the architecture
@@ -409,6 +474,7 @@ class ChoiceApp:
         if value not in options:
             raise ValueError(f"value={value!r}; allowed: {', '.join(options)}")
         self.fn = fn
+        self.description = _describe(fn)
         self.options = dict(options)
         self.default = value
         self.choice = W.Dropdown(options=list(options), value=value, description=description)
@@ -420,13 +486,7 @@ class ChoiceApp:
         self.redraw()
 
     def redraw(self) -> None:
-        self.figure = self.fn(self.options[self.choice.value])
-        self.png = figure_png(self.figure)
-        if get_ipython() is None:
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=self.png, format="png"))
+        self._show(self.fn(self.options[self.choice.value]))
 
     def save_placeholder(self, path: str | Path, **metadata: str) -> Path:
         """Placeholder of the default choice; ``reduction`` is "none": no results are reduced."""
@@ -437,8 +497,50 @@ class ChoiceApp:
         head = {"reduction": "none", "choice": self.default}
         return _write_placeholder(fig, path, head, metadata)
 
-    def _ipython_display_(self) -> None:
-        display(self.widget)
+
+class ImagesApp(_App):
+    """Example images of the simulated series: a ``series`` and a ``domain`` dropdown, an
+    ``index`` slider (the image) and an ``overlay`` checkbox (the label's outline), drawn with
+    :func:`hrtem_book.figures.example_images.example_images_figure`."""
+
+    def __init__(self, series: Mapping[str, xr.Dataset]) -> None:
+        from .figures.example_images import example_images_figure
+
+        if not series:
+            raise ValueError("no series: an ImagesApp needs at least one")
+        self.fn = example_images_figure
+        self.description = _describe(example_images_figure)
+        self.data = dict(series)
+        first = next(iter(self.data.values()))
+        self.series = W.Dropdown(options=list(self.data), description="series")
+        self.domain = W.Dropdown(options=self._domains(first), description="domain")
+        n = int((first["split"].values == "train").sum() // len(self._domains(first)))
+        self.index = W.IntSlider(value=0, min=0, max=max(n - 1, 0), description="image")
+        self.overlay = W.Checkbox(value=True, description="mask overlay")
+        self.output = W.Output()
+        self.figure = None
+        self.png = None
+        self.series.observe(self._new_series, "value")
+        for control in (self.domain, self.index, self.overlay):
+            control.observe(lambda change: self.redraw(), "value")
+        self.widget = W.VBox(
+            [W.HBox([self.series, self.domain]), W.HBox([self.index, self.overlay]), self.output]
+        )
+        self.redraw()
+
+    @staticmethod
+    def _domains(ds: xr.Dataset) -> list:
+        return list(dict.fromkeys(ds["domain"].values.tolist()))
+
+    def _new_series(self, change) -> None:
+        ds = self.data[self.series.value]
+        with self.domain.hold_trait_notifications():
+            self.domain.options = self._domains(ds)
+        self.redraw()
+
+    def redraw(self) -> None:
+        ds = self.data[self.series.value]
+        self._show(self.fn(ds, self.domain.value, self.index.value, self.overlay.value))
 
 
 # the name the notebooks call; FigureApp's constructor is the whole factory

@@ -26,6 +26,7 @@ from ..results import REDUCTIONS
 from .build import (
     BOOK_SOURCES,
     DEFAULT_PROFILE,
+    ENGINES,
     SHIPPED_PROFILE,
     BuildResult,
     build_book,
@@ -81,7 +82,7 @@ def _cli_book(args: argparse.Namespace) -> int:
     root = Path(args.root).resolve()
     profile = get_profile(args.profile or default_profile(root))
     if args.check_only:
-        site = myst_build_dir(Layout(root, profile.name).book_stage) / "site"
+        site = myst_build_dir(Layout.of(root, profile).book_stage) / "site"
         if not (site / "content").is_dir():
             raise FileNotFoundError(
                 f"no built site in {site}; build it first with `hrtem-book book --profile "
@@ -102,6 +103,8 @@ def _cli_book(args: argparse.Namespace) -> int:
             results_dir=args.results_dir,
             reduction=args.reduction,
             offline=offline,
+            theme_installer=args.theme_installer,
+            engine=args.engine,
         )
     except BookCheckError as exc:
         print(f"hrtem-book book: FAILED: {exc}", file=sys.stderr)
@@ -110,7 +113,7 @@ def _cli_book(args: argparse.Namespace) -> int:
     if result.kind == "site":
         print(
             "book: for the HTML book run `make book` on a machine with network access "
-            "(it needs the book-theme from api.mystmd.org)"
+            "(it needs the book-theme from api.mystmd.org), or give --theme-installer"
         )
     return 0
 
@@ -139,6 +142,17 @@ def register_cli(subparsers) -> None:
         default="auto",
         choices=("auto", "yes", "no"),
         help="auto: HTML with the book-theme, the offline site if it cannot be fetched",
+    )
+    p.add_argument(
+        "--theme-installer",
+        help="a script that puts the MyST book-theme into a book folder (`SCRIPT BOOK_DIR`), for "
+        "the HTML build without network (make book passes ../shared/tools/install-book-theme)",
+    )
+    p.add_argument(
+        "--engine",
+        default="myst",
+        choices=ENGINES,
+        help="the tool that builds the HTML: mystmd (myst) or Jupyter Book 2 (jupyter-book)",
     )
     p.add_argument("--check-only", action="store_true", help="only check the last built site")
     p.set_defaults(func=_cli_book)

@@ -90,7 +90,7 @@ def missing_studies(results_dir: str | Path) -> list[str]:
 
 def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) -> Path:
     """``results/<profile>/``, running the sweep (resumably) and collecting it where incomplete."""
-    layout = Layout(root, profile.name)
+    layout = Layout.of(root, profile)
     results_dir = layout.results_dir
     for study in STUDY_NAMES:
         path = layout.database_path(study)
@@ -165,15 +165,28 @@ def mark_executed(src: Path, dst: Path) -> None:
     """Copy notebook ``src`` to ``dst``; a papermill output is marked for MyST as executed (page
     frontmatter ``execute: {skip: true}``, read from the notebook metadata), so that
     ``myst --execute`` keeps its outputs instead of running it a second time (about 20 s of the
-    laptop build). Any other notebook is copied as it is and executed by MyST, as the chapters
+    laptop build), as an unnumbered appendix page that shows papermill's injected parameters
+    cell only. Any other notebook is copied as it is and executed by MyST, as the chapters
     are."""
     nb = json.loads(src.read_text())
     if "papermill" not in nb.get("metadata", {}):
         shutil.copy2(src, dst)
         return
     nb["metadata"]["execute"] = {"skip": True}
+    # an appendix page: no chapter number, no section numbers
+    nb["metadata"]["numbering"] = {"title": False, "headings": False}
+    # the reader sees the parameters the figure was drawn with (papermill's injected cell), not
+    # also the defaults they replaced
+    injected = any("injected-parameters" in _tags(c) for c in nb.get("cells", []))
+    for cell in nb.get("cells", []):
+        if injected and "parameters" in _tags(cell):
+            cell.setdefault("metadata", {}).setdefault("tags", []).append("remove-cell")
     dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     shutil.copystat(src, dst)
+
+
+def _tags(cell: dict) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
 
 
 def link_shared(root: Path, stage: Path) -> None:
@@ -185,18 +198,29 @@ def link_shared(root: Path, stage: Path) -> None:
             link.symlink_to((root / name).resolve(), target_is_directory=True)
 
 
-def myst_executable() -> str:
-    local = Path(sys.executable).parent / "myst"
-    found = str(local) if local.exists() else shutil.which("myst")
+# the command line tools that build the book: mystmd itself, or Jupyter Book 2, which drives the
+# same MyST engine and reads the same myst.yml
+ENGINES = ("myst", "jupyter-book")
+
+
+def myst_executable(engine: str = "myst") -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; allowed: {', '.join(ENGINES)}")
+    local = Path(sys.executable).parent / engine
+    found = str(local) if local.exists() else shutil.which(engine)
     if not found:
-        raise FileNotFoundError("the `myst` command is missing; install the book extra: make setup")
+        raise FileNotFoundError(
+            f"the `{engine}` command is missing; install the book extra: make setup"
+        )
     return found
 
 
-def run_myst(args: list[str], cwd: Path, env: dict, log: Log = print) -> tuple[int, str]:
-    """Run ``myst <args>`` in ``cwd``; return its exit status and output (also logged)."""
+def run_myst(
+    args: list[str], cwd: Path, env: dict, log: Log = print, engine: str = "myst"
+) -> tuple[int, str]:
+    """Run ``<engine> <args>`` in ``cwd``; return its exit status and output (also logged)."""
     proc = subprocess.run(
-        [myst_executable(), *args],
+        [myst_executable(engine), *args],
         cwd=cwd,
         env={**os.environ, **env},
         stdout=subprocess.PIPE,
@@ -214,11 +238,35 @@ def run_myst(args: list[str], cwd: Path, env: dict, log: Log = print) -> tuple[i
             repeats += 1
             continue
         if repeats:
-            log(f"  myst: (previous line repeated {repeats} more times)")
+            log(f"  {engine}: (previous line repeated {repeats} more times)")
             repeats = 0
         lines.append(line)
-        log(f"  myst: {line}")
+        log(f"  {engine}: {line}")
     return proc.returncode, "\n".join(lines)
+
+
+# where `myst build --html` finds the book-theme without downloading it (inside the book folder)
+THEME_DIR = Path("_build", "templates", "site", "myst", "book-theme")
+
+
+def install_theme(stage: Path, installer: str | Path | None, log: Log = print) -> bool:
+    """Give the staged book its book-theme with ``installer`` (``installer BOOK_DIR``, e.g.
+    ``../shared/tools/install-book-theme``) unless it has one; whether it has one afterwards."""
+    if (stage / THEME_DIR / "template.yml").is_file():
+        return True
+    if installer is None:
+        return False
+    installer = Path(installer)
+    if not installer.is_file():
+        raise FileNotFoundError(f"--theme-installer {installer}: no such file")
+    proc = subprocess.run(
+        [str(installer.resolve()), str(stage)], capture_output=True, text=True, check=False
+    )
+    if proc.returncode or not (stage / THEME_DIR / "template.yml").is_file():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no theme written"]
+        raise BookCheckError([f"theme installer {installer} failed: {tail[0]}"], str(stage))
+    log(f"book: book-theme installed by {installer}")
+    return True
 
 
 def theme_unavailable(returncode: int, output: str) -> bool:
@@ -227,20 +275,26 @@ def theme_unavailable(returncode: int, output: str) -> bool:
 
 
 def build_site(
-    stage: Path, *, offline: bool | None = None, jobs: int = 1, log: Log = print
+    stage: Path,
+    *,
+    offline: bool | None = None,
+    jobs: int = 1,
+    engine: str = "myst",
+    log: Log = print,
 ) -> tuple[str, Path]:
-    """Build the staged book: HTML with the book-theme, else (offline) the checked AST site."""
+    """Build the staged book: HTML with the book-theme (``engine``: ``myst`` or
+    ``jupyter-book``), else (offline) the checked AST site."""
     runtime = myst_build_dir(stage) / "logs"
     with jupyter_server(stage, runtime / "jupyter-server.log") as env:
         if offline is not True:
             args = ["build", "--html", "--execute", f"--execute-parallel={jobs}", "--strict"]
-            log("book: myst " + " ".join(args))
-            rc, output = run_myst(args, stage, env, log)
+            log(f"book: {engine} " + " ".join(args))
+            rc, output = run_myst(args, stage, env, log, engine)
             if rc == 0:
                 check_site(myst_build_dir(stage) / "site", stage / "chapters", output)
                 return "html", myst_build_dir(stage) / "html"
             if offline is False or not theme_unavailable(rc, output):
-                raise BookCheckError([f"myst build --html failed with status {rc}"], str(stage))
+                raise BookCheckError([f"{engine} build --html failed with status {rc}"], str(stage))
             log("book: the book-theme cannot be fetched (offline?): building the offline site")
         args = ["--config", OFFLINE_CONFIG, "build", "--site", "--execute", "--strict"]
         args.append(f"--execute-parallel={jobs}")
@@ -266,6 +320,8 @@ def build_book(
     offline: bool | None = None,
     jobs: int | None = None,
     parameters: dict | None = None,
+    theme_installer: str | Path | None = None,
+    engine: str = "myst",
     log: Log = print,
 ) -> BuildResult:
     """Database → papermill → staged MyST build → AST check (see the module docstring).
@@ -274,11 +330,15 @@ def build_book(
     completed by the sweep where a study is missing. ``offline``: None tries HTML first.
     ``jobs``: notebooks executed at once (default: the CPU count, at most 4). ``parameters``:
     more notebook parameters (e.g. ``project_root``), given to the notebooks that declare them.
+    ``theme_installer``: a script that installs the book-theme into the staged book (the HTML
+    build then needs no network). ``engine``: ``myst`` (mystmd) or ``jupyter-book`` (Jupyter
+    Book 2, the same MyST engine) builds the HTML.
     """
     jobs = jobs or min(4, os.cpu_count() or 1)
     check_reduction(reduction, name="reduction")
+    myst_executable(engine)  # a bad engine or a missing tool: before any work
     root = Path(root).resolve()
-    layout = Layout(root, profile.name)
+    layout = Layout.of(root, profile)
     notebooks = figure_notebooks(root)
     if not notebooks:
         raise FileNotFoundError(f"no figure notebooks in {root / 'notebooks'}")
@@ -301,5 +361,7 @@ def build_book(
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")
     stage_book(root, stage, executed, values)
-    kind, path = build_site(stage, offline=offline, jobs=jobs, log=log)
+    if offline is not True:
+        install_theme(stage, theme_installer, log)
+    kind, path = build_site(stage, offline=offline, jobs=jobs, engine=engine, log=log)
     return BuildResult(kind, path, stage, executed)

@@ -23,6 +23,7 @@ import xarray as xr
 
 from .. import findings as findings_mod
 from ..figures import plural
+from ..figures._common import format_value
 from ..figures.generalization import ood_numbers
 from ..figures.hyperparameters import cost_by_freeze, grouped_losses
 from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, study_counts
@@ -60,6 +61,9 @@ def pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:.0f} %"
 
 
+VERDICT_ORDER = (findings_mod.HOLDS, findings_mod.FAILS, findings_mod.UNMEASURABLE)
+
+
 def verdict_sentence(f: findings_mod.Finding) -> str:
     """The finding's numbers and its verdict, as one passage of prose."""
     if f.verdict == findings_mod.UNMEASURABLE:
@@ -77,26 +81,46 @@ def overview(results_dir: str | Path, profile: str) -> Numbers:
     dbs = databases(results_dir)
     counts = {s: study_counts(ds) for s, ds in dbs.items()}
     total = sum(c["runs"] for c in counts.values())
-    found = findings_mod.evaluate(dbs)
-    tally = {v: sum(f.verdict == v for f in found.values()) for v in findings_mod.VERDICTS}
+    found = _findings(dbs)
+    n = len(found["loss"])
+
+    def tally(metric: str) -> str:
+        count = {v: sum(f.verdict == v for f in found[metric].values()) for v in VERDICT_ORDER}
+        parts = [f"{count[findings_mod.HOLDS]} hold", f"{count[findings_mod.FAILS]} do not"]
+        if count[findings_mod.UNMEASURABLE]:
+            parts.append(f"{count[findings_mod.UNMEASURABLE]} cannot be tested on its grid")
+        return f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+    first = next(iter(dbs.values()), None)
     return Numbers(
         profile=profile,
+        compute=compute_sentence(dbs),
         total=f"{total:,}",
         per_study=", ".join(f"{s}: {c['runs']:,}" for s, c in counts.items()),
-        n_findings=str(len(found)),
-        held=str(tally[findings_mod.HOLDS]),
-        failed=str(tally[findings_mod.FAILS]),
-        untested=str(tally[findings_mod.UNMEASURABLE]),
+        n_findings=str(n),
+        n_pretrain=str(first.attrs.get("n_pretrain", "?")) if first is not None else "?",
         tally=(
-            f"{tally[findings_mod.HOLDS]} of the {len(found)} findings of the study and its "
-            f"companion hold in this build, {tally[findings_mod.FAILS]} do not"
-            + (
-                f" and {tally[findings_mod.UNMEASURABLE]} cannot be tested on its grid"
-                if tally[findings_mod.UNMEASURABLE]
-                else ""
-            )
+            f"of the {n} findings of the study and its companion, {tally('loss')} under the "
+            f"loss; under the Dice score {tally('dice')}"
         ),
     )
+
+
+def compute_sentence(dbs: dict[str, xr.Dataset]) -> str:
+    """How the databases' models computed: ``"in fp32 on cpu (AVX2), torch 2.13.0+cpu"``."""
+    precisions, machines = set(), set()
+    for ds in dbs.values():
+        precisions |= {str(v) for k, v in ds.attrs.items() if k.endswith("_precision")}
+        machines |= {m for m in str(ds.attrs.get("trained_on", "unrecorded")).split("; ") if m}
+    machines.discard("unrecorded")
+    where = "; ".join(sorted(machines)) or "machines that were not recorded"
+    return f"in {' and '.join(sorted(precisions)) or 'unrecorded precision'} on {where}"
+
+
+def reading(results_dir: str | Path) -> Numbers:
+    """Chapter 5: examples taken from the database (its largest transfer set)."""
+    ds = databases(results_dir)["defocus"]
+    return Numbers(largest_n=str(int(ds["n_transfer"].values.max())))
 
 
 def study_table(results_dir: str | Path):
@@ -238,9 +262,13 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
     found = _findings(dbs)
     cost = cost_by_freeze(ds, reduce=reduction)
     full = cost["none"]
+
+    def fewer(c: dict) -> str:
+        share = 1 - c["trainable_params"] / full["trainable_params"]
+        return f" ({100 * share:.0f} % fewer than with nothing frozen)" if share > 0 else ""
+
     cost_text = "; ".join(
-        f"freezing {o}: {c['trainable_params'] / 1e6:.3f} M trainable parameters "
-        f"({100 * (1 - c['trainable_params'] / full['trainable_params']):.0f} % fewer than none), "
+        f"freezing {o}: {c['trainable_params'] / 1e6:.3f} M trainable parameters{fewer(c)}, "
         f"{1e3 * c['time_per_image_s']:.2f} ms per image and epoch"
         for o, c in cost.items()
     )
@@ -249,6 +277,19 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
                      ("lr", ["pretrain_lr", "transfer_lr"])):  # fmt: skip
         setattr(out, f"{name}_loss", _grouped(ds, by, reduction, "loss"))
         setattr(out, f"{name}_dice", _grouped(ds, by, reduction, "dice"))
+    pairs = [
+        f"{format_value(float(a))} / {format_value(float(b))}"
+        for a in ds["pretrain_lr"].values
+        for b in ds["transfer_lr"].values
+    ]
+    out.lr_design = (
+        f"This build trained a single pair, {pairs[0]}: no finding reads the learning rates, "
+        "and this profile keeps one pair to stay within its time budget (the gpu "
+        "profile runs the study's four), so the figure compares that pair with no transfer, "
+        "not rates with each other."
+        if len(pairs) == 1
+        else f"This build trained {len(pairs)} pairs: {', '.join(pairs)}."
+    )
     out.f3 = verdict_sentence(found["loss"]["F3"])
     out.f4 = verdict_sentence(found["loss"]["F4"])
     out.f3_dice = found["dice"]["F3"].verdict
@@ -259,7 +300,7 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
 def _heatmap_text(n: dict[str, Any], unit: str, what: str) -> str:
     fmt = (lambda v: f"{v:g} {unit}".strip()) if unit else str  # noqa: E731
     return (
-        f"Averaged over the off-diagonal cells of the maps, the target-domain {what} is "
+        f"the target-domain {what}, averaged over the off-diagonal cells of the maps, is "
         f"{f3(n['before'])} after pretraining and {f3(n['after'])} after transfer; transfer "
         f"improves {pct(n['improved'])} of the (pretraining, target) pairs. The worst pair before "
         f"transfer is {fmt(n['worst_pair'][0])} → {fmt(n['worst_pair'][1])}; after transfer, "
@@ -283,9 +324,9 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
         heat_dice=_heatmap_text(nd, "nm", "Dice"),
         mixtures=plural(b["runs"], "finished mixture"),
         baseline=(
-            f"Over {b['comparisons']} (pair, mixture) comparisons of the {reduction} loss on "
-            f"domain b, the mixture does better than transfer {b['mixture_wins']} times; the "
-            f"median difference mixture − transfer is {b['median_gap']:+.3f}"
+            f"Over {plural(b['comparisons'], '(pair, mixture) comparison')} of the {reduction} "
+            f"loss on domain b, the mixture does better than transfer in {b['mixture_wins']}; "
+            f"the median difference mixture − transfer is {b['median_gap']:+.3f}"
         ),
         F=found["loss"],
         Fd=found["dice"],
@@ -346,10 +387,9 @@ def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
 
 def _deviation_text(name: str, n: dict, unit: str) -> str:
     a, b = n["worst_pair"]
-    fmt = (lambda v: f"{v:g} {unit}".strip()) if isinstance(a, float) else str  # noqa: E731
+    pair = f"{a:g} → {b:g} {unit}".strip() if isinstance(a, float) else f"{a} → {b}"
     return (
-        f"{name}: {n['mean_deviation']:+.3f} on average, worst {fmt(a)} → {fmt(b)} "
-        f"({n['worst_deviation']:+.3f})"
+        f"{name}: {n['mean_deviation']:+.3f} on average, worst {pair} ({n['worst_deviation']:+.3f})"
     )
 
 

@@ -100,13 +100,19 @@ def selected(ds: xr.Dataset, var: str, select: Mapping[str, list]) -> xr.DataArr
     return query(ds, var, select, reduce=None)
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
 def format_value(value: Any) -> str:
-    """A short label for a coordinate value (learning rates in e-notation, floats trimmed)."""
+    """A short label for a coordinate value: small and large numbers (learning rates) as powers
+    of ten as the text writes them (10⁻³, 2.5×10⁻⁴), other floats trimmed."""
     if isinstance(value, float | np.floating):
         value = float(value)
         if value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
-            mantissa, exponent = f"{value:.6e}".split("e")  # 2.5e-4, 1e-3: no digits lost
-            return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+            mantissa, exponent = f"{value:.6e}".split("e")  # no digits lost
+            mantissa = mantissa.rstrip("0").rstrip(".")
+            power = "10" + str(int(exponent)).translate(_SUPERSCRIPT)
+            return power if mantissa == "1" else f"{mantissa}×{power}"
         return f"{value:g}"
     return str(value)
 

@@ -1,17 +1,14 @@
 """Example images of the simulated series (appendix figure ``app:example-images``).
 
 ``example_images_figure(ds, domain, index, overlay)`` draws one image of a dataset series (as
-written by :mod:`hrtem_book.datasets`) beside its label; ``example_images_app(series)`` wraps it
-in ipywidgets controls (series, domain value, image, mask overlay on/off).
+written by :mod:`hrtem_book.datasets`) beside its label; :class:`hrtem_book.widgets.ImagesApp`
+wraps it in ipywidgets controls (series, domain value, image, mask overlay on/off).
 
     ds = datasets.load_series("defocus", get_profile("smoke").data, "data/smoke")
     example_images_figure(ds, -10.0, 0, overlay=True)
 """
 
 from __future__ import annotations
-
-import io
-from collections.abc import Mapping
 
 import xarray as xr
 from matplotlib.figure import Figure
@@ -57,43 +54,3 @@ def example_images_figure(
         ax.set_xlabel("x [nm]")
     ax_img.set_ylabel("y [nm]")
     return fig
-
-
-def example_images_app(series: Mapping[str, xr.Dataset]):
-    """ipywidgets app: dropdowns for series, domain and image index, a mask-overlay toggle."""
-    import ipywidgets as W
-    from IPython.display import Image, display
-
-    def domains_of(ds):
-        return list(dict.fromkeys(ds["domain"].values.tolist()))
-
-    first = next(iter(series.values()))
-    w_series = W.Dropdown(options=list(series), description="series")
-    w_domain = W.Dropdown(options=domains_of(first), description="domain")
-    n = int((first["split"].values == "train").sum() // len(domains_of(first)))
-    w_index = W.IntSlider(value=0, min=0, max=max(n - 1, 0), description="image")
-    w_overlay = W.Checkbox(value=True, description="mask overlay")
-    out = W.Output()
-
-    def redraw(*_):
-        fig = example_images_figure(
-            series[w_series.value], w_domain.value, w_index.value, w_overlay.value
-        )
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        with out:
-            out.clear_output(wait=True)
-            display(Image(buf.getvalue()))
-
-    def new_series(*_):
-        ds = series[w_series.value]
-        w_domain.unobserve(redraw, "value")
-        w_domain.options = domains_of(ds)
-        w_domain.observe(redraw, "value")
-        redraw()
-
-    w_series.observe(new_series, "value")
-    for w in (w_domain, w_index, w_overlay):
-        w.observe(redraw, "value")
-    redraw()
-    return W.VBox([W.HBox([w_series, w_domain]), W.HBox([w_index, w_overlay]), out])

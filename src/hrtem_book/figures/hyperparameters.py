@@ -7,6 +7,7 @@ transfer" box shows the same cells before transfer (the pretrained model on the 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,21 +77,30 @@ def loss_distributions(
     reduce: str = "median",
     metric: str = "loss",
 ) -> Figure:
-    """Box plots, every configuration a dot, of the target-domain ``metric`` grouped by ``by``."""
+    """Box plots, every configuration a dot, of the target-domain ``metric`` grouped by ``by``
+    (seaborn: a box per group, the configurations as a strip with fixed jitter)."""
+    import pandas as pd
+    import seaborn as sns
+
     groups = grouped_losses(ds, by, select=select, reduce=reduce, metric=metric)
     labels = [k for k, v in groups.items() if v.size]
     if len(labels) < 2:
         raise ValueError("the selection leaves no finished transfer run")
     fig = new_figure(1.6 + 1.25 * len(labels), 3.8)
     ax = fig.subplots()
-    data = [groups[k] for k in labels]
-    box = ax.boxplot(data, tick_labels=labels, showfliers=False, patch_artist=True)
-    for patch, label in zip(box["boxes"], labels, strict=True):
-        patch.set_facecolor("0.85" if label == "no transfer" else "C0")
-        patch.set_alpha(0.6)
-    rng = np.random.default_rng(0)  # fixed jitter: the figure is deterministic
-    for i, values in enumerate(data, start=1):
-        ax.plot(i + rng.uniform(-0.15, 0.15, values.size), values, ".", color="k", ms=3, alpha=0.5)
+    frame = pd.DataFrame(
+        [(label, float(v)) for label in labels for v in groups[label]], columns=["group", "value"]
+    )
+    palette = {label: "0.85" if label == "no transfer" else "C0" for label in labels}
+    sns.boxplot(
+        data=frame, x="group", y="value", order=labels, hue="group", hue_order=labels,
+        palette=palette, showfliers=False, boxprops={"alpha": 0.6}, legend=False, ax=ax,
+    )  # fmt: skip
+    with fixed_jitter():
+        sns.stripplot(
+            data=frame, x="group", y="value", order=labels, color="k", size=2.5, alpha=0.5,
+            jitter=0.15, ax=ax,
+        )  # fmt: skip
     ax.set_xlabel(" / ".join(axis_label(ds, a) for a in by))
     ax.set_ylabel(f"{metric_title(metric)} on the target domain")
     if len(labels) > 6:
@@ -100,6 +110,18 @@ def loss_distributions(
         "configuration"
     )
     return fig
+
+
+@contextlib.contextmanager
+def fixed_jitter(seed: int = 0):
+    """seaborn's strip jitter draws from NumPy's global generator: seed it for the duration,
+    then restore it, so that a figure is the same image every time it is drawn."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def loss_by_transfer_size(ds: xr.Dataset, **kwargs) -> Figure:
