@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hrtem_book import book, results
+from hrtem_book.book.browser import CHROMIUM_FLAGS
 from hrtem_book.book.processes import free_port, stop_process, wait_http
 from hrtem_book.profiles import get_profile
 from hrtem_book.studies import STUDY_NAMES
@@ -22,14 +23,6 @@ from hrtem_book.testing import synthetic_database
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "imaging_conditions.ipynb"
 CHROMIUM = Path(os.environ.get("HRTEM_BOOK_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_FLAGS = [
-    "--no-sandbox",  # CI containers run as root
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 FIGURE = ".widget-output img"  # widgets.FigureApp draws a PNG into an ipywidgets Output
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -85,7 +78,7 @@ def test_imaging_conditions_app_redraws_on_reduction_and_filter(voila_app, tmp_p
     playwright = pytest.importorskip("playwright.sync_api")
     requests: list[str] = []
     with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=list(CHROMIUM_FLAGS))
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1200})
             page.on("request", lambda r: requests.append(r.url))

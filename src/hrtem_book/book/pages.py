@@ -325,8 +325,10 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
         mixtures=plural(b["runs"], "finished mixture"),
         baseline=(
             f"Over {plural(b['comparisons'], '(pair, mixture) comparison')} of the {reduction} "
-            f"loss on domain b, the mixture does better than transfer in {b['mixture_wins']}; "
-            f"the median difference mixture − transfer is {b['median_gap']:+.3f}"
+            f"loss on domain b with the transfer a → b as drawn (the {reduction} over every "
+            f"transfer setting), the mixture does better in {b['mixture_wins']}; the median "
+            f"difference mixture − transfer is {b['median_gap']:+.3f} (finding F6 compares each "
+            "mixture with the transfers that saw as many target images instead)"
         ),
         F=found["loss"],
         Fd=found["dice"],
