@@ -7,6 +7,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
+# the book needs the package and its book extra; the tests add the test extra (abTEM, numba, ...)
+BOOK_STAMP := $(VENV)/.installed-book
 STAMP := $(VENV)/.installed
 # torch first, pinned: an unpinned resolve would fetch a multi-GB CUDA build
 TORCH_PIN := $(shell grep -E '^torch==' $(CONSTRAINTS))
@@ -16,11 +18,15 @@ TORCHVISION_PIN := $(shell grep -E '^torchvision==' $(CONSTRAINTS))
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(BOOK_STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q "$(TORCH_PIN)" -c $(CONSTRAINTS)
 	# torchvision's PyPI wheel is CUDA-built: take only its pure-Python parts (see hrtem_book/_torchvision.py)
 	$(PIP) install -q --no-deps "$(TORCHVISION_PIN)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[book]'
+	@touch $@
+
+$(STAMP): $(BOOK_STAMP)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,book]'
 	@touch $@
 
@@ -50,12 +56,12 @@ APT_SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 THEME_INSTALLER ?= $(wildcard ../shared/tools/install-book-theme)
 
 # database (sweep if missing) → papermill → myst build --html, or the checked offline site
-book: $(STAMP)
+book: $(BOOK_STAMP)
 	$(VENV)/bin/hrtem-book book $(if $(PROFILE),--profile $(PROFILE)) \
 	  $(if $(THEME_INSTALLER),--theme-installer $(THEME_INSTALLER))
 
 # the figure notebooks' apps in Voila on http://127.0.0.1:$(PORT)/ (Ctrl-C stops)
-live: $(STAMP)
+live: $(BOOK_STAMP)
 	$(VENV)/bin/hrtem-book live $(if $(PROFILE),--profile $(PROFILE)) --port $(PORT)
 
 browser:

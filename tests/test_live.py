@@ -150,9 +150,11 @@ def test_imaging_conditions_app_redraws_on_reduction_and_filter(voila_app, tmp_p
             second.goto(url, timeout=120_000)
             second.wait_for_selector(FIGURE, timeout=120_000)
             assert kernels_alive(voila) == 2
-            page.close(run_before_unload=True)
+            page.goto("about:blank")  # leaving the page: its beforeunload shuts the kernel
+            page.close()
             assert wait_kernels(voila, at_most=1) == 1
-            second.close(run_before_unload=True)
+            second.goto("about:blank")
+            second.close()
         finally:
             browser.close()
     assert (tmp_path / "imaging_conditions_app.png").stat().st_size > 10_000

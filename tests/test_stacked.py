@@ -52,18 +52,21 @@ def _strip(summary: dict) -> dict:
                                                           "peak_memory_mb")}  # fmt: skip
 
 
-@pytest.mark.parametrize("option", ["none", "encoder"])
-def test_a_stack_trains_each_model_as_if_alone(sets, option):
+@pytest.mark.parametrize(
+    "option, recalibrate", [("none", False), ("encoder", False), ("none", True), ("decoder", True)]
+)
+def test_a_stack_trains_each_model_as_if_alone(sets, option, recalibrate):
     train_set, eval_set = sets
+    stage = replace(STAGE, recalibrate_bn=recalibrate)
     monitor = {"10.0": 1.0}
     alone_models = _models(option)
     alone = [
-        train.train_stage(m, train_set, eval_set, STAGE, 1e-3, s, "transfer", monitor)
+        train.train_stage(m, train_set, eval_set, stage, 1e-3, s, "transfer", monitor)
         for m, s in zip(alone_models, SEEDS, strict=True)
     ]
     stacked_models = _models(option)
     together = stacked.train_stack(
-        stacked_models, [train_set] * 3, eval_set, STAGE, 1e-3, SEEDS, "transfer", monitor
+        stacked_models, [train_set] * 3, eval_set, stage, 1e-3, SEEDS, "transfer", monitor
     )
     for (a, err_a), (b, err_b) in zip(alone, together, strict=True):
         assert err_a is err_b is None
@@ -108,6 +111,42 @@ def test_one_step_is_exact_batchnorm_included(sets, option):
         for name, b in model.named_buffers():
             if b.is_floating_point():
                 torch.testing.assert_close(stack.buffers[name][m], b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["none", "encoder", "decoder"])
+def test_recalibrated_statistics_are_those_of_the_training_images(sets, option):
+    """Precise BN: every BatchNorm layer that trains ends with the mean and (unbiased) variance
+    of its input over the training images; a frozen part keeps its statistics; the momentum is
+    restored; a stack recalibrates each model as alone."""
+    (images, _), _ = sets
+    (model,) = _models(option)[:1]
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    inputs = {}
+    norms = {m: n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs.setdefault(m, a[0].detach()))
+             for m in norms]  # fmt: skip
+    train.recalibrate_bn(model, images)
+    for h in hooks:
+        h.remove()
+    frozen_prefix = {"none": None, "encoder": "encoder.", "decoder": "decoder."}[option]
+    for m, name in norms.items():
+        assert m.momentum == 0.1
+        if frozen_prefix and name.startswith(frozen_prefix):
+            torch.testing.assert_close(m.running_mean, before[f"{name}.running_mean"])
+            continue
+        x = inputs[m].double()
+        torch.testing.assert_close(m.running_mean.double(), x.mean((0, 2, 3)), rtol=1e-4,
+                                   atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(m.running_var.double(), x.var((0, 2, 3), unbiased=True),
+                                   rtol=1e-3, atol=1e-5)  # fmt: skip
+    together = _models(option)
+    stack = stacked.Stack(together)
+    stack.recalibrate_bn([(images, None)] * 3, "fp32")
+    for m, alone in enumerate(_models(option)):
+        train.recalibrate_bn(alone, images)
+        for name, b in alone.named_buffers():
+            if b.is_floating_point():
+                torch.testing.assert_close(stack.buffers[name][m], b, rtol=1e-4, atol=1e-5)
 
 
 def test_stacking_is_deterministic_on_the_cpu(sets):

@@ -152,7 +152,7 @@ def test_record_format_and_falling_loss(data, tmp_path):
     assert record["status"] == "ok" and record["error"] is None and record["kind"] == "pretrain"
     assert set(record) == {
         "record_format", "config_hash", "kind", "config", "status", "error", "stages",
-        "trainable_params", "total_params", "package_version", "git_commit",
+        "trainable_params", "total_params", "package_version", "git_commit", "compute",
     }  # fmt: skip
     json.dumps(record, allow_nan=False)  # JSON-serialisable, finite
     s = record["stages"]["pretrain"]

@@ -108,6 +108,11 @@ def myst_build_dir(book: Path) -> Path:
     return Path(book) / "_build"
 
 
+def theme_dir(book: Path) -> Path:
+    """Where `myst build --html` finds the book-theme of a (staged) book without downloading it."""
+    return myst_build_dir(book) / "templates" / "site" / "myst" / "book-theme"
+
+
 def database_file(folder: Path, study: str) -> Path:
     """The results database of ``study`` inside a folder of databases."""
     return Path(folder) / f"{study}.nc"

@@ -530,6 +530,7 @@ def stopping_attrs(stage, prefix: str = "") -> dict[str, Any]:
         "stopping_rule": rule,
         "augment": stage.augment,
         "precision": stage.precision,
+        "recalibrate_bn": int(stage.recalibrate_bn),  # netCDF has no booleans
     }
     return {f"{prefix}{k}": v for k, v in attrs.items()}
 

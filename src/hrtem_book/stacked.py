@@ -39,6 +39,9 @@ from .train import (
     _new_summary,
     _peak_memory_mb,
     autocast,
+    batch_starts,
+    kept_momentum,
+    trained_norms,
 )
 
 
@@ -90,6 +93,20 @@ class Stack:
         with torch.no_grad():
             for n, t in (*self.params.items(), *self.buffers.items()):
                 t[m].copy_(state[n])
+
+    @torch.no_grad()
+    def recalibrate_bn(self, train_sets, precision: str) -> None:
+        """:func:`hrtem_book.train.recalibrate_bn` for every model of the stack at once, each
+        on its own training images (batch k enters the stacked buffers with momentum 1/k)."""
+        self.train(True)
+        norms = trained_norms(self.base)
+        with kept_momentum(norms):
+            for k, start in enumerate(batch_starts(len(train_sets[0][0])) if norms else [], 1):
+                for m in norms:
+                    m.momentum = 1.0 / k  # a plain float: the rule vmap can follow
+                x = torch.stack([images[start : start + EVAL_BATCH] for images, _ in train_sets])
+                with autocast(x.device, precision):
+                    self.forward(x)
 
     def write_back(self) -> None:
         """Copy each model's stacked state into its own module."""
@@ -183,6 +200,8 @@ def train_stack(
         train_s += time.perf_counter() - t0
         schedule.step()
         t1 = time.perf_counter()
+        if stage.recalibrate_bn:
+            stack.recalibrate_bn(train_sets, stage.precision)
         vals = _evaluate(stack, eval_set, stage.precision)
         eval_s += time.perf_counter() - t1
         for m in range(M):

@@ -245,6 +245,51 @@ def evaluate_domains(
     return {m: {key: s[m] for key, s in per_domain.items()} for m in metrics.METRICS}
 
 
+def trained_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers that training updates (in training mode once ``model.train()`` ran;
+    a frozen part's stay in eval mode, see :meth:`hrtem_book.models.UNet.train`)."""
+    bn = torch.nn.modules.batchnorm._BatchNorm
+    return [
+        m for m in model.modules() if isinstance(m, bn) and m.training and m.track_running_stats
+    ]
+
+
+@contextlib.contextmanager
+def kept_momentum(norms):
+    """Restore the momentum of ``norms`` on exit (a recalibration sets its own)."""
+    saved = [m.momentum for m in norms]
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, saved, strict=True):
+            m.momentum = momentum
+
+
+def batch_starts(n: int) -> list[int]:
+    """Starts of the ``EVAL_BATCH``-image batches of a recalibration over ``n`` images."""
+    return list(range(0, n, EVAL_BATCH))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32") -> None:
+    """Recompute the population statistics of the trained BatchNorm layers from ``images`` (the
+    stage's training images as they are) under the current weights; see
+    ``StageConfig.recalibrate_bn``. Forward passes in training mode, ``EVAL_BATCH`` at a time;
+    batch k enters with momentum 1/k, so the first replaces the old statistics and the result
+    is the average over the batches (the rule torch's momentum=None follows, written so that a
+    vmapped stack can follow it too)."""
+    was_training = model.training
+    model.train()
+    norms = trained_norms(model)
+    with kept_momentum(norms):
+        for k, start in enumerate(batch_starts(len(images)) if norms else [], start=1):
+            for m in norms:
+                m.momentum = 1.0 / k
+            with autocast(images.device, precision):
+                model(images[start : start + EVAL_BATCH])
+    model.train(was_training)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -351,6 +396,8 @@ def train_stage(
             if not math.isfinite(train_loss):
                 raise _Diverged(f"non-finite training loss ({train_loss}) in {name} epoch {epoch}")
             schedule.step()
+            if stage.recalibrate_bn:
+                recalibrate_bn(model, images, stage.precision)
             val = evaluate_domains(model, eval_set, stage.precision)
             eval_s += time.perf_counter() - t1
             bad = [key for key, v in val["loss"].items() if not math.isfinite(v)]

@@ -99,11 +99,11 @@ def _write_placeholder(
     return path
 
 
-def _select_layout(options: Sequence[tuple[str, Any]]) -> W.Layout:
-    """A multi-select wide enough to read its longest option (an HBox shrinks "auto" widths to
-    a sliver), in a layout whose rows wrap instead of overflowing."""
+def _select_layout(options: Sequence[tuple[str, Any]], description: str = "") -> W.Layout:
+    """A fixed width that fits the description beside the longest option (in an HBox an "auto"
+    width shrinks the list to a ~25 px sliver)."""
     longest = max((len(label) for label, _ in options), default=4)
-    return W.Layout(width="auto", min_width=f"{max(8, longest + 4)}ch", flex="0 0 auto")
+    return W.Layout(width=f"{len(description) + max(longest, 6) + 8}ch", flex="0 0 auto")
 
 
 def _describe(fn: Callable) -> str:
@@ -211,7 +211,7 @@ class FigureApp(_App):
                 rows=min(len(opts), 6),
                 description=axis_label(ds, axis),
                 description_allow_html=False,
-                layout=_select_layout(opts),
+                layout=_select_layout(opts, axis_label(ds, axis)),
                 style=style,
                 tooltip="Ctrl- or Shift-click selects several values",
             )
@@ -382,7 +382,7 @@ class SeriesApp(_App):
         names = list(self.dbs)
         self.series = W.SelectMultiple(
             options=names, value=tuple(names), rows=min(len(names), 6), description="Series",
-            style=style, layout=_select_layout([(n, n) for n in names]),
+            style=style, layout=_select_layout([(n, n) for n in names], "Series"),
             tooltip="Ctrl- or Shift-click selects several values",
         )  # fmt: skip
         seeds = sorted({_plain(v) for ds in self.dbs.values() for v in ds["seed"].values})
@@ -393,7 +393,7 @@ class SeriesApp(_App):
                 rows=min(len(seeds), 6),
                 description=AXIS_LABELS["seed"],
                 style=style,
-                layout=_select_layout([(format_value(v), v) for v in seeds]),
+                layout=_select_layout([(format_value(v), v) for v in seeds], AXIS_LABELS["seed"]),
                 tooltip="Ctrl- or Shift-click selects several values",
             )
         }

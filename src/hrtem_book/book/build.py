@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import results, sweep
-from ..layout import GENERATED_FOLDERS, Layout, database_file, move_aside, myst_build_dir
+from ..layout import (
+    GENERATED_FOLDERS,
+    Layout,
+    database_file,
+    move_aside,
+    myst_build_dir,
+    theme_dir,
+)
 from ..profiles import PROFILES, Profile
 from ..results import check_reduction
 from ..studies import STUDY_NAMES
@@ -245,14 +252,10 @@ def run_myst(
     return proc.returncode, "\n".join(lines)
 
 
-# where `myst build --html` finds the book-theme without downloading it (inside the book folder)
-THEME_DIR = Path("_build", "templates", "site", "myst", "book-theme")
-
-
 def install_theme(stage: Path, installer: str | Path | None, log: Log = print) -> bool:
     """Give the staged book its book-theme with ``installer`` (``installer BOOK_DIR``, e.g.
     ``../shared/tools/install-book-theme``) unless it has one; whether it has one afterwards."""
-    if (stage / THEME_DIR / "template.yml").is_file():
+    if (theme_dir(stage) / "template.yml").is_file():
         return True
     if installer is None:
         return False
@@ -262,7 +265,7 @@ def install_theme(stage: Path, installer: str | Path | None, log: Log = print) -
     proc = subprocess.run(
         [str(installer.resolve()), str(stage)], capture_output=True, text=True, check=False
     )
-    if proc.returncode or not (stage / THEME_DIR / "template.yml").is_file():
+    if proc.returncode or not (theme_dir(stage) / "template.yml").is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no theme written"]
         raise BookCheckError([f"theme installer {installer} failed: {tail[0]}"], str(stage))
     log(f"book: book-theme installed by {installer}")

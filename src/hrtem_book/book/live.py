@@ -47,6 +47,10 @@ def voila_command(
         f"--MappingKernelManager.cull_idle_timeout={CULL_IDLE_S}",
         "--MappingKernelManager.cull_interval=30",
         "--MappingKernelManager.cull_connected=False",
+        # Voilà's page posts that shutdown with an _xsrf field read from a cookie that Voilà
+        # 0.5 never sets, so the server refused it (403) and every visit left its kernel behind
+        # (~200 MB); the server listens on 127.0.0.1 only
+        "--Voila.tornado_settings=disable_check_xsrf=True",
     ]
     if connection_dir is not None:
         connection_dir.mkdir(parents=True, exist_ok=True)

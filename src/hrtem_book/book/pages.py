@@ -217,9 +217,14 @@ def _stage_text(stage, what: str) -> str:
         if stage.patience is not None
         else f"runs {stage.max_epochs} epochs and keeps its best"
     )
+    bn = (
+        ", its BatchNorm statistics recomputed from its training images before every evaluation"
+        if stage.recalibrate_bn
+        else ""
+    )
     return (
         f"{what} trains in batches of {stage.batch_size} with {aug} per epoch, "
-        f"{stage.precision}, a learning rate ×{stage.lr_decay:g} per epoch, and {rule}"
+        f"{stage.precision}, a learning rate ×{stage.lr_decay:g} per epoch{bn}, and {rule}"
     )
 
 
