@@ -60,8 +60,15 @@ def kernels_alive(proc: subprocess.Popen) -> int:
     """Kernel processes of a Voilà server (they run in sessions of their own, as children)."""
     import psutil
 
-    children = psutil.Process(proc.pid).children(recursive=True)
-    return sum("ipykernel" in " ".join(c.cmdline()) for c in children if c.is_running())
+    def is_kernel(child: psutil.Process) -> bool:
+        # a kernel that has exited but not yet been reaped (a zombie) or is gone is not alive
+        try:
+            alive = child.status() != psutil.STATUS_ZOMBIE
+            return alive and "ipykernel" in " ".join(child.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            return False
+
+    return sum(is_kernel(c) for c in psutil.Process(proc.pid).children(recursive=True))
 
 
 def wait_kernels(proc: subprocess.Popen, at_most: int, timeout_s: float = 30.0) -> int:

@@ -44,6 +44,7 @@ from ..results import check_reduction
 from ..studies import STUDY_NAMES
 from .check import BookCheckError, check_site
 from .notebooks import (
+    NOTEBOOK_TIMEOUT_S,
     Log,
     check_placeholders,
     execute_notebooks,
@@ -325,6 +326,7 @@ def build_book(
     parameters: dict | None = None,
     theme_installer: str | Path | None = None,
     engine: str = "myst",
+    notebook_timeout_s: float = NOTEBOOK_TIMEOUT_S,
     log: Log = print,
 ) -> BuildResult:
     """Database → papermill → staged MyST build → AST check (see the module docstring).
@@ -335,7 +337,8 @@ def build_book(
     more notebook parameters (e.g. ``project_root``), given to the notebooks that declare them.
     ``theme_installer``: a script that installs the book-theme into the staged book (the HTML
     build then needs no network). ``engine``: ``myst`` (mystmd) or ``jupyter-book`` (Jupyter
-    Book 2, the same MyST engine) builds the HTML.
+    Book 2, the same MyST engine) builds the HTML. A notebook still running after
+    ``notebook_timeout_s`` is stopped and run once more (:func:`execute_notebooks`).
     """
     jobs = jobs or min(4, os.cpu_count() or 1)
     check_reduction(reduction, name="reduction")
@@ -359,7 +362,9 @@ def build_book(
     started = time.time() - 1.0  # file systems with 1 s mtime resolution
     log(f"book: executing {len(notebooks)} notebooks with papermill ({values})")
     out = myst_build_dir(stage) / "papermill"
-    executed = execute_notebooks(notebooks, out, values, jobs=jobs, log=log)
+    executed = execute_notebooks(
+        notebooks, out, values, jobs=jobs, log=log, timeout_s=notebook_timeout_s
+    )
     chapters = sorted((root / "chapters").glob("*.md"))
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")

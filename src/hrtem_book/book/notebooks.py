@@ -3,6 +3,7 @@ placeholders they write for the chapters' figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -16,6 +17,8 @@ from ..results import REDUCTIONS
 from .check import BookCheckError
 
 Log = Callable[[str], None]
+# a figure notebook reads a database and draws: seconds at laptop scale; ten minutes means a hang
+NOTEBOOK_TIMEOUT_S = 600.0
 
 _LABEL = re.compile(r"^\s*#\s*\|\s*label:\s*(\S+)", re.MULTILINE)
 # a figure directive embedding an app: label: its options, then its caption up to the closing fence
@@ -85,6 +88,7 @@ def execute_notebooks(
     prepare_only: bool = False,
     jobs: int = 1,
     log: Log = print,
+    timeout_s: float = NOTEBOOK_TIMEOUT_S,
 ) -> list[Path]:
     """Run each notebook with papermill (cwd = its folder) into ``out_dir``; return the outputs.
 
@@ -92,7 +96,9 @@ def execute_notebooks(
     ``prepare_only`` injects the parameters without running anything. Otherwise each notebook
     runs in its own ``papermill`` process, ``jobs`` at a time: papermill's client is not
     thread-safe (two executions in threads of one process hung here, a kernel idle and its
-    client waiting for a reply forever).
+    client waiting for a reply forever). A notebook still running after ``timeout_s`` seconds
+    is stopped with its kernel and run once more (the same freeze was seen across processes
+    too, rarely); a second overrun fails the build in one line.
     """
     import papermill
 
@@ -115,7 +121,15 @@ def execute_notebooks(
         cmd += ["-k", "python3", "--no-progress-bar", "--log-level", "ERROR"]
         cmd += ["-y", json.dumps(notebook_parameters(nb, values))]  # JSON is YAML
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for attempt in (1, 2):
+            try:
+                proc = _run_bounded(cmd, timeout_s)
+                break
+            except subprocess.TimeoutExpired:
+                problem = f"{nb.name} still running after {timeout_s:.0f} s (try {attempt} of 2)"
+                if attempt == 2:
+                    raise BookCheckError([f"{problem}: stopped"], where=str(nb)) from None
+                log(f"book: {problem}: stopped with its kernel, running it again")
         if proc.returncode:
             tail = proc.stdout.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
             reason = _first_error(out) or f"papermill failed: {tail[0]}"
@@ -126,6 +140,26 @@ def execute_notebooks(
     # threads only wait on the papermill processes
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(run, notebooks))
+
+
+def _run_bounded(cmd: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """``cmd`` with its output captured; past ``timeout_s`` it is killed with every process it
+    started (a kernel runs in a session of its own) and TimeoutExpired raised."""
+    import psutil  # ipykernel's dependency, so present wherever notebooks run
+
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        try:
+            out, _ = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(psutil.Error):
+                tree = psutil.Process(proc.pid).children(recursive=True)
+                for p in [psutil.Process(proc.pid), *tree]:
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+                psutil.wait_procs(tree, timeout=10)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 
 
 def chapter_placeholders(chapters: Iterable[Path]) -> dict[str, tuple[Path, str]]:
