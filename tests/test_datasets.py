@@ -17,7 +17,7 @@ from hrtem_book.profiles import get_profile
 
 SMOKE = get_profile("smoke").data
 # the smallest structure series that still has several chunks
-TINY = replace(SMOKE, n_train=3, n_val=2, lattices=("Cu",), sizes=("small",))
+TINY = replace(SMOKE, n_train=3, n_val=2, n_test=1, lattices=("Cu",), sizes=("small",))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def cdse(tmp_path_factory):
 def test_layout_follows_the_architecture(cdse):
     root, ds, _ = cdse
     sim = SMOKE.sim
-    n = len(SMOKE.defoci_nm) * (SMOKE.n_train + SMOKE.n_val)
+    n = len(SMOKE.defoci_nm) * (SMOKE.n_train + SMOKE.n_val + SMOKE.n_test)
     assert ds.sizes == {"sample": n, "y": sim.image_px, "x": sim.image_px}
     assert ds["image"].dtype == np.float32 and ds["mask"].dtype == np.uint8
     assert set(ds.coords) >= {"domain", "split", "index", "defocus_nm"}
@@ -73,7 +73,7 @@ def test_domain_tensors_shapes_and_errors(cdse):
     with pytest.raises(ValueError, match="allowed"):
         datasets.domain_tensors(dose, 1234.0, "val")
     with pytest.raises(ValueError, match="split"):
-        datasets.domain_tensors(dose, SMOKE.doses[0], "test")
+        datasets.domain_tensors(dose, SMOKE.doses[0], "holdout")
 
 
 def _structure(root, **kw):
@@ -81,9 +81,9 @@ def _structure(root, **kw):
 
 
 def test_generation_is_deterministic_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "CHUNK_SCENES", 2)  # 3 + 2 scenes → 3 chunks
+    monkeypatch.setattr(datasets, "CHUNK_SCENES", 2)  # 3 + 2 + 1 scenes → 4 chunks
     reference = _structure(tmp_path / "a")
-    assert reference.sizes["sample"] == TINY.n_train + TINY.n_val
+    assert reference.sizes["sample"] == TINY.n_train + TINY.n_val + TINY.n_test
     assert np.array_equal(_structure(tmp_path / "b")["image"], reference["image"])
 
     # interrupt for real after the first chunk: the next chunk raises

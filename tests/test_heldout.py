@@ -168,10 +168,10 @@ def test_borrowed_scenes_are_simulated_once(tmp_path, monkeypatch):
         return real(scene, *args, **kwargs)
 
     monkeypatch.setattr(simulate, "simulate_scene", counting)
-    data = replace(SMOKE.data, n_train=2, n_val=1, lattices=("CdSe",))
+    data = replace(SMOKE.data, n_train=2, n_val=1, n_test=1, lattices=("CdSe",))
     series = ("heldout", "defocus", "structure", "substrate")
     datasets.generate(series[0], data, tmp_path, progress=False, with_series=series[1:])
-    per_scene = data.n_train + data.n_val
+    per_scene = data.n_train + data.n_val + data.n_test
     # cdse (shared by defocus, dose and heldout) + 2 structure + 2 substrate scene sets
     assert len(calls) == per_scene * (1 + 2 + len(data.substrate_thickness_nm))
     for s in (*series, "dose"):
@@ -200,7 +200,7 @@ def test_heldout_database_holds_before_and_after_on_the_experimental_images(held
     layout = Layout(root, "smoke")
     for h, cfg in grid.pretrains.items():
         rec = json.loads(layout.record_path("heldout", h).read_text())
-        dice = rec["stages"]["pretrain"]["final_dice"]["experimental"]
+        dice = rec["stages"]["pretrain"]["test_dice"]["experimental"]  # its test images
         got = table.sel(pretrain_domain=cfg.domain, seed=cfg.seed, case="before")
         assert float(got) == pytest.approx(dice, abs=1e-4)  # databases keep 4 digits
 

@@ -40,12 +40,12 @@ def _hand_database() -> xr.Dataset:
         ("none", 1): 0.6,
         ("encoder", 0): 0.3,
     }.items():
-        ds["best_loss"].loc[{**cell, "freeze": freeze, "seed": seed, "eval_domain": 600.0}] = value
+        ds["final_loss"].loc[{**cell, "freeze": freeze, "seed": seed, "eval_domain": 600.0}] = value
         ds["status"].loc[{"pretrain_domain": 30.0, "target_domain": 600.0, "freeze": freeze}] = "ok"
     ds["status"].loc[{"pretrain_domain": 30.0, "target_domain": 600.0, "freeze": "encoder",
                       "seed": 1}] = "failed"  # fmt: skip
     # the other direction, on 30: a single value
-    ds["best_loss"].loc[
+    ds["final_loss"].loc[
         {"pretrain_domain": 600.0, "target_domain": 30.0, "stage": "transfer", "eval_domain": 30.0,
          "freeze": "none", "seed": 0}
     ] = 0.5  # fmt: skip
@@ -55,18 +55,18 @@ def _hand_database() -> xr.Dataset:
 def test_query_matches_hand_computed_values():
     ds = _hand_database()
     sel = {"stage": "transfer", "eval_domain": 600.0, "pretrain_domain": 30.0}
-    by_freeze = query(ds, "best_loss", sel, "mean", keep=["freeze"])
+    by_freeze = query(ds, "final_loss", sel, "mean", keep=["freeze"])
     assert by_freeze.dims == ("freeze",)
     np.testing.assert_allclose(by_freeze.sel(freeze="none"), (0.2 + 0.6) / 2)
     np.testing.assert_allclose(by_freeze.sel(freeze="encoder"), 0.3)  # the failed seed is skipped
-    np.testing.assert_allclose(query(ds, "best_loss", sel, "min", ["freeze"]), [0.2, 0.3])
-    np.testing.assert_allclose(query(ds, "best_loss", sel, "max", ["freeze"]), [0.6, 0.3])
-    np.testing.assert_allclose(query(ds, "best_loss", sel, "median"), 0.3)
-    np.testing.assert_allclose(query(ds, "best_loss", sel, "mean"), (0.2 + 0.6 + 0.3) / 3)
+    np.testing.assert_allclose(query(ds, "final_loss", sel, "min", ["freeze"]), [0.2, 0.3])
+    np.testing.assert_allclose(query(ds, "final_loss", sel, "max", ["freeze"]), [0.6, 0.3])
+    np.testing.assert_allclose(query(ds, "final_loss", sel, "median"), 0.3)
+    np.testing.assert_allclose(query(ds, "final_loss", sel, "mean"), (0.2 + 0.6 + 0.3) / 3)
     # no selection: min over everything, kept per evaluation domain
-    np.testing.assert_allclose(query(ds, "best_loss", keep=["eval_domain"]), [0.5, 0.2])
+    np.testing.assert_allclose(query(ds, "final_loss", keep=["eval_domain"]), [0.5, 0.2])
     # several values of one axis, and keep order decides the output dims
-    two = query(ds, "best_loss", {"stage": "transfer", "pretrain_domain": [30, 600]}, "max",
+    two = query(ds, "final_loss", {"stage": "transfer", "pretrain_domain": [30, 600]}, "max",
                 keep=["eval_domain", "pretrain_domain"])  # fmt: skip
     assert two.dims == ("eval_domain", "pretrain_domain")
     np.testing.assert_allclose(two.values, [[np.nan, 0.5], [0.6, np.nan]])
@@ -78,12 +78,12 @@ def test_query_matches_hand_computed_values():
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
-        ({"var": "accuracy"}, "unknown variable 'accuracy'; allowed: final_loss, best_loss"),
-        ({"var": "best_loss", "select": {"defocus": 0}}, "no axis 'defocus'; allowed: "),
-        ({"var": "best_loss", "select": {"freeze": "all"}}, "freeze='all' is not in the database"),
-        ({"var": "best_loss", "select": {"seed": 7}}, "allowed: [0, 1]"),
-        ({"var": "best_loss", "reduce": "sum"}, "unknown reduction 'sum'; allowed: min, mean"),
-        ({"var": "best_loss", "keep": ["lr"]}, "no axis 'lr'"),
+        ({"var": "accuracy"}, "unknown variable 'accuracy'; allowed: final_loss, "),
+        ({"var": "final_loss", "select": {"defocus": 0}}, "no axis 'defocus'; allowed: "),
+        ({"var": "final_loss", "select": {"freeze": "all"}}, "freeze='all' is not in the database"),
+        ({"var": "final_loss", "select": {"seed": 7}}, "allowed: [0, 1]"),
+        ({"var": "final_loss", "reduce": "sum"}, "unknown reduction 'sum'; allowed: min, mean"),
+        ({"var": "final_loss", "keep": ["lr"]}, "no axis 'lr'"),
         ({"var": "status", "reduce": "min"}, "reduce applies to numeric variables"),
     ],
 )
@@ -103,15 +103,14 @@ def test_synthetic_database_is_valid_and_consistent(study, tmp_path):
         assert axis in ds.dims
     ok = ds["status"] == "ok"
     assert int(ok.sum()) > 0 and int((ds["status"] == "failed").sum()) == 1
-    best, final, hist = ds["best_loss"], ds["final_loss"], ds["history_loss"]
-    # best is the minimum of the history, final its last epoch; NaN exactly where no ok run
-    np.testing.assert_allclose(best.where(ok), hist.min("epoch").where(ok))
+    final, hist = ds["final_loss"], ds["history_loss"]
+    # final is (here) the history's last epoch; NaN exactly where no ok run
     np.testing.assert_allclose(final.where(ok), hist.isel(epoch=-1).where(ok))
-    assert bool((best <= final).where(ok, True).all())
-    assert bool(best.where(~ok).isnull().all())
-    # Dice: higher is better, so its best is the maximum; both scores lie in [0, 1]
-    dice = ds["history_dice"]
-    np.testing.assert_allclose(ds["best_dice"].where(ok), dice.max("epoch").where(ok))
+    assert bool(final.where(~ok).isnull().all())
+    # every final value is on the test images, every history on the validation images
+    assert {ds[f"final_{m}"].attrs["split"] for m in ("loss", "dice", "iou")} == {"test"}
+    assert {ds[f"history_{m}"].attrs["split"] for m in ("loss", "dice", "iou")} == {"validation"}
+    # both scores lie in [0, 1]
     assert bool(((ds["final_iou"] <= ds["final_dice"]) | ds["final_iou"].isnull()).all())
     # deterministic in the seed
     xr.testing.assert_equal(ds, synthetic_database(study, seed=3))
@@ -169,9 +168,9 @@ def _write_raw(ds: xr.Dataset, path) -> None:
             lambda ds: ds.assign(status=ds["status"].where(ds["status"] != "ok", "great")),
             "status values ['great']",
         ),  # fmt: skip
-        (lambda ds: ds.assign(best_loss=ds["best_loss"].mean("stage")), "'best_loss' has dims"),
+        (lambda ds: ds.assign(final_loss=ds["final_loss"].mean("stage")), "'final_loss' has dims"),
         (lambda ds: ds.assign(final_loss=-ds["final_loss"]), "'final_loss' holds values outside"),
-        (lambda ds: ds.assign(best_dice=ds["best_dice"] + 1), "'best_dice' holds values outside"),
+        (lambda ds: ds.assign(final_dice=ds["final_dice"] + 1), "'final_dice' holds values"),
         (
             lambda ds: ds.assign(stop_reason=ds["stop_reason"].where(False, "tired")),
             "stop_reason values ['tired']",

@@ -158,8 +158,9 @@ def test_record_format_and_falling_loss(data, tmp_path):
     s = record["stages"]["pretrain"]
     assert set(s) == {
         "train_loss", "val_loss", "val_dice", "val_iou", "best_loss", "best_dice", "best_iou",
-        "final_loss", "final_dice", "final_iou", "train_time_s", "eval_time_s", "peak_memory_mb",
-        "epochs_run", "best_epoch", "stop_reason", "monitor",
+        "final_loss", "final_dice", "final_iou", "test_loss", "test_dice", "test_iou",
+        "train_time_s", "eval_time_s", "peak_memory_mb", "epochs_run", "best_epoch",
+        "stop_reason", "monitor",
     }  # fmt: skip
     assert s["epochs_run"] == STAGE.max_epochs == len(s["train_loss"])
     assert s["stop_reason"] == "max_epochs" and s["monitor"] == {"-10.0": 1.0}
@@ -177,6 +178,26 @@ def test_record_format_and_falling_loss(data, tmp_path):
     assert s["val_loss"]["-10.0"][-1] < s["val_loss"]["-10.0"][0]
     assert record["trainable_params"] == record["total_params"] == 920_722
     assert s["train_time_s"] > 0 and s["peak_memory_mb"] > 0
+
+
+def test_the_kept_model_is_scored_on_test_images_no_selection_read(data, tmp_path):
+    """Selection (plateau, kept epoch) reads the validation images; the numbers a database and
+    the book report (``test_*``) are the kept model's on the test images of every domain, a
+    split whose scenes no other split shows."""
+    cfg = pretrain_cfg()
+    s = run(cfg, root=tmp_path, data=data)["stages"]["pretrain"]
+    model = build_model(cfg.model)
+    model.load_state_dict(checkpoints.load_checkpoint(checkpoint_path(tmp_path, cfg), cfg)[
+        "state_dict"])  # fmt: skip
+    for split, numbers in (("test", s["test_loss"]), ("val", s["final_loss"])):
+        n = None if split == "test" else STAGE.n_eval  # every test image; the stage's val
+        sets = {str(d): train.select(data, d, split, n) for d in DOMAINS}
+        got = train.evaluate_domains(model, train.EvalSet.from_sets(sets))["loss"]
+        assert got == pytest.approx(numbers, rel=1e-5), split
+    assert s["test_loss"] != pytest.approx(s["final_loss"], rel=1e-3)
+    test_images = data["image"].values[data["split"].values == "test"]
+    other = data["image"].values[data["split"].values != "test"]
+    assert not any(np.array_equal(t, o) for t in test_images for o in other)
 
 
 def test_pretrained_model_beats_untrained_on_its_domain(data, tmp_path):
@@ -298,7 +319,8 @@ def test_mixture_trains_on_both_domains(data, tmp_path):
     assert record["status"] == "ok" and record["kind"] == "mixture"
     assert set(record["stages"]) == {"mixture"}
     assert record["stages"]["mixture"]["epochs_run"] == STAGE.max_epochs
-    assert record["stages"]["mixture"]["monitor"] == {"-10.0": 4.0, "10.0": 12.0}
+    # it trains on both and is selected on its target's validation images, as a transfer is
+    assert record["stages"]["mixture"]["monitor"] == {"10.0": 1.0}
 
 
 def test_mixture_with_a_zero_share_trains_on_the_other_domain(data, tmp_path):

@@ -193,7 +193,8 @@ class DataConfig:
 
     sim: SimulationConfig = field(default_factory=SimulationConfig)
     n_train: int = 512  # training images per domain
-    n_val: int = 128  # validation images per domain
+    n_val: int = 128  # validation images per domain: the plateau rule and the kept epoch
+    n_test: int = 128  # test images per domain: scoring only, never read by any selection
     defoci_nm: tuple[float, ...] = tuple(float(d) for d in range(-25, 30, 5))
     defocus_series_dose: float = 400.0  # [e⁻/Å²]
     doses: tuple[float, ...] = (30.0, 75.0, 150.0, 300.0, 600.0)  # [e⁻/Å²]
@@ -230,8 +231,11 @@ class DataConfig:
         return get_series(series).domains(self)
 
     def __post_init__(self) -> None:
-        if self.n_train < 1 or self.n_val < 1:
-            raise ValueError(f"n_train={self.n_train}, n_val={self.n_val}: both must be >= 1")
+        if min(self.n_train, self.n_val, self.n_test) < 1:
+            raise ValueError(
+                f"n_train={self.n_train}, n_val={self.n_val}, n_test={self.n_test}: "
+                "each must be >= 1"
+            )
         for d in self.doses + (self.defocus_series_dose, self.structure_series_dose):
             if not d > 0:
                 raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")

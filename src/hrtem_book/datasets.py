@@ -14,10 +14,12 @@ domain of these two series; defocus jitter and noise are drawn per image.
 
 Reproducibility: every random draw comes from ``np.random.SeedSequence((seed, group, domain,
 split, index, stream))``, so an image does not depend on which chunk or process made it, and
-train and validation scenes never coincide (different ``split`` entropy). Generation is cached
-by ``series_hash``; work is written in chunks (``<root>/.chunks/<series>-<hash>/``, atomic
-renames), so an interrupted run continues with the first missing chunk. Finished series live in
-``<root>/<series>-<hash>.nc`` with the layout of docs/ARCHITECTURE.md ("Dataset series").
+the scenes of the three splits never coincide (different ``split`` entropy): ``train`` (the
+optimiser), ``val`` (the plateau rule and the kept epoch) and ``test`` (scoring only).
+Generation is cached by ``series_hash``; work is written in chunks
+(``<root>/.chunks/<series>-<hash>/``, atomic renames), so an interrupted run continues with the
+first missing chunk. Finished series live in ``<root>/<series>-<hash>.nc`` with the layout of
+docs/ARCHITECTURE.md ("Dataset series").
 
     hrtem-book simulate --series defocus --profile smoke
 """
@@ -54,7 +56,7 @@ from .simulate import check_device
 
 GENERATOR_VERSION = 5  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 SIZES = ("small", "large")
 
 
@@ -143,7 +145,7 @@ def _units(series: str, data: DataConfig) -> list[_Unit]:
     sources = dict.fromkeys(spec.scene_source(data, d) for d in data.domains(series))
     out = []
     for group, key in sources:
-        for split, n in zip(SPLITS, (data.n_train, data.n_val), strict=True):
+        for split, n in zip(SPLITS, (data.n_train, data.n_val, data.n_test), strict=True):
             for s in range(0, n, CHUNK_SCENES):
                 out.append(_Unit(group, key, split, s, min(s + CHUNK_SCENES, n)))
     return out
@@ -406,7 +408,7 @@ def series_problem(series: str, data: DataConfig, root: str | Path) -> str | Non
     path = series_path(series, data, root)
     if not path.exists():
         return None
-    expected = len(data.domains(series)) * (data.n_train + data.n_val)
+    expected = len(data.domains(series)) * (data.n_train + data.n_val + data.n_test)
     try:
         with xr.open_dataset(path) as ds:
             if ds.attrs.get("config_hash") != series_hash(series, data):

@@ -701,7 +701,7 @@ def transfer_rescues_experimental(dbs: Mapping[str, xr.Dataset], metric: str = "
         "every synthetic variant does better on experimental data, and the variants differ less."
     )
     rule = (
-        "On the experimental-like validation images: the mean error over seeds of each "
+        "On the experimental-like test images: the mean error over seeds of each "
         "synthetic variant before transfer and after transfer on a few unbiased experimental-like "
         "images; holds if every variant's error drops and the range across variants shrinks."
     )

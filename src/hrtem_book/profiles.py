@@ -58,6 +58,9 @@ LAPTOP_DATA = DataConfig(
     # series simulate in 56 % of the time
     n_train=64,
     n_val=16,
+    # 16 test images per domain, never read by a selection: every number of the book and every
+    # verdict is measured on them (the kept epoch is chosen on the 16 validation images)
+    n_test=16,
     # five of the eleven defoci (both sides of focus, in focus, 10 and 20 nm away): every run is
     # evaluated on each after every epoch, and evaluation was 40 % of a transfer run's time
     defoci_nm=(-20.0, -10.0, 0.0, 10.0, 20.0),
@@ -83,6 +86,7 @@ GPU_DATA = DataConfig(
     sim=SimulationConfig(field_nm=6.4, sampling_A=0.2, pixel_A=1.0, n_phonons=3),
     n_train=256,
     n_val=16,
+    n_test=64,
     large_radius_nm=(1.8, 2.3),
     magnification_pixels_A=(0.5, 1.0, 1.5),
     substrate_thickness_nm=(0.0, 3.0, 9.0),
@@ -100,6 +104,7 @@ SMOKE_DATA = DataConfig(
     ),
     n_train=8,
     n_val=4,
+    n_test=4,
     defoci_nm=(-10.0, 0.0, 10.0),
     doses=(75.0, 600.0),
     lattices=("CdSe", "Cu"),
@@ -146,9 +151,9 @@ PAPER_STAGE = StageConfig(
 # reached a 6 % lower in-domain validation loss (Dice within 0.001) in 26 % less time — a
 # choice made on the in-domain validation loss and the time only, before any cross-domain
 # result. Validation: 16 images of the domains a stage trains on (the stopping rule reads them)
-# and 8 of every other domain (the first 8 of those 16: the curves off the domain); a transfer
-# stage reads 16 of its target, the same 16 its pretraining was measured on, so "before" and
-# "after" compare like with like.
+# and 8 of every other domain (the first 8 of those 16: the curves off the domain). The kept
+# model is then scored on all 16 test images of every domain (DataConfig.n_test), the same
+# images before and after a transfer, so "before" and "after" compare like with like.
 LAPTOP_STAGE = StageConfig(
     max_epochs=40, batch_size=16, augment="d4-random", n_eval=16, n_eval_ood=8, patience=3,
     min_delta=0.01, min_epochs=3, recalibrate_bn=True,
@@ -187,8 +192,8 @@ PROFILES: dict[str, Profile] = {
         name="laptop",
         description="Every study end to end on a 2-core CPU in under 20 minutes, converged: "
         "6.4 nm field, 1 Å pixels, one phonon, a 0.9 M-parameter U-Net in fp32, 64 images "
-        "per pretraining, 3 seeds (2 in the held-out study), every stage to a plateau of its "
-        "in-domain loss.",
+        "per pretraining, 3 seeds, every stage to a plateau of its in-domain validation loss and "
+        "scored on test images apart.",
         data=LAPTOP_DATA,
         model=NARROW_MODEL,
         stage=LAPTOP_STAGE,
@@ -258,11 +263,11 @@ PROFILES: dict[str, Profile] = {
                 "pretrain_lr": 3e-3,
                 "seed": (0, 1, 2),
             },
-            # synthetic → experimental-like (companion study): 4 variants × 2 seeds trained
+            # synthetic → experimental-like (companion study): 4 variants × 3 seeds trained
             # from scratch, each transferred on 8 experimental-like images, unbiased or small
-            # particles only: 16 transfers on 8 pretrainings; no new scenes (borrowed)
+            # particles only: 24 transfers on 12 pretrainings; no new scenes (borrowed)
             "heldout": {
-                "seed": (0, 1),
+                "seed": (0, 1, 2),
                 "pretrain_lr": 3e-3,
                 "transfer_lr": 3e-4,
                 "n_transfer": 8,

@@ -31,7 +31,9 @@ from .config import (
 )
 from .layout import atomic_write_text, move_aside, provenance
 
-RECORD_FORMAT = 2  # 2: metrics (loss, Dice, IoU), the stopping rule and the kept epoch
+# 2: metrics (loss, Dice, IoU), the stopping rule and the kept epoch; 3: the kept model's
+# scores on the test images (test_<metric>), apart from the validation images that select it
+RECORD_FORMAT = 3
 RECORD_STATUSES = ("ok", "failed")
 KINDS = {PretrainConfig: "pretrain", TransferConfig: "transfer", MixtureConfig: "mixture"}
 
@@ -83,7 +85,7 @@ def write_record(path: Path, record: dict) -> Path:
 STAGES_OF_KIND = {"pretrain": ("pretrain",), "transfer": ("pretrain", "transfer"),
                   "mixture": ("mixture",)}  # fmt: skip
 _STAGE_CURVES = ("val_loss",)
-_STAGE_VALUES = ("best_loss", "final_loss")
+_STAGE_VALUES = ("best_loss", "final_loss", "test_loss")
 
 
 def record_problem(record: Any, run_id: str) -> str | None:

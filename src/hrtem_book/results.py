@@ -8,10 +8,10 @@ Schema (``SCHEMA_VERSION``), for a study with grid axes ``A`` (``studies.STUDIES
 variable            dims                                        meaning
 ==================  ==========================================  ==============================
 final_<m>           A + (stage, eval_domain)                    the model the stage keeps (its
-                                                                best in-domain epoch)
-best_<m>            A + (stage, eval_domain)                    each domain's optimum over the
-                                                                epochs (the published tables')
-history_<m>         A + (stage, eval_domain, epoch)             value after every epoch
+                                                                best in-domain validation
+                                                                epoch) on the test images
+history_<m>         A + (stage, eval_domain, epoch)             value after every epoch on the
+                                                                validation images
 epochs_run          A + (stage,)                                epochs the stage trained
 best_epoch          A + (stage,)                                the epoch it kept
 stop_reason         A + (stage,)                                "plateau" | "max_epochs" | ""
@@ -23,7 +23,10 @@ status              A                                           "ok" | "failed" 
 config_hash         A                                           run id ("" if no run)
 ==================  ==========================================  ==============================
 
-``stage`` is ``("pretrain", "transfer")`` for transfer studies (the pretraining values of a cell
+Splits: every ``final_<m>`` is measured on each domain's test images, which no selection reads;
+``history_<m>`` on its validation images, which the plateau rule and the choice of the kept
+epoch read (a variable's ``split`` attr says which). ``stage`` is ``("pretrain", "transfer")``
+for transfer studies (the pretraining values of a cell
 are those of the checkpoint its transfer started from) and ``("mixture",)`` for the baseline.
 Losses are mean cross-entropy of the 2-class logits, Dice and IoU those of the particle class
 (:mod:`hrtem_book.metrics`), stored to 1e-4 (histories as float32, see :func:`storage_encoding`);
@@ -55,22 +58,25 @@ from .records import read_record
 from .series import get_series, match_index, match_mask
 from .studies import STUDIES, build_grid, get_study
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: final_<m> on test images apart from selection; no best_<m>
 STATUS_VALUES = ("ok", "failed", "missing", "excluded")
 STOP_REASONS = ("plateau", "max_epochs", "")
 REDUCTIONS = ("min", "mean", "median", "max")
 REQUIRED_ATTRS = ("study", "series", "profile", "package_version", "git_commit", "created")
 STRING_VARS = ("status", "config_hash", "stop_reason")
 STAGE_VARS = ("epochs_run", "best_epoch", "train_time_s", "eval_time_s", "trainable_params")
-METRIC_VARS = tuple(f"{kind}_{m}" for kind in ("final", "best", "history") for m in METRICS)
+METRIC_KINDS = ("final", "history")
+METRIC_VARS = tuple(f"{kind}_{m}" for kind in METRIC_KINDS for m in METRICS)
+# which images each kind of metric variable is measured on (its ``split`` attr)
+METRIC_SPLITS = {"final": "test", "history": "validation"}
 
 
 def metric_var(metric: str, kind: str = "final") -> str:
-    """The variable of ``metric`` (loss, dice, iou): ``final_dice``, ``best_loss``, ..."""
+    """The variable of ``metric`` (loss, dice, iou): ``final_dice``, ``history_loss``, ..."""
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    if kind not in ("final", "best", "history"):
-        raise ValueError(f"kind={kind!r}; allowed: final, best, history")
+    if kind not in METRIC_KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {', '.join(METRIC_KINDS)}")
     return f"{kind}_{metric}"
 
 
@@ -79,7 +85,6 @@ def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
     dims = {}
     for m in METRICS:
         dims[f"final_{m}"] = per_domain
-        dims[f"best_{m}"] = per_domain
         dims[f"history_{m}"] = per_domain + ("epoch",)
     for var in (*STAGE_VARS, "stop_reason"):
         dims[var] = axes + ("stage",)
@@ -140,9 +145,14 @@ def empty_database(
     for m in METRICS:
         units = "cross-entropy" if m == "loss" else "1"
         title = METRIC_TITLES[m]
-        ds[f"final_{m}"].attrs.update(long_name=f"{title} of the kept model", units=units)
-        ds[f"best_{m}"].attrs.update(long_name=f"best {title} over the epochs", units=units)
-        ds[f"history_{m}"].attrs.update(long_name=f"{title} per epoch", units=units)
+        ds[f"final_{m}"].attrs.update(
+            long_name=f"{title} of the kept model on the test images", units=units,
+            split=METRIC_SPLITS["final"],
+        )  # fmt: skip
+        ds[f"history_{m}"].attrs.update(
+            long_name=f"{title} per epoch on the validation images", units=units,
+            split=METRIC_SPLITS["history"],
+        )  # fmt: skip
     ds["epochs_run"].attrs.update(long_name="epochs the stage trained")
     ds["best_epoch"].attrs.update(long_name="epoch whose weights the stage kept")
     ds["stop_reason"].attrs.update(long_name="why the stage stopped")
@@ -273,7 +283,7 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
         fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
     for m in METRICS:
         hi = np.inf if m == "loss" else 1.0  # cross-entropy >= 0; Dice and IoU in [0, 1]
-        for var in (f"final_{m}", f"best_{m}", f"history_{m}"):
+        for var in (f"final_{m}", f"history_{m}"):
             values = ds[var].values
             # non-finite values are stored as NaN, never as ±inf
             with np.errstate(invalid="ignore"):
@@ -315,7 +325,7 @@ def query(
     skipped; an all-NaN group gives NaN) or None to return the selection unreduced. The result
     has the ``keep`` dims, in that order.
 
-    >>> query(ds, "best_loss", {"stage": "transfer", "freeze": "none"}, "mean",
+    >>> query(ds, "final_loss", {"stage": "transfer", "freeze": "none"}, "mean",
     ...       keep=["pretrain_domain", "eval_domain"])  # doctest: +SKIP
     """
     if var not in ds.data_vars:
@@ -494,11 +504,10 @@ def fill_from_records(ds: xr.Dataset, grid, records: Mapping[str, Mapping[str, A
             ds["trainable_params"].values[at] = _stage_params(record, stage, srec)
             ds["stop_reason"].values[at] = srec.get("stop_reason", "")
             for m in METRICS:
-                for kind in ("final", "best"):
-                    target = ds[f"{kind}_{m}"].values
-                    for dom, value in srec.get(f"{kind}_{m}", {}).items():
-                        if dom in index:
-                            target[at + (index[dom],)] = _finite(value)
+                target = ds[f"final_{m}"].values
+                for dom, value in srec.get(f"test_{m}", {}).items():  # the test images
+                    if dom in index:
+                        target[at + (index[dom],)] = _finite(value)
                 hist = ds[f"history_{m}"].values
                 for dom, curve in srec.get(f"val_{m}", {}).items():
                     if dom in index:

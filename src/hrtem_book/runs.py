@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from . import checkpoints, stacked, train
+from . import checkpoints, metrics, stacked, train
 from .config import (
     FREEZE_OPTIONS,
     DataConfig,
@@ -80,15 +80,17 @@ class Context:
             train.to_device(t, self.device) for t in train.select(self.data, domain, split, n)
         )
 
-    def eval_set(self, n_eval: int | None, n_ood: int | None = None, own=()) -> train.EvalSet:
-        """Validation images of every domain: ``n_eval`` of the domains in ``own`` (those the
+    def eval_set(
+        self, n_eval: int | None, n_ood: int | None = None, own=(), split: str = "val"
+    ) -> train.EvalSet:
+        """Images of ``split`` of every domain: ``n_eval`` of the domains in ``own`` (those the
         stage trains on), ``n_ood`` of the others (None: ``n_eval``), concatenated."""
         n_ood = n_eval if n_ood is None else n_ood
-        key = (n_eval, n_ood, tuple(sorted(own)))
+        key = (n_eval, n_ood, tuple(sorted(own)), split)
         if key not in self._eval:
             sets = {
                 str(d): train.select(
-                    self.data, d, "val", self._clip(n_eval if str(d) in own else n_ood, d)
+                    self.data, d, split, self._clip(n_eval if str(d) in own else n_ood, d, split)
                 )
                 for d in train.dataset_domains(self.data)
             }
@@ -100,12 +102,20 @@ class Context:
             )
         return self._eval[key]
 
-    def _clip(self, n: int | None, domain) -> int | None:
+    def _clip(self, n: int | None, domain, split: str) -> int | None:
         if n is None:
             return None
         spec = get_series(self.data.attrs["series"])
         hit = spec.matches(self.data["domain"].values, domain)
-        return min(n, int((hit & (self.data["split"].values == "val")).sum()))
+        return min(n, int((hit & (self.data["split"].values == split)).sum()))
+
+    def score(self, model: torch.nn.Module, summary: dict, precision: str) -> dict:
+        """``summary`` with the kept model's scores on every test image of every domain
+        (``test_<metric>``: {domain: value}); the test images are read here only, never by
+        the plateau rule or the choice of the kept epoch."""
+        values = train.evaluate_domains(model, self.eval_set(None, split="test"), precision)
+        summary.update({f"test_{m}": values[m] for m in metrics.METRICS})
+        return summary
 
     def model(self, cfg, seed: int):
         with _INIT_LOCK:  # smp/timm initialise from torch's global RNG: one thread at a time
@@ -118,9 +128,12 @@ class Context:
         ``monitor`` weighs the domains whose loss decides when it stops."""
         monitor = {str(d): float(w) for d, w in monitor.items()}
         eval_set = self.eval_set(stage.n_eval, stage.n_eval_ood, tuple(monitor))
-        return train.train_stage(
+        summary, error = train.train_stage(
             model, train_set, eval_set, stage, lr, seed, name, monitor, self.progress
         )
+        if error is None:
+            self.score(model, summary, stage.precision)
+        return summary, error
 
 
 # --- one function per kind of run -------------------------------------------------------------
@@ -171,11 +184,17 @@ def run_mixture(cfg: MixtureConfig, layout: Layout, ctx: Context) -> dict:
     parts = [ctx.tensors(d, "train", n) for d, n in pairs]
     train_set = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
     model = ctx.model(cfg.model, cfg.seed)
-    # the in-domain loss of a mixture: its two domains weighted by their image counts
     summary, error = ctx.train(
-        model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", dict(pairs)
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", mixture_monitor(cfg)
     )
     return build_record(cfg, {"mixture": summary}, error, count_parameters(model))
+
+
+def mixture_monitor(cfg: MixtureConfig) -> dict:
+    """The domain whose validation loss stops a mixture and picks its kept epoch: its target
+    (the second domain), as a transfer to that domain is stopped, so that the two methods the
+    baseline study compares are selected alike."""
+    return {cfg.domains[1]: 1}
 
 
 RUNNERS: dict[str, Callable[[RunConfig, Layout, Context], dict]] = {
@@ -199,7 +218,7 @@ def stack_key(cfg: RunConfig) -> str:
     elif isinstance(cfg, MixtureConfig):
         base = cfg
         key = {"n": cfg.n_images, "stage": cfg.stage, "lr": cfg.lr}
-        own = cfg.domains
+        own = tuple(mixture_monitor(cfg))
     else:
         base = cfg
         key = {"n": cfg.n_train, "stage": cfg.stage, "lr": cfg.lr}
@@ -217,8 +236,10 @@ def _stack_train(ctx: Context, cfgs, models, train_sets, monitors, name: str):
     mons = [{str(d): float(w) for d, w in mon.items()} for mon in monitors]
     seeds = [c.seed for c in cfgs]
     out = stacked.train_stack(models, train_sets, eval_set, stage, cfgs[0].lr, seeds, name, mons)
-    for summary, _ in out:
+    for model, (summary, error) in zip(models, out, strict=True):
         summary["engine"] = f"stack of {len(cfgs)}"
+        if error is None:  # each model holds its kept weights again (Stack.write_back)
+            ctx.score(model, summary, stage.precision)
     return out
 
 
@@ -268,7 +289,7 @@ def _mixture_group(cfgs: list[MixtureConfig], layout: Layout, ctx: Context) -> l
         pairs = [(d, n) for d, n in zip(c.domains, c.n_images, strict=True) if n != 0]
         parts = [ctx.tensors(d, "train", n) for d, n in pairs]
         sets.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
-        monitors.append(dict(pairs))
+        monitors.append(mixture_monitor(c))
     models = [ctx.model(c.model, c.seed) for c in cfgs]
     out = _stack_train(ctx, cfgs, models, sets, monitors, "mixture")
     return [

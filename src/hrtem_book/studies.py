@@ -17,7 +17,7 @@ The companion's synthetic → experimental question is the ``heldout`` study: pr
 synthetic variants (``pretrain_domain``: varied or fixed support thickness, small or large
 particles only) transferred on a few images of an experimental-like domain (``target_domain``:
 ``experimental``, or ``experimental-small``, a transfer set biased to small particles), every
-run evaluated on the experimental-like validation images before and after transfer.
+run evaluated on the experimental-like test images before and after transfer.
 
 The companion study (Sytwu et al.) trains without transfer and tests everywhere: one
 ``generalization-<series>`` study per series (defocus, dose, structure, magnification, substrate)

@@ -149,9 +149,6 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     for m in ("loss", "dice", "iou"):
         hist = ds[f"history_{m}"]
         ds[f"final_{m}"].values[...] = hist.values[..., -1]
-        ds[f"best_{m}"] = (hist.min("epoch") if m == "loss" else hist.max("epoch")).transpose(
-            *ds[f"best_{m}"].dims
-        )
     return ds
 
 
@@ -159,7 +156,9 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
 SYNTHETIC_DOMAINS = (-10.0, 0.0, 10.0)  # the smoke profile's defoci [nm]
 
 
-def synthetic_series(n_train: int = 16, n_val: int = 8, seed: int = 0, px: int = 32) -> xr.Dataset:
+def synthetic_series(
+    n_train: int = 16, n_val: int = 8, seed: int = 0, px: int = 32, n_test: int = 8
+) -> xr.Dataset:
     """Discs (the "particles", mask 1) on noise in the series schema (docs/ARCHITECTURE.md).
 
     The disc contrast is 0.06·domain, or 0.3 at domain 0: it depends on the "defocus" and flips
@@ -171,7 +170,7 @@ def synthetic_series(n_train: int = 16, n_val: int = 8, seed: int = 0, px: int =
     rows = []
     for domain in SYNTHETIC_DOMAINS:
         contrast = 0.06 * domain if domain else 0.3
-        for split, n in (("train", n_train), ("val", n_val)):
+        for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
             for index in range(n):
                 mask = np.zeros((px, px), bool)
                 for _ in range(rng.integers(1, 4)):
@@ -200,7 +199,7 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
     px = data.sim.image_px
     doms, splits, index = [], [], []
     for d in data.domains(series):
-        for split, n in (("train", data.n_train), ("val", data.n_val)):
+        for split, n in (("train", data.n_train), ("val", data.n_val), ("test", data.n_test)):
             doms += [d] * n
             splits += [split] * n
             index += list(range(n))

@@ -161,6 +161,7 @@ def datasets(profile: str) -> Numbers:
         kv=f"{sim.energy_eV / 1e3:g} kV",
         n_train=str(data.n_train),
         n_val=str(data.n_val),
+        n_test=str(data.n_test),
         defoci=", ".join(f"{d:g}" for d in data.defoci_nm) + " nm",
         defocus_dose=f"{data.defocus_series_dose:g} e⁻/Å²",
         doses=", ".join(f"{d:g}" for d in data.doses) + " e⁻/Å²",

@@ -7,7 +7,7 @@ ideal — the models trained on the test domain itself, the diagonal — as in t
 study's figures. Red is worse than the ideal, blue better, white equal.
 
 ``heldout_bars`` draws the synthetic → experimental-like study: for each synthetic training
-variant, the metric on the experimental-like validation images before transfer, after transfer
+variant, the metric on the experimental-like test images before transfer, after transfer
 on a few of them, and after transfer on as many images of small particles only.
 """
 

@@ -1,7 +1,7 @@
 """Generalization measures (chapter 4) and the out-of-distribution figures of chapter 8.
 
 For a model :math:`m` last trained on domain :math:`t(m)` (its pretraining domain after stage 1,
-its target domain after transfer) and its validation loss :math:`L_d(m)` on each evaluation
+its target domain after transfer) and its test loss :math:`L_d(m)` on each evaluation
 domain :math:`d \\in D`:
 
 - in-distribution loss (eq. ``eq-id-loss``):  :math:`L_\\mathrm{ID}(m) = L_{t(m)}(m)`;
