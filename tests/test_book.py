@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from conftest import smoke_project
 
 from hrtem_book import book, results
 from hrtem_book.cli import main
@@ -210,9 +211,9 @@ def test_a_frozen_notebook_is_stopped_with_its_kernel_and_run_again(tmp_path):
     root = _tiny_book(tmp_path / "b", extra_cells=(HANG_ONCE,))
     (nb,) = book.figure_notebooks(root)
     lines: list[str] = []
-    (out,) = book.execute_notebooks([nb], tmp_path / "out", {}, log=lines.append, timeout_s=20)
+    (out,) = book.execute_notebooks([nb], tmp_path / "out", {}, log=lines.append, timeout_s=12)
     assert out.is_file()
-    assert any("still running after 20 s (try 1 of 2)" in line for line in lines), lines
+    assert any("still running after 12 s (try 1 of 2)" in line for line in lines), lines
     frozen_kernel = int((nb.parent / "tried").read_text())
     assert not psutil.pid_exists(frozen_kernel) or (
         psutil.Process(frozen_kernel).status() == psutil.STATUS_ZOMBIE
@@ -513,11 +514,12 @@ def _notebook_pages(site: Path) -> dict[str, str]:
 @needs_myst
 @pytest.mark.slow
 @pytest.mark.browser
-def test_real_book_from_a_real_smoke_sweep(tmp_path):
+def test_real_book_from_a_real_smoke_sweep(tmp_path, smoke_data):
     """`make book PROFILE=smoke` end to end in a copy of the book: the missing database is made
-    by the real sweep (simulation, training, collect), every notebook runs under papermill
-    against it, the placeholders are rewritten, and the real `myst build --html` of the whole
-    book (with the book-theme from ../shared/tools, or fetched) passes the AST check. Then the
+    by the real sweep (training and collect, on the session's simulated series), every notebook
+    runs under papermill against it, the placeholders are rewritten, and the real
+    `myst build --html` of the whole book (with the book-theme from ../shared/tools, or fetched)
+    passes the AST check. Then the
     HTML is served on loopback and read in Chromium: every figure of every page shows a loaded
     image, and no page shows a kernel-connection box, an unexecuted expression, a citation
     without a year, doubled parentheses or a Python repr. Screenshots of chapters 7, 10 and 11
@@ -530,6 +532,7 @@ def test_real_book_from_a_real_smoke_sweep(tmp_path):
         (shutil.copytree if src.is_dir() else shutil.copy2)(src, root / name)
     notebooks = book.figure_notebooks(root)
     assert notebooks, "no figure notebooks"
+    smoke_project(root, smoke_data)  # the session's simulated series (simulation has its tests)
     started = time.time() - 1.0
     installer = THEME_INSTALLER if THEME_INSTALLER.is_file() else None
     # a smoke notebook runs in seconds: a frozen one (a lost kernel reply, seen under load) is
