@@ -26,9 +26,13 @@ $(BOOK_STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[book]'
 	@touch $@
 
-$(STAMP): $(BOOK_STAMP)
+# one resolve for both extras (a fresh `make test` skips the book-only install)
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q "$(TORCH_PIN)" -c $(CONSTRAINTS)
+	$(PIP) install -q --no-deps "$(TORCHVISION_PIN)"
 	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,book]'
-	@touch $@
+	@touch $(BOOK_STAMP) $@
 
 test: $(STAMP) browser slurm
 	$(VENV)/bin/ruff check src tests benchmarks

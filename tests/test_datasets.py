@@ -123,6 +123,12 @@ def test_bad_values_raise_one_line_errors(tmp_path):
         datasets.generate("structure", replace(SMOKE, lattices=("Au",)), tmp_path)
     with pytest.raises(ValueError, match="dose -5.0"):
         replace(SMOKE, doses=(-5.0,))
+    # small and large particles must be two populations: overlapping ranges are refused
+    with pytest.raises(ValueError, match=r"small_radius_nm=\(1.0, 2.0\).*apart"):
+        replace(SMOKE, small_radius_nm=(1.0, 2.0), large_radius_nm=(1.8, 2.3))
+    for name in ("paper", "laptop", "gpu", "smoke"):
+        data = get_profile(name).data
+        assert data.small_radius_nm[1] < data.large_radius_nm[0], name
     with pytest.raises(ValueError, match="too coarse"):
         replace(SMOKE.sim, sampling_A=0.5, pixel_A=1.0)
     coarse = replace(SMOKE, sim=replace(SMOKE.sim, pixel_A=4.0))

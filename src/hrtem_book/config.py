@@ -236,6 +236,13 @@ class DataConfig:
                 f"n_train={self.n_train}, n_val={self.n_val}, n_test={self.n_test}: "
                 "each must be >= 1"
             )
+        (s_lo, s_hi), (l_lo, l_hi) = self.small_radius_nm, self.large_radius_nm
+        if not (0 < s_lo <= s_hi < l_lo <= l_hi):
+            raise ValueError(
+                f"small_radius_nm={self.small_radius_nm}, large_radius_nm="
+                f"{self.large_radius_nm}: allowed are ranges with 0 < small ≤ … < large ≤ …, "
+                "apart (a size effect needs two populations)"
+            )
         for d in self.doses + (self.defocus_series_dose, self.structure_series_dose):
             if not d > 0:
                 raise ValueError(f"dose {d!r} e⁻/Å² is not allowed: doses must be > 0")
