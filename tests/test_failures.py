@@ -238,6 +238,8 @@ def test_6_train_without_transfer_needs_no_transfer_size(tmp_path, smoke_data):
         (["sweep", "--study", "dose", "--profile", "smoke", "--workers", "-2"],
          ["--workers -2", "allowed: an integer >= 1"]),
         (["live", "--profile", "nope"], ["unknown profile 'nope'"]),
+        (["book", "--profile", "smoke", "--notebook-timeout-s", "0"],
+         ["--notebook-timeout-s 0", "allowed: a positive number of seconds"]),
         (TRAIN + ["--seed", "-1"], ["seed=-1", "an integer >= 0"]),
         (TRAIN + ["--n-transfer", "4"], ["--n-transfer without --transfer"]),
         (TRAIN + ["--transfer", "10"], ["--transfer needs --n-transfer", "allowed: 1..8"]),

@@ -40,6 +40,7 @@ from .build import (
 from .check import BookCheckError, check_page, check_site
 from .live import prepare_live, serve_live, voila_command
 from .notebooks import (
+    NOTEBOOK_TIMEOUT_S,
     chapter_placeholders,
     check_placeholders,
     declared_parameters,
@@ -96,6 +97,11 @@ def _cli_book(args: argparse.Namespace) -> int:
         print(f"book: the site in {site} passes the AST check")
         return 0
     offline = {"auto": None, "yes": True, "no": False}[args.offline]
+    if not 0 < args.notebook_timeout_s < float("inf"):
+        raise ValueError(
+            f"--notebook-timeout-s {args.notebook_timeout_s:g}; allowed: a positive number of "
+            "seconds"
+        )
     try:
         result = build_book(
             profile,
@@ -105,6 +111,7 @@ def _cli_book(args: argparse.Namespace) -> int:
             offline=offline,
             theme_installer=args.theme_installer,
             engine=args.engine,
+            notebook_timeout_s=args.notebook_timeout_s,
         )
     except BookCheckError as exc:
         print(f"hrtem-book book: FAILED: {exc}", file=sys.stderr)
@@ -153,6 +160,13 @@ def register_cli(subparsers) -> None:
         default="myst",
         choices=ENGINES,
         help="the tool that builds the HTML: mystmd (myst) or Jupyter Book 2 (jupyter-book)",
+    )
+    p.add_argument(
+        "--notebook-timeout-s",
+        type=float,
+        default=NOTEBOOK_TIMEOUT_S,
+        help="a figure notebook still running after this many seconds is stopped with its "
+        f"kernel and run once more (default {NOTEBOOK_TIMEOUT_S:g}; raise it for large databases)",
     )
     p.add_argument("--check-only", action="store_true", help="only check the last built site")
     p.set_defaults(func=_cli_book)

@@ -17,8 +17,10 @@ from ..results import REDUCTIONS
 from .check import BookCheckError
 
 Log = Callable[[str], None]
-# a figure notebook reads a database and draws: seconds at laptop scale; ten minutes means a hang
-NOTEBOOK_TIMEOUT_S = 600.0
+# a figure notebook reads a database and draws: 5-8 s at laptop scale, so two minutes means a
+# freeze (papermill waiting for a reply its idle kernel already sent: seen in 3 of about 10
+# executions of example_images.ipynb on 2026-12-07, cause unknown); `book --notebook-timeout-s`
+NOTEBOOK_TIMEOUT_S = 120.0
 
 _LABEL = re.compile(r"^\s*#\s*\|\s*label:\s*(\S+)", re.MULTILINE)
 # a figure directive embedding an app: label: its options, then its caption up to the closing fence
