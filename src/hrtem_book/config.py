@@ -225,6 +225,11 @@ class DataConfig:
     measured: MeasuredImaging = field(default_factory=MeasuredImaging)
     seed: int = 0
 
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Images per domain of each split, in storage order: train, val, test."""
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}
+
     def domains(self, series: str) -> tuple[Domain, ...]:
         """Every domain of ``series`` in storage order: defoci [nm], doses [e⁻/Å²] or
         structure names ``"<lattice>-<size>"`` (see :mod:`hrtem_book.series`)."""

@@ -56,7 +56,7 @@ from .simulate import check_device
 
 GENERATOR_VERSION = 5  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
-SPLITS = ("train", "val", "test")
+SPLITS = tuple(DataConfig().split_sizes)  # ("train", "val", "test")
 SIZES = ("small", "large")
 
 
@@ -145,7 +145,7 @@ def _units(series: str, data: DataConfig) -> list[_Unit]:
     sources = dict.fromkeys(spec.scene_source(data, d) for d in data.domains(series))
     out = []
     for group, key in sources:
-        for split, n in zip(SPLITS, (data.n_train, data.n_val, data.n_test), strict=True):
+        for split, n in data.split_sizes.items():
             for s in range(0, n, CHUNK_SCENES):
                 out.append(_Unit(group, key, split, s, min(s + CHUNK_SCENES, n)))
     return out
@@ -408,7 +408,7 @@ def series_problem(series: str, data: DataConfig, root: str | Path) -> str | Non
     path = series_path(series, data, root)
     if not path.exists():
         return None
-    expected = len(data.domains(series)) * (data.n_train + data.n_val + data.n_test)
+    expected = len(data.domains(series)) * sum(data.split_sizes.values())
     try:
         with xr.open_dataset(path) as ds:
             if ds.attrs.get("config_hash") != series_hash(series, data):

@@ -179,15 +179,20 @@ def run_transfer(cfg: TransferConfig, layout: Layout, ctx: Context) -> dict:
 
 
 def run_mixture(cfg: MixtureConfig, layout: Layout, ctx: Context) -> dict:
-    # a mix such as "0:512" (studies.parse_mix allows a zero share) trains on one domain alone
-    pairs = [(d, n) for d, n in zip(cfg.domains, cfg.n_images, strict=True) if n != 0]
-    parts = [ctx.tensors(d, "train", n) for d, n in pairs]
-    train_set = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+    train_set = _mixture_set(cfg, ctx)
     model = ctx.model(cfg.model, cfg.seed)
     summary, error = ctx.train(
         model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", mixture_monitor(cfg)
     )
     return build_record(cfg, {"mixture": summary}, error, count_parameters(model))
+
+
+def _mixture_set(cfg: MixtureConfig, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images of a mixture, its domains' in order; a mix such as "0:512"
+    (studies.parse_mix allows a zero share) trains on one domain alone."""
+    parts = [ctx.tensors(d, "train", n)
+             for d, n in zip(cfg.domains, cfg.n_images, strict=True) if n != 0]  # fmt: skip
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def mixture_monitor(cfg: MixtureConfig) -> dict:
@@ -284,12 +289,8 @@ def _transfer_group(cfgs: list[TransferConfig], layout: Layout, ctx: Context) ->
 
 
 def _mixture_group(cfgs: list[MixtureConfig], layout: Layout, ctx: Context) -> list[dict]:
-    sets, monitors = [], []
-    for c in cfgs:
-        pairs = [(d, n) for d, n in zip(c.domains, c.n_images, strict=True) if n != 0]
-        parts = [ctx.tensors(d, "train", n) for d, n in pairs]
-        sets.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
-        monitors.append(mixture_monitor(c))
+    sets = [_mixture_set(c, ctx) for c in cfgs]
+    monitors = [mixture_monitor(c) for c in cfgs]
     models = [ctx.model(c.model, c.seed) for c in cfgs]
     out = _stack_train(ctx, cfgs, models, sets, monitors, "mixture")
     return [

@@ -199,7 +199,7 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
     px = data.sim.image_px
     doms, splits, index = [], [], []
     for d in data.domains(series):
-        for split, n in (("train", data.n_train), ("val", data.n_val), ("test", data.n_test)):
+        for split, n in data.split_sizes.items():
             doms += [d] * n
             splits += [split] * n
             index += list(range(n))
