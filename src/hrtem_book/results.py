@@ -283,7 +283,7 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
         fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
     for m in METRICS:
         hi = np.inf if m == "loss" else 1.0  # cross-entropy >= 0; Dice and IoU in [0, 1]
-        for var in (f"final_{m}", f"history_{m}"):
+        for var in (metric_var(m, kind) for kind in METRIC_KINDS):
             values = ds[var].values
             # non-finite values are stored as NaN, never as ±inf
             with np.errstate(invalid="ignore"):
