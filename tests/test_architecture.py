@@ -32,9 +32,10 @@ ORDER = (
     "hrtem_book.executors",
     "hrtem_book.sweep",
     "hrtem_book.results",
+    "hrtem_book.findings",  # the rules and their stamp (collect stamps the databases)
+    "hrtem_book.power",
     "hrtem_book.testing",
     "hrtem_book.campaign",
-    "hrtem_book.findings",
     "hrtem_book.figures",
     "hrtem_book.figures._common",
     "hrtem_book.figures.generalization",

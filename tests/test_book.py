@@ -20,7 +20,7 @@ import nbformat
 import pytest
 from conftest import smoke_project
 
-from hrtem_book import book, results
+from hrtem_book import book, findings, results
 from hrtem_book.cli import main
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import PROFILES, get_profile
@@ -430,7 +430,7 @@ def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
                 results.save_database(synthetic_database(study), path)
 
     monkeypatch.setattr(sweep, "run_sweep", fake_sweep)
-    monkeypatch.setattr(results, "collect", fake_collect)
+    monkeypatch.setattr(findings, "collect", fake_collect)
     layout = Layout(tmp_path, "smoke")
     results.save_database(synthetic_database("defocus"), layout.database_path("defocus"))
     out = book.ensure_database(SMOKE, tmp_path, log=lambda m: None)

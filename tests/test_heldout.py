@@ -15,17 +15,10 @@ from conftest import smoke_project
 
 from hrtem_book import datasets, simulate
 from hrtem_book.config import MeasuredImaging
-from hrtem_book.findings import (
-    FAILS,
-    HOLDS,
-    UNMEASURABLE,
-    size_bias_hurts_transfer,
-    synthetic_variants_matter,
-    transfer_rescues_experimental,
-)
+from hrtem_book.findings import FAILS, HOLDS, UNMEASURABLE, collect, get_rule, score
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
-from hrtem_book.results import collect, heldout_table, load_database
+from hrtem_book.results import heldout_table, load_database
 from hrtem_book.series import HELDOUT_MEASURED, HELDOUT_SYNTHETIC, fixed_support_nm, get_series
 from hrtem_book.simulate import (
     CTF,
@@ -203,6 +196,18 @@ def test_heldout_database_holds_before_and_after_on_the_experimental_images(held
         dice = rec["stages"]["pretrain"]["test_dice"]["experimental"]  # its test images
         got = table.sel(pretrain_domain=cfg.domain, seed=cfg.seed, case="before")
         assert float(got) == pytest.approx(dice, abs=1e-4)  # databases keep 4 digits
+
+
+def synthetic_variants_matter(dbs):
+    return score(get_rule("G4"), dbs, "dice")
+
+
+def transfer_rescues_experimental(dbs):
+    return score(get_rule("G5"), dbs, "dice")
+
+
+def size_bias_hurts_transfer(dbs):
+    return score(get_rule("G6"), dbs, "dice")
 
 
 def test_heldout_findings_need_two_seeds(heldout_db):

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from . import __version__, train
 from .config import ModelConfig, SimulationConfig
+from .findings import collect
 from .layout import Layout, atomic_write_text, check_writable, git_commit
 from .models import build_model
 from .profiles import PROFILES, Profile, get_profile
-from .results import collect, load_database, save_database
+from .results import load_database, save_database
 from .stacked import Stack
 from .studies import STUDY_NAMES
 from .sweep import check_profile_compute, prepare_data, run_sweep

@@ -14,7 +14,7 @@ import importlib
 import sys
 
 # modules in data-flow order; a module that is missing or lacks register_cli is skipped
-_COMMAND_MODULES = ("datasets", "runs", "sweep", "results", "campaign", "book")
+_COMMAND_MODULES = ("datasets", "runs", "sweep", "findings", "campaign", "book")
 
 
 class UserError(Exception):

@@ -1,24 +1,52 @@
-"""The study's findings as statistics over the results databases, each with a verdict.
+"""The study's findings as statistical tests over the results databases, each with a verdict.
 
 F1-F8 are the transfer-learning study's (Rangel DaCosta et al.), G1-G6 its companion's (Sytwu et
 al.: how far a network trained without transfer generalizes, G1-G3, and how synthetic training
 carries to experimental-like images, G4-G6).
 
-:func:`evaluate` turns a set of databases (``{"defocus": ds, "dose": ds, ...}``) into one
-:class:`Finding` per claim of the study: the claim (in our words), the rule that decides it, the
-numbers behind it and the verdict — ``holds``, ``does not hold`` or ``not measurable`` (the grid
-lacks what the statistic needs). The rules were fixed before any database was built and never
-depend on the outcome; a finding that fails is reported as failing.
+Each finding is a :class:`Rule` written as data: the claim (our words, no stronger than the
+source sentence it cites), its contrasts and the decision. A **contrast** is a paired comparison
+measured once per seed: the mean, over every cell of the grid it pairs, of a difference of log
+errors (error = the loss, or 1 − Dice / 1 − IoU, so lower is better and a difference of logs is
+a relative change). The seed is the unit — models of one seed share nothing with those of
+another, while the transfer models of one seed share their pretrained model — so the interval of
+a contrast is the Student-t interval of the mean of its per-seed values
+(:func:`scipy.stats.ttest_1samp`), and a contrast is decided on that interval against ``0`` and
+the smallest effect the claim would mean, :data:`DELTA` (a 10 % relative change: the sources
+give no size of their own):
 
-Every statistic uses the model each stage kept (``final_<metric>``), on the error scale of the
-metric: the loss itself, or 1 − Dice / 1 − IoU, so that lower is better throughout and the
-same rule serves every metric. Groups of models are summarised by their median over every
-axis not named (seeds, learning rates, freezing options, ...), as the study's figures do.
+- ``greater`` (the claim: the contrast is positive): *holds* when the interval lies above 0,
+  *does not hold* when it lies below δ (an effect the claim would mean is excluded);
+- ``below`` (the claim: a cost that is small): *holds* when the interval lies below δ, *does
+  not hold* when it lies above δ;
+- ``within`` (the claim: two ways do about as well): *holds* when the interval lies inside
+  (−δ, δ), *does not hold* when it lies outside;
+- ``differs`` (the claim: a choice matters, either way): *holds* when the interval excludes 0,
+  *does not hold* when it lies inside (−δ, δ);
+
+and *inconclusive at this scale* otherwise. A finding with several contrasts holds when every
+one holds (an intersection-union test: no correction needed), does not hold when any does not,
+and is inconclusive otherwise. Why not a bootstrap over seeds: with three seeds the resampling
+distribution of a mean has ten points, and a 95 % percentile interval excludes 0 whenever the
+three share a sign — a quarter of the time with no effect at all. The t interval keeps its
+level with three seeds; its price is power, which :mod:`hrtem_book.power` measures per rule.
+
+The rule set (claims, sources, statistics, decisions and the code of the contrasts) is hashed
+(:func:`ruleset_sha`); :func:`collect` stamps the hash into every database it writes, and a
+database stamped with another rule set is reported as such, never scored.
+
+What the seed as unit does not see: the test images of one domain are shared by every model
+scored on it, so a contrast *between* evaluation domains (F1, F5's second part, F8's first)
+also carries the sampling error of those images, which the databases do not yet store per image.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import inspect
+import json
 import math
 import warnings
 from collections.abc import Callable, Mapping
@@ -27,37 +55,177 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy import stats
 
+from .layout import Layout
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
-from .results import heldout_table, metric_var, on_domain
+from .profiles import get_profile
+from .results import STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
+from .results import collect as collect_databases
 from .series import match_index
 
-HOLDS, FAILS, UNMEASURABLE = "holds", "does not hold", "not measurable"
+HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive at this scale"
+UNMEASURABLE, STALE = "not measurable", "not scored: database of another rule set"
+VERDICTS = (HOLDS, FAILS, INCONCLUSIVE, UNMEASURABLE, STALE)
+KINDS = ("greater", "below", "within", "differs")
+CONFIDENCE = 0.95  # two-sided level of every interval
+DELTA = math.log(1.10)  # smallest effect a claim means: a 10 % relative change of the error
+ERROR_FLOOR = 1e-4  # errors below this (a perfect Dice) count as this, so logs stay finite
 # the series of the companion's finding G3 (imaging conditions and support)
 CONDITION_SERIES = ("dose", "defocus", "substrate")
-VERDICTS = (HOLDS, FAILS, UNMEASURABLE)
 IN_FOCUS_NM = 0.0  # the in-focus defocus domain
+RULESET_ATTR = "ruleset_sha"  # database attribute holding the stamp
+# when the rule set last changed, and its hash then (a test keeps the two in step with the code)
+RULESET_DATE = "2026-12-07"
+RULESET_SHA = "fbfe02ff41bdc9a5"
+
+
+class NotMeasurable(Exception):
+    """The grid lacks what a rule needs; the message says what."""
+
+
+@dataclass(frozen=True)
+class Contrast:
+    """One paired comparison: its value per seed (log-error difference) and how it is decided."""
+
+    name: str  # what is compared, in words
+    kind: str  # one of KINDS
+    per_seed: np.ndarray  # one value per seed (NaN: a seed without the pair)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A contrast decided: mean over seeds, its t interval and the contrast's verdict."""
+
+    name: str
+    kind: str
+    estimate: float
+    low: float
+    high: float
+    n_seeds: int
+    verdict: str
+
+    def text(self) -> str:
+        """``"+12 % [+3 %, +21 %]"``: the relative change of the error with its interval."""
+        return f"{pct_change(self.estimate)} [{pct_change(self.low)}, {pct_change(self.high)}]"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One claim of the study and the test that decides it, as data."""
+
+    key: str  # "F1", ...
+    title: str  # a few words
+    claim: str  # the source's statement, in our words and no stronger
+    source: tuple[str, str]  # (seed file prefix, a few words that locate the sentence)
+    statistic: str  # what is compared, in words
+    contrasts: Callable[[Mapping[str, xr.Dataset], str], list[Contrast]]
+    studies: tuple[str, ...]  # the databases it reads
+
+    def data(self) -> dict[str, Any]:
+        """Everything that decides the verdict, for the hash: text, constants and code."""
+        return {
+            "key": self.key,
+            "claim": self.claim,
+            "source": list(self.source),
+            "statistic": self.statistic,
+            "studies": list(self.studies),
+            "code": inspect.getsource(self.contrasts),
+        }
 
 
 @dataclass(frozen=True)
 class Finding:
     """One claim of the study, tested on this build's databases."""
 
-    key: str  # "F1", ...
-    title: str  # a few words
-    claim: str  # the study's statement, in our words
-    rule: str  # what is computed and when it holds
+    key: str
+    title: str
+    claim: str
+    rule: str  # the statistic and its decision, in words
     verdict: str  # one of VERDICTS
-    summary: str  # one sentence with the numbers
+    summary: str  # one sentence with the numbers and their intervals
     numbers: dict[str, Any] = field(default_factory=dict)
     metric: str = "loss"
+    intervals: tuple[Interval, ...] = ()
 
     @property
     def holds(self) -> bool:
         return self.verdict == HOLDS
 
 
-# --- helpers ----------------------------------------------------------------------------------
+# --- the decision -----------------------------------------------------------------------------
+def pct_change(log_ratio: float) -> str:
+    """A log-error difference as the relative change it means: ``+12 %``."""
+    if not math.isfinite(log_ratio):
+        return "n/a"
+    return f"{100 * math.expm1(log_ratio):+.0f} %".replace("-", "−")
+
+
+def t_intervals(rows: np.ndarray, confidence: float = CONFIDENCE):
+    """Per row of ``rows`` (draws × seeds, finite): the mean and its two-sided Student-t
+    interval (:func:`scipy.stats.ttest_1samp`); a row without spread has a zero-width one."""
+    rows = np.asarray(rows, float)
+    mean = rows.mean(axis=-1)
+    if rows.shape[-1] < 2:  # one seed: no interval
+        nan = np.full(mean.shape, np.nan)
+        return mean, nan, nan
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = stats.ttest_1samp(rows, 0.0, axis=-1).confidence_interval(confidence)
+    flat = np.ptp(rows, axis=-1) == 0
+    return mean, np.where(flat, mean, ci.low), np.where(flat, mean, ci.high)
+
+
+def t_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean of the finite ``values`` and its interval (:func:`t_intervals`); NaN with < 2."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return (float(v.mean()) if v.size else math.nan), math.nan, math.nan
+    mean, low, high = t_intervals(v[None, :], confidence)
+    return float(mean[0]), float(low[0]), float(high[0])
+
+
+def decide(kind: str, low: float, high: float, delta: float = DELTA) -> str:
+    """The verdict of one contrast from its interval (see the module docstring)."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return UNMEASURABLE
+    inside = -delta < low and high < delta
+    if kind == "greater":
+        return HOLDS if low > 0 else FAILS if high < delta else INCONCLUSIVE
+    if kind == "below":
+        return HOLDS if high < delta else FAILS if low > delta else INCONCLUSIVE
+    if kind == "within":
+        return HOLDS if inside else FAILS if (low > delta or high < -delta) else INCONCLUSIVE
+    if kind == "differs":
+        return HOLDS if (low > 0 or high < 0) else FAILS if inside else INCONCLUSIVE
+    raise ValueError(f"kind={kind!r}; allowed: {', '.join(KINDS)}")
+
+
+def combine(verdicts: list[str]) -> str:
+    """Several contrasts: holds if every one holds, does not hold if any does not."""
+    if any(v == UNMEASURABLE for v in verdicts) or not verdicts:
+        return UNMEASURABLE
+    if all(v == HOLDS for v in verdicts):
+        return HOLDS
+    return FAILS if FAILS in verdicts else INCONCLUSIVE
+
+
+def test_contrast(c: Contrast, delta: float = DELTA) -> Interval:
+    est, lo, hi = t_interval(c.per_seed)
+    n = int(np.isfinite(np.asarray(c.per_seed, float)).sum())
+    return Interval(c.name, c.kind, est, lo, hi, n, decide(c.kind, lo, hi, delta))
+
+
+# --- reading the databases --------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet():
+    """All-NaN groups give NaN by design: no RuntimeWarning about them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _error(da: xr.DataArray, metric: str) -> xr.DataArray:
     """The metric on a lower-is-better scale: the loss, or 1 − Dice / 1 − IoU."""
     return 1.0 - da if HIGHER_IS_BETTER[metric] else da
@@ -74,14 +242,527 @@ def _stage(ds: xr.Dataset, stage: str, metric: str) -> xr.DataArray:
     return _error(da, metric)
 
 
-@contextlib.contextmanager
-def _quiet():
-    """All-NaN groups give NaN by design: no RuntimeWarning about them."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
+def _log(da: xr.DataArray) -> xr.DataArray:
+    return np.log(da.clip(min=ERROR_FLOOR))
 
 
+def _log_stage(ds: xr.Dataset, stage: str, metric: str) -> xr.DataArray:
+    """Log error of every model after ``stage``."""
+    return _log(_stage(ds, stage, metric))
+
+
+def per_seed(da: xr.DataArray) -> xr.DataArray:
+    """Mean over every dim but ``seed`` (NaN-aware): one value per seed."""
+    dims = [d for d in da.dims if d != "seed"]
+    with _quiet():
+        return da.mean(dims, skipna=True) if dims else da
+
+
+def _spread(da: xr.DataArray, dim: str) -> xr.DataArray:
+    """Log of the sample sd (ddof 1) across ``dim``: a relative spread, NaN with < 2 values."""
+    with _quiet():
+        return np.log(da.std(dim, ddof=1, skipna=True).where(da.count(dim) >= 2))
+
+
+def _db(dbs: Mapping[str, xr.Dataset], name: str) -> xr.Dataset:
+    ds = dbs.get(name)
+    if ds is None:
+        raise NotMeasurable(f"no {name} database")
+    if ds.sizes.get("seed", 0) < 2:
+        raise NotMeasurable(f"two or more seeds needed (the {name} database has one)")
+    return ds
+
+
+def _name(domain) -> str:
+    return f"{domain:g}" if isinstance(domain, int | float) else str(domain)
+
+
+def _parts(name: str) -> tuple[str, str]:
+    """``"<lattice>-<size>"`` → (lattice, size)."""
+    lattice, _, size = str(name).rpartition("-")
+    return lattice, size
+
+
+# --- the transfer-learning study --------------------------------------------------------------
+def _in_focus_hardest(dbs, metric):
+    ds = _db(dbs, "defocus")
+    targets = ds["target_domain"].values
+    j = match_index(targets, IN_FOCUS_NM)
+    if j < 0 or len(targets) < 2:
+        raise NotMeasurable("0 nm and another target needed")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    focus = per_seed(after.isel(target_domain=j))
+    return [
+        Contrast(f"0 nm against {_name(t)} nm", "greater",
+                 (focus - per_seed(after.isel(target_domain=i))).values)
+        for i, t in enumerate(targets.tolist()) if i != j
+    ]  # fmt: skip
+
+
+def _pretraining_matters_less(dbs, metric):
+    ds = _db(dbs, "defocus")
+    if ds.sizes["pretrain_domain"] < 2:
+        raise NotMeasurable("two or more pretraining defoci needed")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    before = on_domain(_log_stage(ds, "pretrain", metric), "target_domain")
+    before = before.where(np.isfinite(after))  # the same (pretraining, target) cells
+    shrink = per_seed(_spread(before, "pretrain_domain")) - per_seed(
+        _spread(after, "pretrain_domain")
+    )
+    return [Contrast("spread before against after transfer", "greater", shrink.values)]
+
+
+def _freezing_costs(dbs, metric):
+    ds = _db(dbs, "defocus")
+    if not {"none", "encoder", "decoder"} <= set(ds["freeze"].values.tolist()):
+        raise NotMeasurable("all three freezing options needed")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    enc, dec, none = (after.sel(freeze=f, drop=True) for f in ("encoder", "decoder", "none"))
+    return [
+        Contrast("encoder frozen against decoder frozen", "greater", per_seed(enc - dec).values),
+        Contrast("decoder frozen against nothing frozen", "below", per_seed(dec - none).values),
+    ]
+
+
+def _more_images_help(dbs, metric):
+    ds = _db(dbs, "defocus")
+    if ds.sizes.get("n_transfer", 0) < 2:
+        raise NotMeasurable("two or more transfer sizes needed")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    sizes = [int(n) for n in ds["n_transfer"].values]
+    out = [
+        Contrast(f"N = {a} against N = {b}", "greater",
+                 per_seed(after.sel(n_transfer=a) - after.sel(n_transfer=b)).values)
+        for a, b in zip(sizes, sizes[1:], strict=False)
+    ]  # fmt: skip
+
+    def spread(n: int) -> xr.DataArray:  # across configurations, per seed
+        da = after.sel(n_transfer=n, drop=True)
+        flat = da.stack(config=[d for d in da.dims if d != "seed"])
+        return _spread(flat, "config")
+
+    out.append(
+        Contrast(f"spread at N = {sizes[0]} against N = {sizes[-1]}", "greater",
+                 (spread(sizes[0]) - spread(sizes[-1])).values)
+    )  # fmt: skip
+    return out
+
+
+def _axis_spreads(table: xr.DataArray, a: str, b: str) -> xr.DataArray:
+    """Per seed: spread across ``a`` of the means over ``b``, minus spread across ``b`` of the
+    means over ``a`` (log sds): positive when ``a`` moves the error more."""
+    rest = [d for d in table.dims if d not in (a, b, "seed")]
+    with _quiet():
+        t = table.mean(rest, skipna=True) if rest else table
+        return _spread(t.mean(b, skipna=True), a) - _spread(t.mean(a, skipna=True), b)
+
+
+def _dose_follows_target(dbs, metric):
+    ds = _db(dbs, "dose")
+    if ds.sizes["pretrain_domain"] < 3:
+        raise NotMeasurable("three or more doses needed")
+    doses = [float(d) for d in ds["pretrain_domain"].values]
+    lowest = doses.index(min(doses))
+    before = _log_stage(ds, "pretrain", metric)  # every evaluation dose
+    low = per_seed(before.isel(pretrain_domain=lowest))
+    others = per_seed(before.drop_isel(pretrain_domain=lowest))
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    return [
+        Contrast(f"pretrained at {min(doses):g} e⁻/Å² against the other doses", "greater",
+                 (low - others).values),
+        Contrast("target dose against pretraining dose after transfer", "greater",
+                 _axis_spreads(after, "target_domain", "pretrain_domain").values),
+    ]  # fmt: skip
+
+
+def _transfer_matches_mixture(dbs, metric):
+    base, transfer = _db(dbs, "baseline"), _db(dbs, "defocus")
+    mix_err = _log_stage(base, "mixture", metric)
+    t_err = on_domain(_log_stage(transfer, "transfer", metric), "target_domain")
+    sizes = [int(n) for n in transfer["n_transfer"].values]
+    diffs = []
+    for a in base["domain_a"].values.tolist():
+        for b in base["domain_b"].values.tolist():
+            pa = match_index(transfer["pretrain_domain"].values, a)
+            tb = match_index(transfer["target_domain"].values, b)
+            if a == b or pa < 0 or tb < 0:
+                continue
+            for mix in base["mix"].values.tolist():
+                n_b = int(str(mix).split(":")[1])
+                if n_b not in sizes:
+                    continue
+                m = mix_err.sel(domain_a=a, domain_b=b, mix=mix)
+                m = per_seed(m.isel(eval_domain=match_index(m["eval_domain"].values, b)))
+                t = per_seed(t_err.isel(pretrain_domain=pa, target_domain=tb).sel(n_transfer=n_b))
+                diffs.append((m - t).values)
+    if not diffs:
+        raise NotMeasurable("no mixture holds as many target images as a transfer run")
+    with _quiet():
+        diff = np.nanmean(np.stack(diffs), axis=0)
+    return [Contrast(f"mixture against transfer ({len(diffs)} pairs)", "within", diff)]
+
+
+def _in_focus_pretraining_asymmetry(dbs, metric):
+    ds = _db(dbs, "defocus")
+    pre, tgt = ds["pretrain_domain"].values, ds["target_domain"].values
+    if match_index(pre, IN_FOCUS_NM) < 0 or match_index(tgt, IN_FOCUS_NM) < 0:
+        raise NotMeasurable("0 nm must be pretrained and targeted")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    own = on_domain(_log_stage(ds, "pretrain", metric), "pretrain_domain")
+
+    def gap(p, t) -> xr.DataArray:  # transfer p → t above the model pretrained on t itself
+        i, j = match_index(pre, p), match_index(tgt, t)
+        return per_seed(after.isel(pretrain_domain=i, target_domain=j)) - per_seed(
+            own.isel(pretrain_domain=match_index(pre, t))
+        )
+
+    both = [d for d in pre.tolist() if d != IN_FOCUS_NM and match_index(tgt, d) >= 0]
+    if not both:
+        raise NotMeasurable("no defocus transferred both ways")
+    diff = sum(gap(d, IN_FOCUS_NM) - gap(IN_FOCUS_NM, d) for d in both) / len(both)
+    return [Contrast("gap to focus against gap from focus", "greater", diff.values)]
+
+
+def _structure_follows_target(dbs, metric):
+    ds = _db(dbs, "structure")
+    names = [str(n) for n in ds["pretrain_domain"].values]
+    parts = {n: _parts(n) for n in names}
+    if len({p[0] for p in parts.values()}) < 2 or len({p[1] for p in parts.values()}) < 2:
+        raise NotMeasurable("two lattices and two sizes needed")
+    after = on_domain(_log_stage(ds, "transfer", metric), "target_domain")
+    before = on_domain(_log_stage(ds, "pretrain", metric), "target_domain")
+
+    def effect(same: int) -> xr.DataArray:
+        """Per seed: mean |Δ log error| on a target between pretraining sets equal in part
+        ``same`` only (0: same lattice, other size; 1: same size, other lattice)."""
+        diffs = [
+            abs(before.sel(pretrain_domain=p) - before.sel(pretrain_domain=q))
+            for i, p in enumerate(names) for q in names[i + 1 :]
+            if parts[p][same] == parts[q][same] and parts[p] != parts[q]
+        ]  # fmt: skip
+        return per_seed(xr.concat(diffs, "pair"))
+
+    return [
+        Contrast("target set against pretraining set after transfer", "greater",
+                 _axis_spreads(after, "target_domain", "pretrain_domain").values),
+        Contrast("lattice against particle size before transfer", "greater",
+                 (np.log(effect(1)) - np.log(effect(0))).values),
+    ]  # fmt: skip
+
+
+# --- the companion study: generalization without transfer, and onto experimental-like images --
+def _gaps(ds: xr.Dataset, metric: str) -> dict[tuple, xr.DataArray]:
+    """Per (training, test) pair of distinct domains that are both trained and tested: the log
+    error on ``test`` of the models trained on ``training`` minus that of the models trained on
+    ``test`` itself (the in-domain ideal), per seed."""
+    err = _log_stage(ds, "pretrain", metric)  # train_domain, seed, eval_domain
+    trains = ds["train_domain"].values.tolist()
+    tests = err["eval_domain"].values
+    out = {}
+    for u in trains:
+        j = match_index(tests, u)
+        if j < 0:
+            continue
+        ideal = err.sel(train_domain=u).isel(eval_domain=j)
+        for t in trains:
+            if t != u:
+                out[(t, u)] = err.sel(train_domain=t).isel(eval_domain=j) - ideal
+    return out
+
+
+def _mean_gap(ds: xr.Dataset, metric: str) -> np.ndarray:
+    gaps = _gaps(ds, metric)
+    if not gaps:
+        raise NotMeasurable("two or more domains trained and tested needed")
+    with _quiet():
+        return xr.concat(list(gaps.values()), "pair").mean("pair", skipna=True).values
+
+
+def _not_scale_invariant(dbs, metric):
+    ds = _db(dbs, "generalization-magnification")
+    return [Contrast("other pixel size against the in-domain ideal", "greater",
+                     _mean_gap(ds, metric))]  # fmt: skip
+
+
+def _large_particles_generalize_worst(dbs, metric):
+    ds = _db(dbs, "generalization-structure")
+    by_size: dict[str, list] = {"small": [], "large": []}
+    for (t, _), g in _gaps(ds, metric).items():
+        size = _parts(t)[1]
+        if size in by_size:
+            by_size[size].append(g)
+    if not by_size["small"] or not by_size["large"]:
+        raise NotMeasurable("models trained on both sizes needed")
+    with _quiet():
+        mean = {k: xr.concat(v, "pair").mean("pair", skipna=True) for k, v in by_size.items()}
+    return [Contrast("gap of large-particle models against small-particle models", "greater",
+                     (mean["large"] - mean["small"]).values)]  # fmt: skip
+
+
+def _conditions_shape_generalization(dbs, metric):
+    return [
+        Contrast(f"{series}: other {series} against the in-domain ideal", "greater",
+                 _mean_gap(_db(dbs, f"generalization-{series}"), metric))
+        for series in CONDITION_SERIES
+    ]  # fmt: skip
+
+
+def _heldout(dbs, metric, cases: tuple[str, ...]) -> xr.DataArray:
+    """Log error on the experimental-like test images by (pretrain_domain, seed, case)."""
+    ds = _db(dbs, "heldout")
+    table = _log(_error(heldout_table(ds, metric), metric))
+    if not set(cases) <= set(table["case"].values.tolist()):
+        raise NotMeasurable(f"held-out cases {', '.join(cases)} needed")
+    return table
+
+
+def _synthetic_variants_matter(dbs, metric):
+    before = _heldout(dbs, metric, ("before",)).sel(case="before", drop=True)
+    variants = set(before["pretrain_domain"].values.tolist())
+    pairs = {"support: fixed against varied thickness": ("fixed-support", "varied"),
+             "size: large against small particles": ("large", "small")}  # fmt: skip
+    if not all(set(p) <= variants for p in pairs.values()):
+        raise NotMeasurable("variants varied, fixed-support, small and large needed")
+    return [
+        Contrast(name, "differs",
+                 (before.sel(pretrain_domain=a) - before.sel(pretrain_domain=b)).values)
+        for name, (a, b) in pairs.items()
+    ]  # fmt: skip
+
+
+def _transfer_rescues_experimental(dbs, metric):
+    table = _heldout(dbs, metric, ("before", "after"))
+    gain = per_seed(table.sel(case="before") - table.sel(case="after"))
+    return [Contrast("before against after transfer", "greater", gain.values)]
+
+
+def _size_bias_hurts_transfer(dbs, metric):
+    table = _heldout(dbs, metric, ("after", "after-biased"))
+    cost = per_seed(table.sel(case="after-biased") - table.sel(case="after"))
+    return [Contrast("small particles only against unbiased images", "greater", cost.values)]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule(
+        "F1", "the in-focus target is the hardest",
+        "Of the defocus targets, the in-focus one is the hardest to segment.",
+        ("000", "hardest for our models"),
+        "After transfer, the error on each target (every pretraining, size, learning rate and "
+        "freezing option averaged per seed): 0 nm against each other target.",
+        _in_focus_hardest, ("defocus",),
+    ),
+    Rule(
+        "F2", "the pretraining domain matters less after transfer",
+        "After transfer, performance on the target depends little on the pretraining data, "
+        "though it depends on it notably before transfer.",
+        ("000", "fairly consistent in the transfer learning domain"),
+        "On each target: the spread (sd of log errors) across pretraining defoci, of the "
+        "pretrained models applied as they are against that of the transferred models, averaged "
+        "over targets and configurations per seed.",
+        _pretraining_matters_less, ("defocus",),
+    ),
+    Rule(
+        "F3", "freezing the encoder costs more than the decoder",
+        "Freezing the decoder during transfer costs little against training the whole network; "
+        "freezing the encoder costs more.",
+        ("", ""),
+        "Paired by configuration (pretraining, target, size, learning rates, seed): the target "
+        "error with the encoder frozen against the decoder frozen (must be positive), and with "
+        "the decoder frozen against nothing frozen (must be below δ).",
+        _freezing_costs, ("defocus",),
+    ),
+    Rule(
+        "F4", "more transfer images: lower and narrower",
+        "More transfer images lower the target error after transfer and narrow its spread over "
+        "configurations.",
+        ("", ""),
+        "Paired by configuration: the target error with each transfer-set size against the next "
+        "larger; and the spread (sd of log errors) across configurations at the smallest size "
+        "against the largest, per seed.",
+        _more_images_help, ("defocus",),
+    ),
+    Rule(
+        "F5", "low dose hurts pretraining; transfer follows the target dose",
+        "Models pretrained on the lowest dose are worse everywhere; after transfer the "
+        "performance depends on the dose of the target.",
+        ("002", "Models trained on low dose images are worse"),
+        "(a) Before transfer, averaged over every evaluation dose: the models pretrained on the "
+        "lowest dose against the others. (b) After transfer: the spread across target doses "
+        "against the spread across pretraining doses, per seed.",
+        _dose_follows_target, ("dose",),
+    ),
+    Rule(
+        "F6", "transfer ≈ a mixture with the same target images",
+        "With a comparable amount of target data, transfer and one training on a mixture of the "
+        "two domains perform comparably on the target.",
+        ("000", "seem comparable for similar amounts"),
+        "For every mixture whose count of target images equals a transfer-set size, with the "
+        "transfers between the same two defoci: the mixture's error on the target against the "
+        "transfers', per seed (must lie within ±δ).",
+        _transfer_matches_mixture, ("baseline", "defocus"),
+    ),
+    Rule(
+        "F7", "pretraining in focus transfers better than the reverse",
+        "Two domains can carry unequal information: pretraining on one may serve transfer to "
+        "the other better than the reverse — here, in focus against out of focus.",
+        ("000", "fundamental asymmetries"),
+        "For every defocus d ≠ 0 transferred both ways: the gap of the transfer d → 0 nm above "
+        "the model pretrained at 0 nm against the gap of 0 nm → d above the model pretrained on "
+        "d, averaged over d per seed.",
+        _in_focus_pretraining_asymmetry, ("defocus",),
+    ),
+    Rule(
+        "F8", "structure: the target decides; size matters less than lattice",
+        "After transfer, performance depends mostly on the target structure; particle size "
+        "has a weak effect.",
+        ("002", "mostly depends on the target domain structure"),
+        "(a) After transfer: the spread across target sets against the spread across "
+        "pretraining sets. (b) Before transfer: the change of a target's error between "
+        "pretraining sets differing only in lattice against only in size, per seed.",
+        _structure_follows_target, ("structure",),
+    ),
+    Rule(
+        "G1", "no generalization across magnifications",
+        "A segmentation network is not scale invariant: it does not carry to another "
+        "magnification.",
+        ("004", "CNNs are not scale invariant"),
+        "Models trained without transfer on one pixel size: the error on every other pixel "
+        "size against that of the models trained there (the in-domain ideal), averaged over "
+        "pairs per seed.",
+        _not_scale_invariant, ("generalization-magnification",),
+    ),
+    Rule(
+        "G2", "trained on large particles, generalizes worst",
+        "Networks trained on images of larger particles generalize the worst.",
+        ("004", "larger nanoparticles generalize the worst"),
+        "Without transfer: the gap to the in-domain ideal on the other test sets of models "
+        "trained on large particles against those trained on small ones, per seed.",
+        _large_particles_generalize_worst, ("generalization-structure",),
+    ),
+    Rule(
+        "G3", "dose, defocus and support: a gap each",
+        "The companion explored dose, defocus and the support besides magnification and size; "
+        "we ask whether a model trained at one value of each falls short at another.",
+        ("004", "We have explored the role"),
+        "For each of the dose, defocus and substrate series without transfer: the error on "
+        "every other domain against the in-domain ideal, averaged over pairs per seed.",
+        _conditions_shape_generalization,
+        tuple(f"generalization-{s}" for s in CONDITION_SERIES),
+    ),
+    Rule(
+        "G4", "the synthetic variant changes the first experimental score",
+        "Trained on simulations and applied to experimental images without transfer, networks "
+        "behave differently depending on the particle and support geometry the simulations "
+        "varied.",
+        ("004", "nanoparticle and substrate geometry"),
+        "Models trained from scratch on each synthetic variant, on the experimental-like test "
+        "images: fixed against varied support thickness, and large against small particles, "
+        "paired by seed (each must differ from 0, either way).",
+        _synthetic_variants_matter, ("heldout",),
+    ),
+    Rule(
+        "G5", "transfer overcomes a poor synthetic start",
+        "Transfer learning can overcome a poor initial performance.",
+        ("004", "can overcome poor initial performance"),
+        "On the experimental-like test images: the error before transfer against after transfer "
+        "on a few unbiased experimental-like images, averaged over the synthetic variants per "
+        "seed.",
+        _transfer_rescues_experimental, ("heldout",),
+    ),
+    Rule(
+        "G6", "a size-biased transfer set costs accuracy",
+        "Transfer learning suffers when the experimental images it uses are biased in particle "
+        "size.",
+        ("004", "contains particle size bias"),
+        "On the experimental-like test images, paired by variant and seed: after transfer on "
+        "images of small particles only against after transfer on as many unbiased images.",
+        _size_bias_hurts_transfer, ("heldout",),
+    ),
+)  # fmt: skip
+RULE_KEYS = tuple(r.key for r in RULES)
+
+
+def ruleset_data() -> list[dict[str, Any]]:
+    """The rule set as data: every rule's text, sources and contrast code, and the decision's
+    constants."""
+    head = {"confidence": CONFIDENCE, "delta": DELTA, "error_floor": ERROR_FLOOR,
+            "decide": inspect.getsource(decide), "combine": inspect.getsource(combine),
+            "interval": inspect.getsource(t_intervals)}  # fmt: skip
+    return [head, *(r.data() for r in RULES)]
+
+
+@functools.cache
+def ruleset_sha() -> str:
+    """SHA-256 (first 16 hex digits) of :func:`ruleset_data`."""
+    text = json.dumps(ruleset_data(), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stamp_attrs() -> dict[str, str]:
+    """The attributes :func:`collect` stamps into every database."""
+    return {RULESET_ATTR: ruleset_sha(), "ruleset_date": RULESET_DATE}
+
+
+def collect(profile, root=".", studies=None) -> dict:
+    """:func:`hrtem_book.results.collect`, each database stamped with this rule set."""
+    return collect_databases(profile, root, studies, attrs=stamp_attrs())
+
+
+def stale(dbs: Mapping[str, xr.Dataset]) -> dict[str, str]:
+    """Databases stamped with another rule set (or none): name → the stamp they carry."""
+    sha = ruleset_sha()
+    return {
+        name: str(ds.attrs.get(RULESET_ATTR, "none"))
+        for name, ds in dbs.items()
+        if ds.attrs.get(RULESET_ATTR) != sha
+    }
+
+
+def score(rule: Rule, dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
+    """One rule on ``dbs``: its contrasts decided, combined, and said in one sentence."""
+    base = {"key": rule.key, "title": rule.title, "claim": rule.claim,
+            "rule": rule.statistic, "metric": metric}  # fmt: skip
+    old = {s: v for s, v in stale({s: dbs[s] for s in rule.studies if s in dbs}).items()}
+    if old:
+        what = ", ".join(f"{s} (stamp {v})" for s, v in old.items())
+        return Finding(**base, verdict=STALE, summary=(
+            f"Not scored: {what} carries another rule set than this code's {ruleset_sha()}; "
+            "collect the databases again (`hrtem-book collect`)."))  # fmt: skip
+    try:
+        contrasts = rule.contrasts(dbs, metric)
+    except NotMeasurable as exc:
+        return Finding(**base, verdict=UNMEASURABLE, summary=f"Not measurable here: {exc}.")
+    tested = tuple(test_contrast(c) for c in contrasts)
+    if any(t.n_seeds < 2 for t in tested):
+        why = "Not measurable here: two or more seeds with every pair needed."
+        return Finding(**base, verdict=UNMEASURABLE, summary=why, intervals=tested)
+    verdict = combine([t.verdict for t in tested])
+    scale = METRIC_NAMES[metric] if metric == "loss" else f"1 − {METRIC_NAMES[metric]}"
+    parts = "; ".join(f"{t.name}: {t.text()} ({t.verdict})" for t in tested)
+    summary = (
+        f"Relative change of the error ({scale}), mean over {tested[0].n_seeds} seeds with its "
+        f"{CONFIDENCE:.0%} interval — {parts}."
+    )
+    numbers = {t.name: {"estimate": t.estimate, "low": t.low, "high": t.high,
+                        "kind": t.kind, "verdict": t.verdict} for t in tested}  # fmt: skip
+    return Finding(**base, verdict=verdict, summary=summary, numbers=numbers, intervals=tested)
+
+
+def evaluate(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> dict[str, Finding]:
+    """Every rule of :data:`RULES` on ``dbs`` (study name → database), by key."""
+    if metric not in METRICS:
+        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
+    return {rule.key: score(rule, dbs, metric) for rule in RULES}
+
+
+def get_rule(key: str) -> Rule:
+    for rule in RULES:
+        if rule.key == key:
+            return rule
+    raise ValueError(f"rule {key!r}; allowed: {', '.join(RULE_KEYS)}")
+
+
+# --- descriptive numbers for the companion chapter's figures ----------------------------------
 def _median(da: xr.DataArray, keep: list[str] | tuple[str, ...] = ()) -> xr.DataArray:
     """Median over every dim not in ``keep`` (NaN-aware)."""
     dims = [d for d in da.dims if d not in keep]
@@ -97,402 +778,6 @@ def _seed_sd(table: xr.DataArray) -> float:
     return float(np.median(sds)) if sds.size else math.nan
 
 
-def _f(x: float) -> str:
-    return "n/a" if not math.isfinite(x) else f"{x:.3f}"
-
-
-def _unmeasurable(key, title, claim, rule, why, metric) -> Finding:
-    return Finding(
-        key, title, claim, rule, UNMEASURABLE, f"Not measurable here: {why}.", {}, metric
-    )
-
-
-def _axis_range(table: xr.DataArray, over: str) -> float:
-    """Range (max − min) across ``over`` of the means over the other axis."""
-    other = [d for d in table.dims if d != over][0]
-    with _quiet():
-        means = table.mean(other, skipna=True).values
-    means = means[np.isfinite(means)]
-    return float(means.max() - means.min()) if means.size > 1 else math.nan
-
-
-# --- the findings -----------------------------------------------------------------------------
-def in_focus_hardest(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F1", "in-focus target is the hardest"
-    claim = (
-        "After transfer, the in-focus (0 nm) target is the hardest defocus to segment: models "
-        "transferred to it end with the worst loss of all targets."
-    )
-    rule = (
-        "Median over all transfer models of the target-domain error after transfer, per target "
-        "defocus; holds if the 0 nm target has the worst median."
-    )
-    ds = dbs.get("defocus")
-    if ds is None:
-        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
-    targets = ds["target_domain"].values
-    if match_index(targets, IN_FOCUS_NM) < 0 or len(targets) < 2:
-        return _unmeasurable(key, title, claim, rule, "0 nm and another target needed", metric)
-    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
-    med = _median(after, ["target_domain"])
-    values = {float(t): float(v) for t, v in zip(targets, med.values, strict=True)}
-    finite = {t: v for t, v in values.items() if math.isfinite(v)}
-    if IN_FOCUS_NM not in finite or len(finite) < 2:
-        return _unmeasurable(key, title, claim, rule, "no finished transfer to 0 nm", metric)
-    hardest = max(finite, key=finite.get)
-    others = sorted(_value(v, metric) for t, v in finite.items() if t != IN_FOCUS_NM)
-    verdict = HOLDS if hardest == IN_FOCUS_NM else FAILS
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"After transfer the median {name} on the 0 nm target is "
-        f"{_f(_value(finite[IN_FOCUS_NM], metric))}, against "
-        f"{_f(others[0])}–{_f(others[-1])} on the other "
-        f"targets; the hardest target is {hardest:g} nm."
-    )
-    numbers = {"by_target": {t: _value(v, metric) for t, v in finite.items()}, "hardest": hardest}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def pretraining_matters_less(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F2", "pretraining domain matters less after transfer"
-    claim = (
-        "After transfer, the loss on a target barely depends on where the model was pretrained: "
-        "the spread across pretraining domains shrinks compared with before transfer."
-    )
-    rule = (
-        "For each target defocus with at least two pretraining defoci: the range (max − min) "
-        "across pretraining defoci of the median target-domain error, before transfer (the "
-        "pretrained model applied as is) and after; holds if the range shrinks for every target."
-    )
-    ds = dbs.get("defocus")
-    if ds is None:
-        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
-    keep = ["pretrain_domain", "target_domain"]
-    after = _median(on_domain(_stage(ds, "transfer", metric), "target_domain"), keep)
-    before = _median(on_domain(_stage(ds, "pretrain", metric), "target_domain"), keep)
-    before = before.where(np.isfinite(after))  # the same (pretraining, target) cells
-    ranges = {}
-    for t in ds["target_domain"].values.tolist():
-        b = before.sel(target_domain=t).values
-        a = after.sel(target_domain=t).values
-        ok = np.isfinite(a) & np.isfinite(b)
-        if ok.sum() >= 2:
-            ranges[t] = (float(np.ptp(b[ok])), float(np.ptp(a[ok])))
-    if not ranges:
-        return _unmeasurable(
-            key, title, claim, rule, "no target has two pretraining defoci", metric
-        )
-    shrinks = [a < b for b, a in ranges.values()]
-    verdict = HOLDS if all(shrinks) else FAILS
-    mean_b = float(np.mean([b for b, _ in ranges.values()]))
-    mean_a = float(np.mean([a for _, a in ranges.values()]))
-    summary = (
-        f"Across pretraining defoci the median target {METRIC_NAMES[metric]} spans "
-        f"{_f(mean_b)} before transfer and {_f(mean_a)} after (mean range over "
-        f"{len(ranges)} targets); it shrinks for {sum(shrinks)} of {len(ranges)} targets."
-    )
-    numbers = {"ranges": ranges, "mean_before": mean_b, "mean_after": mean_a}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def freezing_costs(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F3", "decoder freezing is cheap, encoder freezing is not"
-    claim = (
-        "Freezing the decoder during transfer costs little against training the whole network; "
-        "freezing the encoder costs more."
-    )
-    rule = (
-        "Paired per configuration (same pretraining, target, data size, learning rates, seed): "
-        "the target-domain error after transfer with a frozen part minus that without freezing; "
-        "holds if the median cost of freezing the encoder is positive and larger than that of "
-        "freezing the decoder."
-    )
-    ds = dbs.get("defocus")
-    if ds is None or not {"none", "encoder", "decoder"} <= set(ds["freeze"].values.tolist()):
-        return _unmeasurable(key, title, claim, rule, "all three freezing options needed", metric)
-    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
-    none = after.sel(freeze="none")
-    cost = {f: float(_median(after.sel(freeze=f) - none)) for f in ("encoder", "decoder")}
-    if not all(math.isfinite(v) for v in cost.values()):
-        return _unmeasurable(key, title, claim, rule, "no paired finished runs", metric)
-    options = ("none", "encoder", "decoder")
-    med = {f: _value(float(_median(after.sel(freeze=f))), metric) for f in options}
-    verdict = HOLDS if cost["encoder"] > 0 and cost["encoder"] > cost["decoder"] else FAILS
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Median target {name} after transfer: {_f(med['none'])} with nothing frozen, "
-        f"{_f(med['decoder'])} with the decoder frozen, {_f(med['encoder'])} with the encoder "
-        f"frozen; the paired median cost (error) of freezing is {cost['decoder']:+.3f} for the "
-        f"decoder and {cost['encoder']:+.3f} for the encoder."
-    )
-    numbers = {"median": med, "paired_cost": cost}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def more_images_help(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F4", "more transfer images: lower and narrower"
-    claim = (
-        "More transfer images lower the median target loss after transfer and narrow its spread "
-        "over configurations."
-    )
-    rule = (
-        "Per transfer-set size N: median and interquartile range, over all transfer models, of "
-        "the target-domain error after transfer; holds if the median falls with every step up "
-        "in N and the range at the largest N is below that at the smallest."
-    )
-    ds = dbs.get("defocus")
-    if ds is None or ds.sizes.get("n_transfer", 0) < 2:
-        return _unmeasurable(key, title, claim, rule, "two or more transfer sizes needed", metric)
-    after = on_domain(_stage(ds, "transfer", metric), "target_domain")
-    sizes = [int(n) for n in ds["n_transfer"].values]
-    med, iqr = {}, {}
-    for n in sizes:
-        v = after.sel(n_transfer=n).values.ravel()
-        v = v[np.isfinite(v)]
-        if not v.size:
-            return _unmeasurable(key, title, claim, rule, f"no finished run with N={n}", metric)
-        med[n] = float(np.median(v))
-        q1, q3 = np.percentile(v, [25, 75])
-        iqr[n] = float(q3 - q1)
-    falls = all(med[a] > med[b] for a, b in zip(sizes, sizes[1:], strict=False))
-    narrows = iqr[sizes[-1]] < iqr[sizes[0]]
-    verdict = HOLDS if falls and narrows else FAILS
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Median target {name} after transfer by N = {', '.join(map(str, sizes))}: "
-        f"{', '.join(_f(_value(med[n], metric)) for n in sizes)}; interquartile range "
-        f"{_f(iqr[sizes[0]])} at N = {sizes[0]} and {_f(iqr[sizes[-1]])} at N = {sizes[-1]}."
-    )
-    numbers = {"median": {n: _value(v, metric) for n, v in med.items()}, "iqr": iqr}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def dose_follows_target(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F5", "low dose hurts pretraining; transfer follows the target dose"
-    claim = (
-        "Pretraining on low-dose images gives worse models before transfer; after transfer the "
-        "loss follows the dose of the target, not that of the pretraining."
-    )
-    rule = (
-        "(a) Mean over every evaluation dose of the pretrained models' error (median over "
-        "seeds): the lowest pretraining dose must be the worst. (b) After transfer, the table "
-        "of median target errors by (pretraining dose, target dose): the range across target "
-        "doses of its means must exceed the range across pretraining doses. Holds if (a) and (b)."
-    )
-    ds = dbs.get("dose")
-    if ds is None or ds.sizes["pretrain_domain"] < 3:
-        return _unmeasurable(key, title, claim, rule, "three or more doses needed", metric)
-    before = _median(_stage(ds, "pretrain", metric), ["pretrain_domain", "eval_domain"])
-    with _quiet():
-        overall = before.mean("eval_domain", skipna=True)
-    doses = [float(d) for d in ds["pretrain_domain"].values]
-    by_dose = {d: float(v) for d, v in zip(doses, overall.values, strict=True)}
-    finite = {d: v for d, v in by_dose.items() if math.isfinite(v)}
-    if len(finite) < 3:
-        return _unmeasurable(key, title, claim, rule, "too few finished pretrainings", metric)
-    worst = max(finite, key=finite.get)
-    low_worst = worst == min(finite)
-    table = _median(
-        on_domain(_stage(ds, "transfer", metric), "target_domain"),
-        ["pretrain_domain", "target_domain"],
-    )
-    effect_target = _axis_range(table, "target_domain")
-    effect_pretrain = _axis_range(table, "pretrain_domain")
-    follows = effect_target > effect_pretrain
-    verdict = HOLDS if low_worst and follows else FAILS
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Before transfer the mean {name} over all doses is "
-        + ", ".join(f"{_f(_value(v, metric))} ({d:g})" for d, v in finite.items())
-        + f" by pretraining dose [e⁻/Å²], worst at {worst:g}; after transfer the target dose "
-        f"moves the median error by {_f(effect_target)} and the pretraining dose by "
-        f"{_f(effect_pretrain)}."
-    )
-    numbers = {
-        "before_by_pretraining_dose": {d: _value(v, metric) for d, v in finite.items()},
-        "worst_pretraining_dose": worst,
-        "effect_target": effect_target,
-        "effect_pretrain": effect_pretrain,
-        "parts": {"low_dose_worst": low_worst, "follows_target": follows},
-    }
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def transfer_matches_mixture(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F6", "transfer ≈ a mixture with the same target images"
-    claim = (
-        "Transfer with N target images does about as well on the target as one training on a "
-        "mixture of the two domains that holds the same N target images."
-    )
-    rule = (
-        "For every baseline pair (a, b) and mixture whose count of b images equals a transfer-set "
-        "size N of the defocus study, with transfers a → b: the mixture's median error on b "
-        "minus the transfer models' median error on b (N images). About as well: the median "
-        "difference is within twice the seed-to-seed standard deviation of those transfer "
-        "models."
-    )
-    base, transfer = dbs.get("baseline"), dbs.get("defocus")
-    if base is None or transfer is None:
-        return _unmeasurable(
-            key, title, claim, rule, "baseline and defocus databases needed", metric
-        )
-    mix_err = _stage(base, "mixture", metric)
-    t_err = on_domain(_stage(transfer, "transfer", metric), "target_domain")
-    gaps, sds, pairs = [], [], []
-    sizes = [int(n) for n in transfer["n_transfer"].values]
-    for a in base["domain_a"].values.tolist():
-        for b in base["domain_b"].values.tolist():
-            if a == b or match_index(transfer["pretrain_domain"].values, a) < 0:
-                continue
-            if match_index(transfer["target_domain"].values, b) < 0:
-                continue
-            for mix in base["mix"].values.tolist():
-                n_b = int(str(mix).split(":")[1])
-                if n_b not in sizes:
-                    continue
-                m = mix_err.sel(domain_a=a, domain_b=b, mix=mix)
-                m = float(_median(m.isel(eval_domain=match_index(m["eval_domain"].values, b))))
-                t = t_err.sel(pretrain_domain=a, target_domain=b, n_transfer=n_b)
-                tv = float(_median(t))
-                with _quiet():
-                    sd = float(t.std("seed", skipna=True).median(skipna=True))
-                if math.isfinite(m) and math.isfinite(tv):
-                    gaps.append(m - tv)
-                    sds.append(sd)
-                    pairs.append((a, b, mix, _value(m, metric), _value(tv, metric)))
-    if not gaps:
-        return _unmeasurable(
-            key, title, claim, rule, "no mixture holds as many target images as a transfer run",
-            metric,
-        )  # fmt: skip
-    gap, sd = float(np.median(gaps)), float(np.nanmedian(sds))
-    verdict = HOLDS if abs(gap) <= 2 * sd else FAILS
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Over {len(gaps)} comparisons the mixture's error on the target minus the transfer "
-        f"model's has a median of {gap:+.3f} ({name} scale), against a seed-to-seed standard "
-        f"deviation of {_f(sd)} of the transfer models."
-    )
-    numbers = {"median_gap": gap, "seed_sd": sd, "comparisons": pairs}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def in_focus_pretraining_asymmetry(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F7", "pretraining in focus transfers better than the reverse"
-    claim = (
-        "Pretraining in focus transfers better to other defoci than pretraining elsewhere "
-        "transfers to focus: the two directions are not symmetric."
-    )
-    rule = (
-        "For every defocus d ≠ 0 pretrained and targeted in both directions: the transfer gap "
-        "G(0 → d) — median error on d after transfer from 0 nm minus that of the model "
-        "pretrained on d itself — against G(d → 0), defined alike; holds if the mean G(0 → d) is "
-        "below the mean G(d → 0)."
-    )
-    ds = dbs.get("defocus")
-    if ds is None:
-        return _unmeasurable(key, title, claim, rule, "no defocus database", metric)
-    pre, tgt = ds["pretrain_domain"].values, ds["target_domain"].values
-    if match_index(pre, IN_FOCUS_NM) < 0 or match_index(tgt, IN_FOCUS_NM) < 0:
-        return _unmeasurable(
-            key, title, claim, rule, "0 nm must be pretrained and targeted", metric
-        )
-    after = _median(
-        on_domain(_stage(ds, "transfer", metric), "target_domain"),
-        ["pretrain_domain", "target_domain"],
-    )
-    own = _median(on_domain(_stage(ds, "pretrain", metric), "pretrain_domain"), ["pretrain_domain"])
-    ref = {float(p): float(v) for p, v in zip(pre, own.values, strict=True)}
-    gaps = {}
-    for d in pre.tolist():
-        if d == IN_FOCUS_NM or match_index(tgt, d) < 0:
-            continue
-        out_ = float(after.sel(pretrain_domain=IN_FOCUS_NM, target_domain=d)) - ref[float(d)]
-        in_ = float(after.sel(pretrain_domain=d, target_domain=IN_FOCUS_NM)) - ref[IN_FOCUS_NM]
-        if math.isfinite(out_) and math.isfinite(in_):
-            gaps[float(d)] = (out_, in_)
-    if not gaps:
-        return _unmeasurable(key, title, claim, rule, "no defocus transferred both ways", metric)
-    g_out = float(np.mean([g for g, _ in gaps.values()]))
-    g_in = float(np.mean([g for _, g in gaps.values()]))
-    verdict = HOLDS if g_out < g_in else FAILS
-    summary = (
-        f"Mean transfer gap (error above the in-domain model) from 0 nm to "
-        f"{', '.join(f'{d:g}' for d in gaps)} nm: {g_out:+.3f}; from those defoci to 0 nm: "
-        f"{g_in:+.3f} ({METRIC_NAMES[metric]} scale)."
-    )
-    numbers = {"gaps": gaps, "from_focus": g_out, "to_focus": g_in}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def structure_follows_target(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    key, title = "F8", "structure: the target decides; size matters little"
-    claim = (
-        "After transfer, the loss depends mostly on the target structure; particle size has a "
-        "weak effect, which transfer removes."
-    )
-    rule = (
-        "(a) After transfer, the table of median target errors by (pretraining set, target "
-        "set): the range across targets of its means must exceed the range across pretraining "
-        "sets. (b) The size effect S — the mean change of a target's error when the "
-        "pretraining set changes only in particle size — must be below the lattice effect L "
-        "(a change only in lattice) before transfer, and shrink through transfer. Holds if (a) "
-        "and (b)."
-    )
-    ds = dbs.get("structure")
-    if ds is None:
-        return _unmeasurable(key, title, claim, rule, "no structure database", metric)
-    names = [str(n) for n in ds["pretrain_domain"].values]
-    parts = {n: n.rsplit("-", 1) for n in names}
-    lattices = {p[0] for p in parts.values()}
-    sizes = {p[1] for p in parts.values()}
-    if len(lattices) < 2 or len(sizes) < 2:
-        return _unmeasurable(key, title, claim, rule, "two lattices and two sizes needed", metric)
-    keep = ["pretrain_domain", "target_domain"]
-    after = _median(on_domain(_stage(ds, "transfer", metric), "target_domain"), keep)
-    before = _median(on_domain(_stage(ds, "pretrain", metric), "target_domain"), keep)
-    effect_target = _axis_range(after, "target_domain")
-    effect_pretrain = _axis_range(after, "pretrain_domain")
-
-    def effect(table: xr.DataArray, same: int) -> float:
-        """Mean |Δ error| on a target between pretraining sets equal in part ``same`` only."""
-        diffs = []
-        for t in table["target_domain"].values.tolist():
-            for i, p in enumerate(names):
-                for q in names[i + 1 :]:
-                    if parts[p][same] == parts[q][same] and parts[p] != parts[q]:
-                        d = float(table.sel(pretrain_domain=p, target_domain=t)) - float(
-                            table.sel(pretrain_domain=q, target_domain=t)
-                        )
-                        if math.isfinite(d):
-                            diffs.append(abs(d))
-        return float(np.mean(diffs)) if diffs else math.nan
-
-    s_before, s_after = effect(before, 0), effect(after, 0)  # same lattice, other size
-    l_before = effect(before, 1)  # same size, other lattice
-    if not all(math.isfinite(v) for v in (effect_target, effect_pretrain, s_before, s_after)):
-        return _unmeasurable(key, title, claim, rule, "too few finished transfer runs", metric)
-    target_decides = effect_target > effect_pretrain
-    size_weak = s_before < l_before and s_after < s_before
-    verdict = HOLDS if target_decides and size_weak else FAILS
-    summary = (
-        f"After transfer the target set moves the median error by {_f(effect_target)} and the "
-        f"pretraining set by {_f(effect_pretrain)}; before transfer a change of particle size "
-        f"moves a target's error by {_f(s_before)} (lattice: {_f(l_before)}), after transfer "
-        f"by {_f(s_after)} ({METRIC_NAMES[metric]} scale)."
-    )
-    numbers = {
-        "effect_target": effect_target,
-        "effect_pretrain": effect_pretrain,
-        "size_before": s_before,
-        "size_after": s_after,
-        "lattice_before": l_before,
-        "parts": {"target_decides": target_decides, "size_weak": size_weak},
-    }
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-# --- the companion study (Sytwu et al.): generalization without transfer ----------------------
 def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
     """Off-diagonal gaps of a ``generalization-<series>`` database on the error scale.
 
@@ -528,292 +813,27 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
     }
 
 
-def _gen_db(dbs: Mapping[str, xr.Dataset], series: str) -> xr.Dataset | None:
-    return dbs.get(f"generalization-{series}")
-
-
-def not_scale_invariant(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
-    key, title = "G1", "no generalization across magnifications"
-    claim = (
-        "A segmentation network is not scale invariant: trained at one magnification (pixel "
-        "size), it segments images taken at another clearly worse than a network trained there."
-    )
-    rule = (
-        "Models trained without transfer on one pixel size and tested on every other one: for "
-        "every (training, test) pair, the median error on the test pixel size minus that of the "
-        "models trained on it (the in-domain ideal); holds if every such gap exceeds twice the "
-        "seed-to-seed standard deviation of the in-domain models."
-    )
-    ds = _gen_db(dbs, "magnification")
-    if ds is None or ds.sizes["train_domain"] < 2:
-        return _unmeasurable(
-            key, title, claim, rule, "two or more trained magnifications needed", metric
+def _cli(args) -> int:
+    profile = get_profile(args.profile)
+    paths = collect(profile, args.root)
+    if not paths:
+        raise FileNotFoundError(
+            f"no records under {Layout.of(args.root, profile).records_root}; run "
+            f"`hrtem-book sweep --study all --profile {profile.name}` first"
         )
-    g = generalization_gaps(ds, metric)
-    if not g["gaps"]:
-        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
-    if not math.isfinite(g["seed_sd"]):
-        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
-    smallest = min(g["gaps"], key=g["gaps"].get)
-    verdict = HOLDS if all(v > 2 * g["seed_sd"] for v in g["gaps"].values()) else FAILS
-    pairs = ", ".join(f"{a:g} → {b:g} Å/px: {v:+.3f}" for (a, b), v in g["gaps"].items())
-    summary = (
-        f"Gaps to the in-domain ideal ({METRIC_NAMES[metric]} scale) by training → test pixel "
-        f"size: {pairs}; the smallest is {g['gaps'][smallest]:+.3f} "
-        f"({smallest[0]:g} → {smallest[1]:g} Å/px), against twice the seed standard deviation, "
-        f"{2 * g['seed_sd']:.3f}."
-    )
-    return Finding(key, title, claim, rule, verdict, summary, g, metric)
+    for study, path in paths.items():
+        ds = load_database(path, study)
+        counts = {s: int((ds["status"] == s).sum()) for s in STATUS_VALUES}
+        print(f"{path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return 0
 
 
-def large_particles_generalize_worst(
-    dbs: Mapping[str, xr.Dataset], metric: str = "dice"
-) -> Finding:
-    key, title = "G2", "trained on large particles, generalizes worst"
-    claim = (
-        "Networks trained on images of larger particles generalize the worst to other data; "
-        "training on small particles carries over better."
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "collect",
+        help="gather sweep records into results/<profile>/<study>.nc databases, stamped with "
+        "the rule set that scores them",
     )
-    rule = (
-        "On the structure series without transfer: the mean gap to the in-domain ideal over the "
-        "other test sets, of the models trained on large particles against those trained on "
-        "small ones (every lattice); holds if the large-particle models' mean gap is the larger."
-    )
-    ds = _gen_db(dbs, "structure")
-    if ds is None:
-        return _unmeasurable(
-            key, title, claim, rule, "no generalization-structure database", metric
-        )
-    g = generalization_gaps(ds, metric)
-    by_size: dict[str, list[float]] = {"small": [], "large": []}
-    for (t, _), v in g["gaps"].items():
-        size = str(t).rsplit("-", 1)[-1]
-        if size in by_size:
-            by_size[size].append(v)
-    if not by_size["small"] or not by_size["large"]:
-        return _unmeasurable(key, title, claim, rule, "models trained on both sizes needed", metric)
-    mean = {k: float(np.mean(v)) for k, v in by_size.items()}
-    verdict = HOLDS if mean["large"] > mean["small"] else FAILS
-    summary = (
-        f"Mean gap to the in-domain ideal ({METRIC_NAMES[metric]} scale) over the other test "
-        f"sets: {mean['large']:+.3f} for models trained on large particles, "
-        f"{mean['small']:+.3f} for those trained on small ones (seed standard deviation "
-        f"{_f(g['seed_sd'])})."
-    )
-    return Finding(key, title, claim, rule, verdict, summary, {**g, "by_size": mean}, metric)
-
-
-def conditions_shape_generalization(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
-    key, title = "G3", "dose, defocus and support shape generalization"
-    claim = (
-        "Besides magnification and particle size, the electron dose, the defocus and the "
-        "support (substrate) under the particles also limit how far a trained network carries."
-    )
-    rule = (
-        "For each of the dose, defocus and substrate series without transfer: the mean gap to "
-        "the in-domain ideal over all (training, test) pairs of distinct domains; holds if, for "
-        "all three series, it exceeds twice the seed-to-seed standard deviation of the "
-        "in-domain models."
-    )
-    found = {}
-    for series in CONDITION_SERIES:
-        ds = _gen_db(dbs, series)
-        if ds is None:
-            continue
-        g = generalization_gaps(ds, metric)
-        if not g["gaps"]:
-            continue
-        if not math.isfinite(g["seed_sd"]):
-            return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
-        found[series] = (g["mean_gap"], g["seed_sd"])
-    if len(found) < len(CONDITION_SERIES):
-        return _unmeasurable(
-            key, title, claim, rule, "dose, defocus and substrate databases needed", metric
-        )
-    verdict = HOLDS if all(m > 2 * sd for m, sd in found.values()) else FAILS
-    summary = (
-        f"Mean gap to the in-domain ideal ({METRIC_NAMES[metric]} scale): "
-        + "; ".join(f"{s} {m:+.3f} (2 sd {2 * sd:.3f})" for s, (m, sd) in found.items())
-        + "."
-    )
-    numbers = {"by_series": {s: {"mean_gap": m, "seed_sd": sd} for s, (m, sd) in found.items()}}
-    return Finding(key, title, claim, rule, verdict, summary, numbers, metric)
-
-
-def _heldout(dbs: Mapping[str, xr.Dataset], metric: str) -> xr.DataArray | None:
-    """Error on the experimental-like domain by (pretrain_domain, seed, case), or None."""
-    ds = dbs.get("heldout")
-    return None if ds is None else _error(heldout_table(ds, metric), metric)
-
-
-def synthetic_variants_matter(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
-    key, title = "G4", "the synthetic variant decides the first experimental score"
-    claim = (
-        "Trained on simulations and applied to experimental images without transfer, a "
-        "network's success depends on what the simulations varied: the particle sizes and the "
-        "support they showed."
-    )
-    rule = (
-        "Models trained from scratch on each synthetic variant (support of varied or fixed "
-        "thickness, small or large particles only), tested on the experimental-like images: "
-        "the range (largest minus smallest) of the variants' mean error over seeds; holds if "
-        "it exceeds twice the seed-to-seed standard deviation."
-    )
-    err = _heldout(dbs, metric)
-    if err is None or err.sizes["pretrain_domain"] < 2:
-        return _unmeasurable(
-            key, title, claim, rule, "two or more synthetic variants needed", metric
-        )
-    before = err.sel(case="before", drop=True)
-    sd = _seed_sd(before)
-    if not math.isfinite(sd):
-        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
-    with _quiet():
-        means = before.mean("seed", skipna=True)
-    spread = _axis_range(before, "pretrain_domain")
-    verdict = HOLDS if spread > 2 * sd else FAILS
-    name = METRIC_NAMES[metric]
-    by = {
-        str(v): _value(float(means.sel(pretrain_domain=v)), metric)
-        for v in means["pretrain_domain"].values
-    }
-    summary = (
-        f"Mean {name} on the experimental-like images before transfer: "
-        + ", ".join(f"{v} {x:.3f}" for v, x in by.items())
-        + f"; range {spread:.3f} against twice the seed standard deviation, {2 * sd:.3f}."
-    )
-    return Finding(
-        key,
-        title,
-        claim,
-        rule,
-        verdict,
-        summary,
-        {"before": by, "range": spread, "seed_sd": sd},
-        metric,
-    )
-
-
-def transfer_rescues_experimental(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
-    key, title = "G5", "transfer overcomes a poor synthetic start"
-    claim = (
-        "Transfer learning on a few experimental images overcomes a poor start: after it, "
-        "every synthetic variant does better on experimental data, and the variants differ less."
-    )
-    rule = (
-        "On the experimental-like test images: the mean error over seeds of each "
-        "synthetic variant before transfer and after transfer on a few unbiased experimental-like "
-        "images; holds if every variant's error drops and the range across variants shrinks."
-    )
-    err = _heldout(dbs, metric)
-    if err is None or not {"before", "after"} <= set(err["case"].values.tolist()):
-        return _unmeasurable(
-            key, title, claim, rule, "transfers to the experimental-like images needed", metric
-        )
-    with _quiet():
-        means = err.sel(case=["before", "after"]).mean("seed", skipna=True)
-    if not np.isfinite(means.values).all():
-        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
-    drops = {
-        str(v): float(
-            means.sel(pretrain_domain=v, case="before") - means.sel(pretrain_domain=v, case="after")
-        )
-        for v in means["pretrain_domain"].values
-    }
-    spread = {
-        c: _axis_range(err.sel(case=c, drop=True), "pretrain_domain") for c in ("before", "after")
-    }
-    ranges_ok = all(math.isfinite(v) for v in spread.values())
-    verdict = (
-        HOLDS
-        if all(d > 0 for d in drops.values()) and ranges_ok and spread["after"] < spread["before"]
-        else FAILS
-    )
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Improvement by transfer on the experimental-like images (error before minus after, "
-        f"{name} scale): "
-        + ", ".join(f"{v} {d:+.3f}" for v, d in drops.items())
-        + f"; range across variants {_f(spread['before'])} before, {_f(spread['after'])} after."
-    )
-    return Finding(
-        key, title, claim, rule, verdict, summary, {"gain": drops, "range": spread}, metric
-    )
-
-
-def size_bias_hurts_transfer(dbs: Mapping[str, xr.Dataset], metric: str = "dice") -> Finding:
-    key, title = "G6", "a size-biased transfer set costs accuracy"
-    claim = (
-        "Transfer learning suffers when the few experimental images it uses are biased to "
-        "one particle size."
-    )
-    rule = (
-        "Paired by synthetic variant and seed: the error on the experimental-like validation "
-        "images (sizes unbiased) after transfer on images of small particles only, minus that "
-        "after transfer on as many unbiased images; holds if the mean paired cost exceeds twice "
-        "the seed-to-seed standard deviation of the unbiased transfers."
-    )
-    err = _heldout(dbs, metric)
-    if err is None or not {"after", "after-biased"} <= set(err["case"].values.tolist()):
-        return _unmeasurable(
-            key, title, claim, rule, "unbiased and size-biased transfers needed", metric
-        )
-    cost = err.sel(case="after-biased", drop=True) - err.sel(case="after", drop=True)
-    sd = _seed_sd(err.sel(case="after", drop=True))
-    if not math.isfinite(sd):
-        return _unmeasurable(key, title, claim, rule, "two or more seeds needed", metric)
-    with _quiet():
-        mean = float(cost.mean(skipna=True))
-    if not math.isfinite(mean):
-        return _unmeasurable(key, title, claim, rule, "too few finished models", metric)
-    verdict = HOLDS if mean > 2 * sd else FAILS
-    with _quiet():
-        med = {
-            c: _value(float(_median(err.sel(case=c, drop=True))), metric)
-            for c in ("after", "after-biased")
-        }
-    name = METRIC_NAMES[metric]
-    summary = (
-        f"Median {name} on the experimental-like images after transfer: {med['after']:.3f} "
-        f"with unbiased images, {med['after-biased']:.3f} with small particles only; mean paired "
-        f"cost {mean:+.3f} against twice the seed standard deviation, {2 * sd:.3f}."
-    )
-    return Finding(
-        key,
-        title,
-        claim,
-        rule,
-        verdict,
-        summary,
-        {"median": med, "mean_cost": mean, "seed_sd": sd},
-        metric,
-    )
-
-
-FINDINGS: tuple[Callable[[Mapping[str, xr.Dataset], str], Finding], ...] = (
-    in_focus_hardest,
-    pretraining_matters_less,
-    freezing_costs,
-    more_images_help,
-    dose_follows_target,
-    transfer_matches_mixture,
-    in_focus_pretraining_asymmetry,
-    structure_follows_target,
-    not_scale_invariant,
-    large_particles_generalize_worst,
-    conditions_shape_generalization,
-    synthetic_variants_matter,
-    transfer_rescues_experimental,
-    size_bias_hurts_transfer,
-)
-
-
-def evaluate(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> dict[str, Finding]:
-    """Every finding of :data:`FINDINGS` on ``dbs`` (study name → database), by key."""
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    out = {}
-    for fn in FINDINGS:
-        finding = fn(dbs, metric)
-        out[finding.key] = finding
-    return out
+    p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
+    p.add_argument("--root", default=".", help="project folder holding results/")
+    p.set_defaults(func=_cli)

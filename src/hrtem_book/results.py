@@ -53,7 +53,7 @@ import xarray as xr
 from . import __version__
 from .layout import Layout, atomic_write, database_file, git_commit
 from .metrics import METRIC_TITLES, METRICS
-from .profiles import Profile, get_profile
+from .profiles import Profile
 from .records import read_record
 from .series import get_series, match_index, match_mask
 from .studies import STUDIES, build_grid, get_study
@@ -583,37 +583,20 @@ def trained_on(records: Iterable[dict]) -> str:
     return "; ".join(sorted(seen))
 
 
-def collect(profile: Profile, root: str | Path = ".", studies: Iterable[str] | None = None) -> dict:
-    """Write ``results/<profile>/<study>.nc`` for every study with records; return the paths."""
+def collect(
+    profile: Profile,
+    root: str | Path = ".",
+    studies: Iterable[str] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write ``results/<profile>/<study>.nc`` for every study with records, with ``attrs``
+    added (the rule-set stamp: :func:`hrtem_book.findings.collect`); return the paths."""
     layout = Layout.of(root, profile)
     out = {}
     for study in studies or STUDIES:
         ds = build_database(study, profile, root)
         if ds.attrs["n_records"] == 0:
             continue
+        ds.attrs.update(attrs or {})
         out[study] = save_database(ds, layout.database_path(study))
     return out
-
-
-def _cli(args) -> int:
-    profile = get_profile(args.profile)
-    paths = collect(profile, args.root)
-    if not paths:
-        raise FileNotFoundError(
-            f"no records under {Layout.of(args.root, profile).records_root}; run "
-            f"`hrtem-book sweep --study all --profile {profile.name}` first"
-        )
-    for study, path in paths.items():
-        ds = load_database(path, study)
-        counts = {s: int((ds["status"] == s).sum()) for s in STATUS_VALUES}
-        print(f"{path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "collect", help="gather sweep records into results/<profile>/<study>.nc databases"
-    )
-    p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
-    p.add_argument("--root", default=".", help="project folder holding results/")
-    p.set_defaults(func=_cli)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .findings import stamp_attrs
 from .results import empty_database
 from .studies import get_study, parse_mix
 
@@ -149,6 +150,7 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     for m in ("loss", "dice", "iou"):
         hist = ds[f"history_{m}"]
         ds[f"final_{m}"].values[...] = hist.values[..., -1]
+    ds.attrs.update(stamp_attrs())
     return ds
 
 

@@ -24,8 +24,6 @@ from typing import Any
 import ipywidgets as W
 import numpy as np
 import xarray as xr
-from IPython import get_ipython
-from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 from .figures._common import AXIS_LABELS, axis_label, format_value, metric_title, var_of
@@ -132,17 +130,21 @@ class _App:
         """Keep ``fig`` as the current figure and draw it into the output."""
         self.figure = fig
         self.png = figure_png(fig)
-        if get_ipython() is None:  # plain Python (tests, scripts): nothing to display into
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            display(Image(data=self.png, format="png"))
+        data = {"image/png": base64.b64encode(self.png).decode("ascii"),
+                "text/plain": f"<{self.description}>"}  # fmt: skip
+        self._set_output({"output_type": "display_data", "data": data, "metadata": {}})
 
     def _say(self, text: str) -> None:
         """Replace the figure by a line of text (a selection that leaves nothing to draw)."""
-        with self.output:
-            self.output.clear_output(wait=True)
-            print(text)
+        self._set_output({"output_type": "stream", "name": "stdout", "text": text + "\n"})
+
+    def _set_output(self, output: dict) -> None:
+        """Show one nbformat output in ``self.output`` by setting its ``outputs`` state (a comm
+        update from the kernel), never by display messages captured inside ``with output:``: a
+        front end that emulates the Output widget (nbclient under papermill) answers those with
+        a comm_msg on the shell channel while it awaits the cell's execute_reply on that same
+        socket, and then misses the reply (pyzmq asyncio poll, edge-triggered FD) forever."""
+        self.output.outputs = (output,)
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
         bundle = dict(self.widget._repr_mimebundle_())

@@ -30,7 +30,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import results, sweep
+from .. import findings, results, sweep
 from ..layout import (
     GENERATED_FOLDERS,
     Layout,
@@ -100,16 +100,24 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
     """``results/<profile>/``, running the sweep (resumably) and collecting it where incomplete."""
     layout = Layout.of(root, profile)
     results_dir = layout.results_dir
+    restamp = []
     for study in STUDY_NAMES:
         path = layout.database_path(study)
         if not path.is_file():
             continue
         try:
-            results.load_database(path, study)
+            ds = results.load_database(path, study)
         except ValueError as exc:  # damaged, or written by another schema: derived, rebuild it
             aside = move_aside(path)
             reason = str(exc).splitlines()[0]
             log(f"book: {reason}; moved aside to {aside.name}, rebuilding it from the records")
+            continue
+        if findings.stale({study: ds}) and layout.records_root.is_dir():
+            restamp.append(study)
+    if restamp:  # the records decide the numbers; the stamp says which rules score them
+        log(f"book: {', '.join(restamp)} carry another rule set than this code's "
+            f"{findings.ruleset_sha()}; collecting them again from the records")  # fmt: skip
+        findings.collect(profile, root, restamp)
     missing = missing_studies(results_dir)
     if missing:
         log(f"book: results database incomplete in {results_dir} (missing {', '.join(missing)});")
@@ -120,7 +128,7 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
         sweep.run_sweep(
             missing, profile, root, executor=executor, workers=cores, sim_workers=cores, log=log
         )
-        results.collect(profile, root)
+        findings.collect(profile, root)
         missing = missing_studies(results_dir)
         if missing:
             raise FileNotFoundError(

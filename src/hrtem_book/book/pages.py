@@ -13,6 +13,7 @@ finding of the study, its verdict (:mod:`hrtem_book.findings`). Functions return
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
@@ -61,13 +62,43 @@ def pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:.0f} %"
 
 
-VERDICT_ORDER = (findings_mod.HOLDS, findings_mod.FAILS, findings_mod.UNMEASURABLE)
+def signed(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:+.3f}"
+
+
+def by_seed(fn, ds: xr.Dataset, *args, **kwargs) -> list:
+    """``fn(ds, ...)`` on the models of each seed alone: one result per seed."""
+    return [fn(ds.isel(seed=[i]), *args, **kwargs) for i in range(ds.sizes["seed"])]
+
+
+def iv(values, fmt=f3) -> str:
+    """A number the text states from the database: the mean over seeds of the per-seed values
+    and its 95 % Student-t interval (the verdicts' own :func:`~hrtem_book.findings.t_interval`):
+    ``"0.870 [0.850, 0.890]"``; one seed has no interval and says so."""
+    mean, low, high = findings_mod.t_interval(np.asarray(list(values), float))
+    if not math.isfinite(mean):
+        return "n/a"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{fmt(mean)} (one seed, no interval)"
+    return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
+
+
+VERDICT_ORDER = findings_mod.VERDICTS
+VERDICT_WORDS = {  # how a tally says each verdict
+    findings_mod.HOLDS: "hold",
+    findings_mod.FAILS: "do not",
+    findings_mod.INCONCLUSIVE: "are inconclusive at this scale",
+    findings_mod.UNMEASURABLE: "cannot be tested on its grid",
+    findings_mod.STALE: "were not scored (databases of another rule set)",
+}
 
 
 def verdict_sentence(f: findings_mod.Finding) -> str:
     """The finding's numbers and its verdict, as one passage of prose."""
-    if f.verdict == findings_mod.UNMEASURABLE:
+    if f.verdict in (findings_mod.UNMEASURABLE, findings_mod.STALE):
         return f.summary
+    if f.verdict == findings_mod.INCONCLUSIVE:
+        return f"{f.summary} In this build the finding is inconclusive at this scale."
     return f"{f.summary} In this build the study's finding {f.verdict}."
 
 
@@ -86,9 +117,8 @@ def overview(results_dir: str | Path, profile: str) -> Numbers:
 
     def tally(metric: str) -> str:
         count = {v: sum(f.verdict == v for f in found[metric].values()) for v in VERDICT_ORDER}
-        parts = [f"{count[findings_mod.HOLDS]} hold", f"{count[findings_mod.FAILS]} do not"]
-        if count[findings_mod.UNMEASURABLE]:
-            parts.append(f"{count[findings_mod.UNMEASURABLE]} cannot be tested on its grid")
+        parts = [f"{count[v]} {VERDICT_WORDS[v]}" for v in VERDICT_ORDER
+                 if count[v] or v in (findings_mod.HOLDS, findings_mod.FAILS)]  # fmt: skip
         return f"{', '.join(parts[:-1])} and {parts[-1]}"
 
     first = next(iter(dbs.values()), None)
@@ -257,8 +287,14 @@ def architecture(profile: str) -> Numbers:
 
 
 def _grouped(ds: xr.Dataset, by: list[str], reduction: str, metric: str) -> str:
-    groups = grouped_losses(ds, by, reduce=reduction, metric=metric)
-    return "; ".join(f"{k} {f3(float(np.median(v)))}" for k, v in groups.items() if v.size)
+    """Median target value per group, per seed, stated with its interval over seeds."""
+
+    def medians(d: xr.Dataset) -> dict[str, float]:
+        groups = grouped_losses(d, by, reduce=reduction, metric=metric)
+        return {k: float(np.median(v)) if v.size else math.nan for k, v in groups.items()}
+
+    seeds = by_seed(medians, ds)
+    return "; ".join(f"{k} {iv(s[k] for s in seeds)}" for k in seeds[0])
 
 
 def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
@@ -267,6 +303,7 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
     ds = dbs["defocus"]
     found = _findings(dbs)
     cost = cost_by_freeze(ds, reduce=reduction)
+    cost_seeds = by_seed(cost_by_freeze, ds, reduce=reduction)
     full = cost["none"]
 
     def fewer(c: dict) -> str:
@@ -275,7 +312,8 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
 
     cost_text = "; ".join(
         f"freezing {o}: {c['trainable_params'] / 1e6:.3f} M trainable parameters{fewer(c)}, "
-        f"{1e3 * c['time_per_image_s']:.2f} ms per image and epoch"
+        f"{iv((1e3 * x[o]['time_per_image_s'] for x in cost_seeds), lambda v: f'{v:.2f}')} ms "
+        "per image and epoch"
         for o, c in cost.items()
     )
     out = Numbers(cost=cost_text, F=found["loss"], Fd=found["dice"])
@@ -303,12 +341,18 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
     return out
 
 
-def _heatmap_text(n: dict[str, Any], unit: str, what: str) -> str:
+def _heatmap_text(n: dict[str, Any], seeds: list[dict], unit: str, what: str) -> str:
+    """``n``: the heatmap numbers of the whole database (which pair, which domain); ``seeds``:
+    the same numbers per seed (the values and their intervals)."""
     fmt = (lambda v: f"{v:g} {unit}".strip()) if unit else str  # noqa: E731
+
+    def at(key: str, f=f3) -> str:
+        return iv((x[key] for x in seeds), f)
+
     return (
         f"the target-domain {what}, averaged over the off-diagonal cells of the maps, is "
-        f"{f3(n['before'])} after pretraining and {f3(n['after'])} after transfer; transfer "
-        f"improves {pct(n['improved'])} of the (pretraining, target) pairs. The worst pair before "
+        f"{at('before')} after pretraining and {at('after')} after transfer; transfer "
+        f"improves {at('improved', pct)} of the (pretraining, target) pairs. The worst pair before "
         f"transfer is {fmt(n['worst_pair'][0])} → {fmt(n['worst_pair'][1])}; after transfer, "
         f"pretraining at {fmt(n['best_pretrain'])} does best on average"
     )
@@ -322,18 +366,24 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
     n = heatmap_numbers(ds, reduce=reduction)
     nd = heatmap_numbers(ds, reduce=reduction, metric="dice")
     b = baseline_numbers(dbs["baseline"], ds, reduce=reduction)
+    base = dbs["baseline"]
+    b_seeds = [baseline_numbers(base.isel(seed=[i]), ds.sel(seed=[base["seed"].values[i]]),
+                                reduce=reduction) for i in range(base.sizes["seed"])]  # fmt: skip
     return Numbers(
         runs=plural(n["runs"], "finished transfer run"),
         failed=str(n["failed"]),
         missing=str(n["missing"]),
-        heat_loss=_heatmap_text(n, "nm", "loss"),
-        heat_dice=_heatmap_text(nd, "nm", "Dice"),
+        heat_loss=_heatmap_text(n, by_seed(heatmap_numbers, ds, reduce=reduction), "nm", "loss"),
+        heat_dice=_heatmap_text(
+            nd, by_seed(heatmap_numbers, ds, reduce=reduction, metric="dice"), "nm", "Dice"
+        ),
         mixtures=plural(b["runs"], "finished mixture"),
         baseline=(
             f"Over {plural(b['comparisons'], '(pair, mixture) comparison')} of the {reduction} "
             f"loss on domain b with the transfer a → b as drawn (the {reduction} over every "
             f"transfer setting), the mixture does better in {b['mixture_wins']}; the median "
-            f"difference mixture − transfer is {b['median_gap']:+.3f} (finding F6 compares each "
+            f"difference mixture − transfer is {iv((x['median_gap'] for x in b_seeds), signed)} "
+            "(finding F6 compares each "
             "mixture with the transfers that saw as many target images instead)"
         ),
         F=found["loss"],
@@ -348,17 +398,22 @@ def ood(results_dir: str | Path, reduction: str) -> Numbers:
 
     def text(metric: str) -> str:
         n = ood_numbers(ds, reduce=reduction, metric=metric)
+        seeds = by_seed(ood_numbers, ds, reduce=reduction, metric=metric)
+
+        def at(key: str, f=f3) -> str:
+            return iv((x[key] for x in seeds), f)
+
         idg = (
-            f"the median in-distribution gap after transfer is {n['id_gap']:+.3f}"
+            f"the median in-distribution gap after transfer is {at('id_gap', signed)}"
             if math.isfinite(n["id_gap"])
             else "the in-distribution gap is undefined: no target is also a pretraining domain"
         )
         return (
             f"over {n['configurations']:,} configurations the median spread S is "
-            f"{f3(n['spread_before'])} after pretraining and {f3(n['spread_after'])} after "
-            f"transfer (median shift {n['spread_shift']:+.3f}; it grew for "
-            f"{pct(n['spread_grew'])} of them); the median OOD gap is {f3(n['ood_before'])} "
-            f"before and {f3(n['ood_after'])} after transfer; {idg}"
+            f"{at('spread_before')} after pretraining and {at('spread_after')} after "
+            f"transfer (median shift {at('spread_shift', signed)}; it grew for "
+            f"{at('spread_grew', pct)} of them); the median OOD gap is {at('ood_before')} "
+            f"before and {at('ood_after')} after transfer; {idg}"
         )
 
     return Numbers(loss=text("loss"), dice=text("dice"))
@@ -375,16 +430,21 @@ def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
         "target_domain": domains_of_size(structure, "target_domain", "small"),
     }
     s = heatmap_numbers(structure, select=small, reduce=reduction)
-    sizes = size_numbers(structure, reduce=reduction)
+    sizes = by_seed(size_numbers, structure, reduce=reduction)
     size_text = "; ".join(
-        f"{pair}: {f3(sizes['before'][pair])} before, {f3(sizes['after'][pair])} after transfer"
-        for pair in sizes["after"]
+        f"{pair}: {iv(x['before'][pair] for x in sizes)} before, "
+        f"{iv(x['after'][pair] for x in sizes)} after transfer"
+        for pair in sizes[0]["after"]
     )
     return Numbers(
         dose_runs=plural(n["runs"], "finished transfer run"),
-        dose_heat=_heatmap_text(n, "e⁻/Å²", "loss"),
+        dose_heat=_heatmap_text(
+            n, by_seed(heatmap_numbers, dose, reduce=reduction), "e⁻/Å²", "loss"
+        ),  # fmt: skip
         structure_runs=plural(s["runs"], "finished transfer run"),
-        lattice_heat=_heatmap_text(s, "", "loss"),
+        lattice_heat=_heatmap_text(
+            s, by_seed(heatmap_numbers, structure, select=small, reduce=reduction), "", "loss"
+        ),
         sizes=size_text,
         F=found["loss"],
         Fd=found["dice"],
@@ -393,12 +453,15 @@ def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
     )
 
 
-def _deviation_text(name: str, n: dict, unit: str) -> str:
+def _deviation_text(name: str, n: dict, ds: xr.Dataset, unit: str) -> str:
+    """The series' mean Dice deviation from the in-domain ideal and its worst pair (chosen on
+    the whole database), each as the mean over seeds with its interval."""
     a, b = n["worst_pair"]
     pair = f"{a:g} → {b:g} {unit}".strip() if isinstance(a, float) else f"{a} → {b}"
-    return (
-        f"{name}: {n['mean_deviation']:+.3f} on average, worst {pair} ({n['worst_deviation']:+.3f})"
-    )
+    seeds = by_seed(findings_mod.generalization_gaps, ds, "dice")  # gaps on the error scale
+    mean = iv((-g["mean_gap"] for g in seeds), signed)
+    worst = iv((-g["gaps"].get(n["worst_pair"], math.nan) for g in seeds), signed)
+    return f"{name}: {mean} on average, worst {pair} ({worst})"
 
 
 def companion(results_dir: str | Path, reduction: str) -> Numbers:
@@ -413,15 +476,18 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     gen = generalization_databases(results_dir)
     models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
     nd = companion_numbers(gen, "dice")
-    ideal = "; ".join(
-        f"{s}: {min(n['ideal'].values()):.3f}–{max(n['ideal'].values()):.3f}" for s, n in nd.items()
-    )
+
+    def ideal(series: str) -> str:  # mean in-domain Dice over the series' domains, per seed
+        seeds = by_seed(findings_mod.generalization_gaps, gen[series], "dice")
+        return iv(float(np.mean(list(g["ideal"].values()))) for g in seeds)
+
+    ideal_text = "; ".join(f"{s}: {ideal(s)}" for s in nd)
     order = sorted(nd, key=lambda s: nd[s]["mean_deviation"])
     return Numbers(
         models=plural(models, "model"),
         series=", ".join(gen),
-        ideal=ideal,
-        deviations="; ".join(_deviation_text(s, nd[s], get_series(s).unit) for s in order),
+        ideal=ideal_text,
+        deviations="; ".join(_deviation_text(s, nd[s], gen[s], get_series(s).unit) for s in order),
         hardest=order[0] if order else "n/a",
         F=found["loss"],
         Fd=found["dice"],
@@ -442,17 +508,22 @@ def heldout_numbers(ds) -> Numbers:
         return Numbers(models="no models", before="n/a", after="n/a", biased="n/a", n="n/a",
                        variants="n/a", sizes="n/a", small="n/a")  # fmt: skip
     table = heldout_table(ds, "dice")
-    with np.errstate(all="ignore"):
-        med = {c: float(np.nanmedian(table.sel(case=c).values)) if c in table["case"].values
-               else math.nan for c in ("before", "after", "after-biased")}  # fmt: skip
+
+    def case(c: str) -> str:  # median over the variants, per seed
+        if c not in table["case"].values:
+            return "n/a"
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return iv(np.nanmedian(table.sel(case=c).values, axis=0))
+
     runs = int((ds["status"].values == "ok").sum())
     profile = PROFILES.get(str(ds.attrs.get("profile")))
     return Numbers(
         models=plural(runs, "transfer run"),
         variants=", ".join(str(v) for v in ds["pretrain_domain"].values.tolist()),
-        before=f3(med["before"]),
-        after=f3(med["after"]),
-        biased=f3(med["after-biased"]),
+        before=case("before"),
+        after=case("after"),
+        biased=case("after-biased"),
         n=str(int(ds.attrs["n_transfer"])) if "n_transfer" in ds.attrs else "a few",
         sizes=_radii(profile.data.series_radius_nm) if profile else "n/a",
         small=_radii(profile.data.small_radius_nm) if profile else "n/a",
@@ -464,7 +535,85 @@ def _radii(r) -> str:
 
 
 def findings(results_dir: str | Path) -> Numbers:
-    """Chapter "Findings": every finding under the loss and under Dice."""
+    """Chapter "Findings": every finding under the loss and under Dice, each rule's error rates
+    on the build's profile, and the rule set's stamp."""
+    from .. import power
+
     dbs = databases(results_dir)
     found = _findings(dbs)
-    return Numbers(F=found["loss"], Fd=found["dice"], **overview(results_dir, "").__dict__)
+    first = next(iter(dbs.values()), None)
+    profile = str(first.attrs.get("profile")) if first is not None else ""
+    keys = findings_mod.RULE_KEYS
+    table = dict.fromkeys(("false_pass", "power", "false_fail", "reach", "planted"))
+    for name in table:
+        table[name] = dict.fromkeys(keys, "n/a")
+    powers = {}
+    if profile in PROFILES:  # the error rates on the build's own grid
+        most = math.expm1(max(power.DETECTABLE_SCALES) * findings_mod.DELTA)
+        for key in keys:
+            r, reach = power.error_rates(key, profile), power.detectable(key, profile)
+            if math.isfinite(r.power):
+                powers[key] = r.power
+            table["false_pass"][key], table["power"][key] = pct(r.false_pass), pct(r.power)
+            table["false_fail"][key], table["planted"][key] = pct(r.false_fail), r.effect
+            table["reach"][key] = (
+                f"{100 * reach:+.0f} %" if math.isfinite(reach)
+                else f"beyond {100 * most:+.0f} %" if math.isfinite(r.power) else "n/a"
+            )  # fmt: skip
+    return Numbers(
+        F=found["loss"],
+        Fd=found["dice"],
+        sha=findings_mod.ruleset_sha(),
+        date=findings_mod.RULESET_DATE,
+        delta=findings_mod.pct_change(findings_mod.DELTA),
+        delta_abs=findings_mod.pct_change(findings_mod.DELTA).lstrip("+"),
+        n_powered=(f"{sum(r >= 0.8 for r in powers.values())} of {len(keys)}" if powers else "n/a"),
+        confidence=f"{findings_mod.CONFIDENCE:.0%}",
+        source={r.key: _source_text(r) for r in findings_mod.RULES},
+        stamps=_stamps(dbs),
+        regime=regime(profile) if profile in PROFILES else "",
+        **table,
+        **overview(results_dir, profile).__dict__,
+    )
+
+
+def _source_text(rule) -> str:
+    seed, locator = rule.source
+    if not seed:
+        return "a statement of the published study that is not among our excerpts of it"
+    return f"excerpt {seed} of ../shared/seeds, the sentence with “{locator}”"
+
+
+def _stamps(dbs: dict) -> str:
+    stale = findings_mod.stale(dbs)
+    if not stale:
+        return f"every database of this build carries it ({len(dbs)} of {len(dbs)})"
+    return (
+        f"{len(dbs) - len(stale)} of {len(dbs)} databases carry it; "
+        + ", ".join(f"{s} carries {v}" for s, v in stale.items())
+        + " and is not scored"
+    )
+
+
+def regime(profile: str) -> str:
+    """Where the profile sits against the study (the ``paper`` profile) in quantities that
+    govern the findings: electrons per pixel, particle radius in pixels, transfer set against
+    pretraining — all from the two configurations."""
+    p, paper = get_profile(profile), get_profile("paper")
+    px, study_px = p.data.sim.pixel_A, paper.data.sim.pixel_A
+    doses = list(p.data.doses)
+    r = p.data.series_radius_nm
+    sizes = p.studies.get("defocus", {}).get("n_transfer", ())
+    sizes = sizes if isinstance(sizes, tuple) else (sizes,)
+    share = ", ".join(f"{n}/{p.n_pretrain}" for n in sizes) or "n/a"
+    return (
+        f"At {px:g} Å per pixel, the {profile} profile's doses of "
+        f"{', '.join(f'{d:g}' for d in doses)} e⁻/Å² put "
+        f"{', '.join(f'{d * px**2:g}' for d in doses)} electrons on a pixel; at the study's "
+        f"{study_px:g} Å the same nominal doses give "
+        f"{', '.join(f'{d * study_px**2:g}' for d in doses)}, "
+        f"so our images are far less noisy per pixel at equal dose. A particle of radius "
+        f"{r[0]:g}–{r[1]:g} nm spans {10 * r[0] / px:g}–{10 * r[1] / px:g} pixels here and "
+        f"{10 * r[0] / study_px:g}–{10 * r[1] / study_px:g} at the study's sampling. Transfer sets "
+        f"hold {share} of the pretraining images (the study: 64 to 512 of 512)."
+    )  # fmt: skip
