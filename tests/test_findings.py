@@ -13,7 +13,7 @@ from scipy import stats
 
 from hrtem_book import findings, power
 from hrtem_book.profiles import get_profile
-from hrtem_book.studies import build_grid
+from hrtem_book.studies import STUDY_NAMES, build_grid
 
 SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 # claims of the published study whose sentence is not among the excerpts in ../shared/seeds
@@ -162,3 +162,20 @@ def test_every_claim_cites_a_sentence_of_its_source():
             assert rule.source == ("", "")
             continue
         assert locator and locator in texts[seed], rule.key
+
+
+def test_findings_read_only_the_test_split():
+    """Every verdict comes from the kept models' test-split scores (``final_<metric>``): with
+    every other variable dropped, each finding says exactly what it said before."""
+    from hrtem_book.results import METRIC_SPLITS
+    from hrtem_book.testing import synthetic_database
+
+    assert METRIC_SPLITS["final"] == "test"
+    dbs = {s: synthetic_database(s) for s in STUDY_NAMES}
+    bare = {
+        s: ds.drop_vars([v for v in ds.data_vars if not v.startswith("final_")])
+        for s, ds in dbs.items()
+    }
+    for metric in ("loss", "dice"):
+        full, only = findings.evaluate(dbs, metric), findings.evaluate(bare, metric)
+        assert {k: f.summary for k, f in full.items()} == {k: f.summary for k, f in only.items()}

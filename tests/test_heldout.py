@@ -16,6 +16,7 @@ from conftest import smoke_project
 from hrtem_book import datasets, simulate
 from hrtem_book.config import MeasuredImaging
 from hrtem_book.findings import FAILS, HOLDS, UNMEASURABLE, collect, get_rule, score
+from hrtem_book.findings import ruleset_sha as findings_ruleset_sha
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
 from hrtem_book.results import heldout_table, load_database
@@ -212,6 +213,9 @@ def size_bias_hurts_transfer(dbs):
 
 def test_heldout_findings_need_two_seeds(heldout_db):
     _, ds = heldout_db
+    # what the findings read is measured on the test split, never on the selection images
+    assert {ds[f"final_{m}"].attrs["split"] for m in ("loss", "dice", "iou")} == {"test"}
+    assert ds.attrs["ruleset_sha"] == findings_ruleset_sha()
     found = synthetic_variants_matter({"heldout": ds})
     assert found.verdict == UNMEASURABLE and "two or more seeds" in found.summary
     assert size_bias_hurts_transfer({"heldout": ds}).verdict == UNMEASURABLE

@@ -260,6 +260,9 @@ def error_rates(
     nulls, alternative = _scenarios(key, coords)
     rng = np.random.default_rng(seed)
     n_seeds = min(len(g.coords["seed"]) for g in grids.values())
+    if n_seeds < 2:  # no interval, no verdict: nothing to simulate
+        nan = math.nan
+        return ErrorRates(key, profile, n_seeds, n_draws, nan, nan, nan, alternative.what)
 
     def rates(scenario: Scenario) -> np.ndarray:
         delta = findings.DELTA * (1.0 if scenario in nulls else scale)
