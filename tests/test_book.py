@@ -422,7 +422,7 @@ def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
     def fake_sweep(studies, profile, root, **kw):
         calls.append(("sweep", tuple(studies), profile.name))
 
-    def fake_collect(profile, root, studies=None):
+    def fake_collect(profile, root, studies=None, log=None):
         calls.append(("collect", profile.name))
         for study in STUDY_NAMES:
             path = Layout(root, profile.name).database_path(study)

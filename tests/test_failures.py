@@ -240,7 +240,7 @@ def test_6_train_without_transfer_needs_no_transfer_size(tmp_path, smoke_data):
         (["live", "--profile", "nope"], ["unknown profile 'nope'"]),
         (["book", "--profile", "smoke", "--notebook-timeout-s", "0"],
          ["--notebook-timeout-s 0", "allowed: a positive number of seconds"]),
-        (TRAIN + ["--seed", "-1"], ["seed=-1", "an integer >= 0"]),
+        (TRAIN + ["--seed", "-1"], ["seed=-1", "an integer in 0.."]),
         (TRAIN + ["--n-transfer", "4"], ["--n-transfer without --transfer"]),
         (TRAIN + ["--transfer", "10"], ["--transfer needs --n-transfer", "allowed: 1..8"]),
     ],
@@ -255,3 +255,171 @@ def test_6_book_without_notebooks_complains_before_any_sweep(tmp_path):
                     "no figure notebooks in")  # fmt: skip
     assert time.monotonic() - start < 60
     assert not Layout(tmp_path, "smoke").results_dir.exists()  # nothing was swept
+
+
+# --- reliability, round two (issue 20) -------------------------------------------------------
+CAMPAIGN = ["campaign", "--profile", "smoke", "--device", "cpu"]
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        # argparse's own errors: one line, no usage block (12)
+        (["sweep", "--study", "nope", "--profile", "smoke"],
+         ["argument --study: invalid choice: 'nope'"]),
+        (["sweep", "--study", "dose", "--profile", "smoke", "--workers", "two"],
+         ["argument --workers: invalid int value: 'two'"]),
+        (["sweep", "--study", "dose", "--profile", "smoke", "--executor", "nope"],
+         ["argument --executor: invalid choice: 'nope'"]),
+        (["book", "--reduction", "nope"], ["argument --reduction: invalid choice: 'nope'"]),
+        (["live", "--port", "abc"], ["argument --port: invalid int value: 'abc'"]),
+        (TRAIN + ["--seed", "x"], ["argument --seed: invalid int value: 'x'"]),
+        # values argparse accepts and the pipeline cannot use (3, 4, 12)
+        (TRAIN + ["--seed", str(2**64)], [f"seed={2**64}", "0..9223372036854775807"]),
+        (TRAIN + ["--freeze", "bogus"], ["--freeze 'bogus' without --transfer"]),
+        (["live", "--profile", "smoke", "--port", "-5"], ["--port -5", "1..65535"]),
+        (["live", "--profile", "smoke", "--port", "99999"], ["--port 99999", "1..65535"]),
+        (CAMPAIGN + ["--out", "o", "--budget-s", "nan", "--bench-steps", "0"],
+         ["--budget-s nan", "allowed: more than"]),
+        (CAMPAIGN + ["--out", "o", "--bench-steps", "-1"], ["--bench-steps -1", "allowed: 0"]),
+    ],
+)  # fmt: skip
+def test_r2_bad_values_are_one_line(args, fragments, tmp_path):
+    proc = cli(*args, "--root", str(tmp_path))
+    assert_one_line(proc, *fragments)
+    assert "usage:" not in proc.stderr
+
+
+def test_r2_a_local_cluster_of_no_workers_is_one_line(tmp_path):
+    spec = tmp_path / "local.yaml"
+    spec.write_text("kind: local\ncluster: {n_workers: -1}\n")
+    start = time.monotonic()
+    proc = cli("sweep", "--study", "dose", "--profile", "smoke", "--root", str(tmp_path),
+               "--executor", "dask", "--cluster", str(spec))  # fmt: skip
+    assert_one_line(proc, "n_workers=-1", "allowed: an integer >= 1")
+    assert time.monotonic() - start < 60
+
+
+def _silent_listener():
+    """A loopback TCP server that accepts connections and never says a word."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, held
+
+
+def test_r2_a_listener_that_is_no_dask_scheduler_is_one_line(tmp_path):
+    server, held = _silent_listener()
+    port = server.getsockname()[1]
+    command = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1"]
+    http = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        http_port = int(http.stdout.readline().split(" port ")[1].split()[0])
+        for address in (f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{http_port}"):
+            start = time.monotonic()
+            proc = cli("sweep", "--study", "dose", "--profile", "smoke", "--root",
+                       str(tmp_path), "--scheduler", address, timeout=120)  # fmt: skip
+            assert_one_line(proc, f"--scheduler {address}", "allowed: the address of a running")
+            assert time.monotonic() - start < 60
+    finally:
+        http.kill()
+        http.wait()
+        server.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.mark.slow
+def test_r2_collect_names_and_moves_aside_a_damaged_database(tmp_path, clean):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(clean, root, symlinks=True)
+    reference = database(root)
+    path = Layout(root, "smoke").database_path("defocus")
+    path.write_bytes(path.read_bytes()[:200])  # truncated
+    proc = cli("collect", "--profile", "smoke", "--root", str(root))
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert "moved aside to defocus.nc.invalid-" in proc.stdout
+    assert len(list(path.parent.glob("defocus.nc.invalid-*"))) == 1
+    xr.testing.assert_identical(database(root), reference)
+
+
+@pytest.mark.slow
+def test_r2_temporary_files_of_killed_processes_are_removed(tmp_path, clean):
+    """What kill -9 leaves while a checkpoint or a series file is written (``.<name>.<pid>.tmp``
+    of a process that is gone) is removed by the next sweep; a live process's is kept."""
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(clean, root)  # the series copied too: their folder is this project's
+    layout = Layout(root, "smoke")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    stale = [layout.checkpoints_dir / f".0123456789abcdef.pt.{dead}.tmp",
+             layout.data_dir / f".defocus-0123456789abcdef.nc.{dead}.tmp"]  # fmt: skip
+    alive = layout.checkpoints_dir / f".fedcba9876543210.pt.{os.getpid()}.tmp"
+    for path in (*stale, alive):
+        path.write_bytes(b"partial")
+    proc = sweep(root, study="all")
+    no_traceback(proc)
+    assert proc.returncode == 0, proc.stderr
+    assert not any(p.exists() for p in stale)
+    assert alive.exists()
+
+
+def cli_limited(*args: str, fsize: int, timeout: float = 300) -> subprocess.CompletedProcess:
+    """:func:`cli` in a child whose files may not grow beyond ``fsize`` bytes (RLIMIT_FSIZE, with
+    SIGXFSZ ignored so that a write fails with EFBIG): a full disk without a file system."""
+    import resource
+    import signal
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "hrtem_book.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, preexec_fn=limit)  # fmt: skip
+
+
+def _one_storage_line(proc: subprocess.CompletedProcess) -> str:
+    """Status 1 and one error line (beside any progress bar), no traceback."""
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    (err,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert "finished work is kept" in err and "run the command again" in err
+    return err
+
+
+@pytest.mark.slow
+def test_r2_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, clean):
+    import shutil
+
+    root = tmp_path / "p"
+    shutil.copytree(clean, root, symlinks=True)
+    layout = Layout(root, "smoke")
+    before = {p: p.read_bytes() for p in layout.results_dir.glob("*.nc")}
+    # collect: the databases do not fit
+    err = _one_storage_line(cli_limited("collect", "--profile", "smoke", "--root", str(root),
+                                        fsize=4096))  # fmt: skip
+    assert "file size limit reached" in err or "could not be written" in err
+    assert {p: p.read_bytes() for p in layout.results_dir.glob("*.nc")} == before
+    assert not list(layout.results_dir.rglob("*.tmp"))
+    # simulate: a series that does not fit, in a fresh project
+    fresh = tmp_path / "fresh"
+    err = _one_storage_line(cli_limited("simulate", "--series", "dose", "--profile", "smoke",
+                                        "--root", str(fresh), fsize=64 * 1024))  # fmt: skip
+    assert not list(fresh.rglob("*.tmp"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -249,8 +250,10 @@ def run_campaign(
 def _cli(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile)
     check_profile_compute(profile, args.device)
-    if args.budget_s <= RESERVE_S:
+    if not (math.isfinite(args.budget_s) and args.budget_s > RESERVE_S):  # nan compares false
         raise ValueError(f"--budget-s {args.budget_s:g}; allowed: more than {RESERVE_S:g} s")
+    if args.bench_steps < 0:
+        raise ValueError(f"--bench-steps {args.bench_steps}; allowed: 0 (no benchmark) or more")
     if args.max_stack < 1:
         raise ValueError(f"--max-stack {args.max_stack}; allowed: an integer >= 1")
     result = run_campaign(

@@ -67,6 +67,8 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device 
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "weights only load failed" in first.lower():  # not torch's advice to unpickle it
+            first = "not a file of tensors that torch reads without running code"
         raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DamagedCheckpoint(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from .layout import storage_failure
+
 # modules in data-flow order; a module that is missing or lacks register_cli is skipped
 _COMMAND_MODULES = ("datasets", "runs", "sweep", "findings", "campaign", "book")
 
@@ -21,10 +23,18 @@ class UserError(Exception):
     """An error caused by input the user can correct; printed as one line, exit status 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as every other bad input: one line naming the value, exit 2 (no usage
+    block before it; ``--help`` still prints the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, or — given ``command`` — of the commands up to the module
     that owns it: ``campaign`` then never imports the book (a GPU image may lack its widgets)."""
-    parser = argparse.ArgumentParser(prog="hrtem-book", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="hrtem-book", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         try:
@@ -53,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hrtem-book {args.command}: interrupted; finished work is kept", file=sys.stderr)
         return 130
+    except (OSError, RuntimeError) as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        print(f"hrtem-book {args.command}: error: {reason}; finished work is kept: free space "
+              "or give a writable --root, then run the command again", file=sys.stderr)  # fmt: skip
+        return 1
     return int(result or 0)
 
 

@@ -59,11 +59,14 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}")
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
 def _check_seed(seed: int) -> None:
     # replicate seeds are labels of a grid axis and seed torch and numpy generators: whole,
-    # non-negative numbers (numpy's SeedSequence refuses negative ones)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer >= 0")
+    # non-negative numbers (numpy's SeedSequence refuses negative ones) that torch can take
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed!r} is not allowed: it must be an integer in 0..{MAX_SEED}")
 
 
 @dataclass(frozen=True)

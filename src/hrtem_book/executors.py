@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import RunConfig, config_hash
-from .layout import Layout
+from .layout import Layout, storage_failure
 from .records import RECORD_STATUSES
 
 RunFn = Callable[..., dict]
@@ -71,6 +71,9 @@ def execute(
     try:
         record = (run_fn or train_run)(cfg, layout=layout, device=device)
     except Exception as exc:  # a crash of one run must not stop the sweep
+        storage = storage_failure(exc)
+        if storage is not None:  # say what happened, not what the writer library said
+            return infrastructure_failure(f"cannot write: {storage}")
         first = str(exc).splitlines()[0] if str(exc) else ""
         return infrastructure_failure(f"{type(exc).__name__}: {first}")
     if not isinstance(record, dict) or record.get("status") not in RECORD_STATUSES:
@@ -225,17 +228,41 @@ SCHEDULER_TIMEOUT_S = 10  # a scheduler that does not answer within this is not 
 
 
 def connect(address: str, timeout_s: float = SCHEDULER_TIMEOUT_S):
-    """A Dask client of the scheduler at ``address``; a one-line ValueError if none answers."""
+    """A Dask client of the scheduler at ``address``; a one-line ValueError if none answers.
+
+    Dask's own timeout covers an address where nothing listens; a process that accepts the
+    connection and never speaks Dask's protocol (a plain TCP or HTTP server, a dashboard
+    address pasted by mistake) would keep the handshake waiting for ever, so the attempt runs in
+    a daemon thread that is given up after ``timeout_s`` + 5 s."""
     from distributed import Client
 
-    try:
-        return Client(address, timeout=f"{timeout_s}s")
-    except (OSError, TimeoutError, ValueError) as exc:
+    box: dict = {}
+
+    def attempt() -> None:
+        try:
+            box["client"] = Client(address, timeout=f"{timeout_s}s")
+        except BaseException as exc:  # handed to the caller below
+            box["error"] = exc
+
+    thread = threading.Thread(target=attempt, name="dask-connect", daemon=True)
+    thread.start()
+    thread.join(timeout_s + 5.0)
+    allowed = "allowed: the address of a running `dask scheduler`"
+    if thread.is_alive():
+        raise ValueError(
+            f"--scheduler {address}: something answers there but not as a Dask scheduler "
+            f"(no handshake within {timeout_s + 5:g} s); {allowed}"
+        )
+    exc = box.get("error")
+    if isinstance(exc, OSError | TimeoutError | ValueError):
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(
             f"--scheduler {address}: no Dask scheduler answered within {timeout_s:g} s "
-            f"({reason[:120]}); allowed: the address of a running `dask scheduler`"
+            f"({reason[:120]}); {allowed}"
         ) from None
+    if exc is not None:
+        raise exc
+    return box["client"]
 
 
 _CLUSTER_KEYS = ("kind", "jobs", "cluster", "device")
@@ -261,6 +288,13 @@ def load_cluster_config(path: str | Path) -> dict:
         raise ValueError(f"{path}: kind={cfg['kind']!r}; allowed: local, slurm")
     if not isinstance(cfg.get("cluster", {}), dict):
         raise ValueError(f"{path}: 'cluster' must be a mapping of cluster keyword arguments")
+    for key in ("n_workers", "threads_per_worker", "cores", "processes", "jobs"):
+        value = cfg.get("cluster", {}).get(key, cfg.get(key) if key == "jobs" else None)
+        if key == "processes" and isinstance(value, bool):
+            continue
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):  # fmt: skip
+            raise ValueError(f"{path}: {key}={value!r}; allowed: an integer >= 1")
     return cfg
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -181,6 +182,32 @@ def remove_stale_tmp(folder: Path) -> int:
         tmp.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+# an environment failure while writing: the disk, not the input (one line, exit 1, rerun)
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit reached",
+    errno.EROFS: "read-only file system",
+}
+# libraries that report a failed write in words of their own (netCDF/HDF5, torch's zip writer)
+_STORAGE_WORDS = ("NetCDF: HDF error", "unexpected pos", "PytorchStreamWriter failed")
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """One line saying why a write failed when ``exc`` (or what caused it) is a full, limited
+    or read-only disk; None for any other exception."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+            where = f" ({exc.filename})" if exc.filename else ""
+            return f"{_STORAGE_ERRNOS[exc.errno]}{where}"
+        if isinstance(exc, RuntimeError) and any(w in str(exc) for w in _STORAGE_WORDS):
+            return "a file could not be written (disk full or read-only?)"
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def check_writable(folder: Path, what: str = "--root") -> Path:

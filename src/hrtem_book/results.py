@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
-from .layout import Layout, atomic_write, database_file, git_commit
+from .layout import Layout, atomic_write, database_file, git_commit, move_aside
 from .metrics import METRIC_TITLES, METRICS
 from .profiles import Profile
 from .records import read_record
@@ -588,9 +588,11 @@ def collect(
     root: str | Path = ".",
     studies: Iterable[str] | None = None,
     attrs: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """Write ``results/<profile>/<study>.nc`` for every study with records, with ``attrs``
-    added (the rule-set stamp: :func:`hrtem_book.findings.collect`); return the paths."""
+    added (the rule-set stamp: :func:`hrtem_book.findings.collect`); return the paths. A
+    database already there that is damaged or foreign is named, moved aside and written anew."""
     layout = Layout.of(root, profile)
     out = {}
     for study in studies or STUDIES:
@@ -598,5 +600,12 @@ def collect(
         if ds.attrs["n_records"] == 0:
             continue
         ds.attrs.update(attrs or {})
-        out[study] = save_database(ds, layout.database_path(study))
+        path = layout.database_path(study)
+        if path.is_file():
+            try:
+                load_database(path, study).close()
+            except ValueError as exc:
+                aside = move_aside(path)
+                log(f"collect: {str(exc).splitlines()[0]}; moved aside to {aside.name}")
+        out[study] = save_database(ds, path)
     return out

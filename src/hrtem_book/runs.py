@@ -420,6 +420,9 @@ def config_from_args(args, profile: Profile) -> RunConfig:
             )
     elif args.n_transfer is not None:
         raise ValueError("--n-transfer without --transfer; allowed: both or neither")
+    elif args.freeze != "none":
+        raise ValueError(f"--freeze {args.freeze!r} without --transfer; freezing applies to a "
+                         "transfer: give --transfer or drop --freeze")  # fmt: skip
     pretrain = PretrainConfig(
         data=profile.data,
         series=args.series,

@@ -169,7 +169,8 @@ def run_sweep(
     check_profile_compute(profile, device)
     layout = Layout.of(root, profile)
     tasks = plan(studies, profile, layout)
-    for folder in {t.path.parent for t in tasks}:
+    # temporary files of killed processes: records, checkpoints and series being merged
+    for folder in {t.path.parent for t in tasks} | {layout.checkpoints_dir, layout.data_dir}:
         if folder.is_dir():
             remove_stale_tmp(folder)
 

@@ -126,6 +126,8 @@ def _cli_book(args: argparse.Namespace) -> int:
 
 
 def _cli_live(args: argparse.Namespace) -> int:
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}; allowed: a TCP port 1..65535")
     root = Path(args.root).resolve()
     return serve_live(get_profile(args.profile or default_profile(root)), root, args.port)
 

@@ -117,7 +117,7 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
     if restamp:  # the records decide the numbers; the stamp says which rules score them
         log(f"book: {', '.join(restamp)} carry another rule set than this code's "
             f"{findings.ruleset_sha()}; collecting them again from the records")  # fmt: skip
-        findings.collect(profile, root, restamp)
+        findings.collect(profile, root, restamp, log=log)
     missing = missing_studies(results_dir)
     if missing:
         log(f"book: results database incomplete in {results_dir} (missing {', '.join(missing)});")
@@ -128,7 +128,7 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
         sweep.run_sweep(
             missing, profile, root, executor=executor, workers=cores, sim_workers=cores, log=log
         )
-        findings.collect(profile, root)
+        findings.collect(profile, root, log=log)
         missing = missing_studies(results_dir)
         if missing:
             raise FileNotFoundError(
