@@ -43,7 +43,7 @@ def _simulated(key: str, profile: str, scale: float, n_draws: int = 1, seed: int
 
 
 # rules whose contrasts change sign with the effect (the others compare spreads)
-SIGNED = ("F1", "F3", "F7", "G1", "G2", "G3", "G5", "G6")
+SIGNED = ("F1", "F3", "F7", "F9", "G1", "G2", "G3", "G5", "G6")
 
 
 # rules with a contrast that must be shown small (F3's decoder cost, F6's equivalence): three
@@ -138,7 +138,7 @@ def test_rule_set_hash_is_recorded_and_stamped():
 
 def test_every_finding_reports_a_verdict_and_its_rule():
     out = findings.evaluate({})
-    assert list(out) == [f"F{i}" for i in range(1, 9)] + [f"G{i}" for i in range(1, 7)]
+    assert list(out) == [f"F{i}" for i in range(1, 10)] + [f"G{i}" for i in range(1, 7)]
     for f in out.values():
         assert f.verdict == findings.UNMEASURABLE and f.rule and f.claim
     with pytest.raises(ValueError, match="metric='accuracy'; allowed: loss, dice, iou"):

@@ -125,6 +125,9 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
             return d * _centred(targets, ev) if ev == cell["target_domain"] else 0.0
         return d * (_lattice(cell["pretrain_domain"]) != _lattice(ev))
 
+    def f9(cell, st, ev, d):
+        return d * (ev == 0.0 and cell["train_domain"] != 0.0)
+
     def off_domain(cell, st, ev, d):
         return d * (ev != cell["train_domain"])
 
@@ -154,6 +157,7 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
         "F7": ([none], Scenario("transfer to 0 nm δ worse than from 0 nm", f7)),
         "F8": ([none], Scenario("after transfer the target sets differ by sd δ; before, another "
                                 "lattice δ worse", f8)),
+        "F9": ([none], Scenario("models trained off focus δ worse on 0 nm", f9)),
         "G1": ([none], Scenario("every other pixel size δ worse than the ideal", off_domain)),
         "G2": ([none], Scenario("large-particle models δ worse off their domain", g2)),
         "G3": ([none], Scenario("every other domain δ worse than the ideal", off_domain)),
