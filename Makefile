@@ -6,9 +6,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# --no-compile: pip byte-compiles every installed file (all of torch's); Python compiles what it
-# imports on first use instead. The book's setup took 88 s with, 43 s without (2026-12-07, AVX2)
-INSTALL := $(PIP) install -q --no-compile
 CONSTRAINTS := requirements/constraints.txt
 # the book needs the package and its book extra; the tests add the test extra (abTEM, numba, ...)
 BOOK_STAMP := $(VENV)/.installed-book
@@ -23,18 +20,18 @@ setup: $(STAMP)
 
 $(BOOK_STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
+	$(PIP) install -q "$(TORCH_PIN)" -c $(CONSTRAINTS)
 	# torchvision's PyPI wheel is CUDA-built: take only its pure-Python parts (see hrtem_book/_torchvision.py)
-	$(INSTALL) --no-deps "$(TORCHVISION_PIN)"
-	$(INSTALL) -c $(CONSTRAINTS) -e '.[book]'
+	$(PIP) install -q --no-deps "$(TORCHVISION_PIN)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[book]'
 	@touch $@
 
 # one resolve for both extras (a fresh `make test` skips the book-only install)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
-	$(INSTALL) --no-deps "$(TORCHVISION_PIN)"
-	$(INSTALL) -c $(CONSTRAINTS) -e '.[test,book]'
+	$(PIP) install -q "$(TORCH_PIN)" -c $(CONSTRAINTS)
+	$(PIP) install -q --no-deps "$(TORCHVISION_PIN)"
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[test,book]'
 	@touch $(BOOK_STAMP) $@
 
 test: $(STAMP) browser slurm
