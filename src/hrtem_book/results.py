@@ -601,11 +601,21 @@ def collect(
             continue
         ds.attrs.update(attrs or {})
         path = layout.database_path(study)
-        if path.is_file():
-            try:
-                load_database(path, study).close()
-            except ValueError as exc:
-                aside = move_aside(path)
-                log(f"collect: {str(exc).splitlines()[0]}; moved aside to {aside.name}")
+        if path.is_file() and (old := load_or_set_aside(path, study, log, "collect")) is not None:
+            old.close()
         out[study] = save_database(ds, path)
     return out
+
+
+def load_or_set_aside(
+    path: Path, study: str, log: Callable[[str], None], who: str, then: str = ""
+) -> xr.Dataset | None:
+    """The database at ``path``, or None when it is damaged or foreign (another schema): then
+    it is named in one line (``"<who>: <reason>; moved aside to <name><then>"``) and moved
+    aside, never deleted."""
+    try:
+        return load_database(path, study)
+    except ValueError as exc:
+        aside = move_aside(path)
+        log(f"{who}: {str(exc).splitlines()[0]}; moved aside to {aside.name}{then}")
+        return None

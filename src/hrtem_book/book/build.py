@@ -35,7 +35,6 @@ from ..layout import (
     GENERATED_FOLDERS,
     Layout,
     database_file,
-    move_aside,
     myst_build_dir,
     theme_dir,
 )
@@ -105,12 +104,9 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
         path = layout.database_path(study)
         if not path.is_file():
             continue
-        try:
-            ds = results.load_database(path, study)
-        except ValueError as exc:  # damaged, or written by another schema: derived, rebuild it
-            aside = move_aside(path)
-            reason = str(exc).splitlines()[0]
-            log(f"book: {reason}; moved aside to {aside.name}, rebuilding it from the records")
+        # damaged, or written by another schema: derived, so rebuilt below
+        ds = results.load_or_set_aside(path, study, log, "book", ", rebuilding it from the records")
+        if ds is None:
             continue
         if findings.stale({study: ds}) and layout.records_root.is_dir():
             restamp.append(study)
