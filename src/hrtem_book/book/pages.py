@@ -110,9 +110,13 @@ def _findings(dbs: dict) -> dict[str, dict[str, findings_mod.Finding]]:
 def overview(results_dir: str | Path, profile: str) -> Numbers:
     """Abstract and recipes: the size of the build and the tally of the findings."""
     dbs = databases(results_dir)
+    return _overview(dbs, _findings(dbs), profile)
+
+
+def _overview(dbs: dict, found: dict, profile: str) -> Numbers:
+    """:func:`overview` of databases already loaded and findings already evaluated."""
     counts = {s: study_counts(ds) for s, ds in dbs.items()}
     total = sum(c["runs"] for c in counts.values())
-    found = _findings(dbs)
     n = len(found["loss"])
 
     def tally(metric: str) -> str:
@@ -195,7 +199,6 @@ def datasets(profile: str) -> Numbers:
         defoci=", ".join(f"{d:g}" for d in data.defoci_nm) + " nm",
         defocus_dose=f"{data.defocus_series_dose:g} e⁻/Å²",
         doses=", ".join(f"{d:g}" for d in data.doses) + " e⁻/Å²",
-        doses_per_pixel=", ".join(f"{d * sim.pixel_A**2:g}" for d in data.doses),
         dose_defocus=f"{data.dose_series_defocus_nm:g} nm",
         lattices=", ".join(data.lattices),
         small=f"{data.small_radius_nm[0]:g}–{data.small_radius_nm[1]:g} nm",
@@ -454,12 +457,12 @@ def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
     )
 
 
-def _deviation_text(name: str, n: dict, ds: xr.Dataset, unit: str) -> str:
+def _deviation_text(name: str, n: dict, seeds: list[dict], unit: str) -> str:
     """The series' mean Dice deviation from the in-domain ideal and its worst pair (chosen on
-    the whole database), each as the mean over seeds with its interval."""
+    the whole database, ``n``), each as the mean over seeds (``seeds``: the gaps of each seed
+    alone, on the error scale) with its interval."""
     a, b = n["worst_pair"]
     pair = f"{a:g} → {b:g} {unit}".strip() if isinstance(a, float) else f"{a} → {b}"
-    seeds = by_seed(findings_mod.generalization_gaps, ds, "dice")  # gaps on the error scale
     mean = iv((-g["mean_gap"] for g in seeds), signed)
     worst = iv((-g["gaps"].get(n["worst_pair"], math.nan) for g in seeds), signed)
     return f"{name}: {mean} on average, worst {pair} ({worst})"
@@ -477,18 +480,17 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     gen = generalization_databases(results_dir)
     models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
     nd = companion_numbers(gen, "dice")
-
-    def ideal(series: str) -> str:  # mean in-domain Dice over the series' domains, per seed
-        seeds = by_seed(findings_mod.generalization_gaps, gen[series], "dice")
-        return iv(float(np.mean(list(g["ideal"].values()))) for g in seeds)
-
-    ideal_text = "; ".join(f"{s}: {ideal(s)}" for s in nd)
+    gaps = {s: by_seed(findings_mod.generalization_gaps, gen[s], "dice") for s in nd}
+    # the mean in-domain Dice over each series' domains, per seed
+    ideal_text = "; ".join(
+        f"{s}: {iv(float(np.mean(list(g['ideal'].values()))) for g in gaps[s])}" for s in nd
+    )
     order = sorted(nd, key=lambda s: nd[s]["mean_deviation"])
     return Numbers(
         models=plural(models, "model"),
         series=", ".join(gen),
         ideal=ideal_text,
-        deviations="; ".join(_deviation_text(s, nd[s], gen[s], get_series(s).unit) for s in order),
+        deviations="; ".join(_deviation_text(s, nd[s], gaps[s], get_series(s).unit) for s in order),
         hardest=order[0] if order else "n/a",
         F=found["loss"],
         Fd=found["dice"],
@@ -545,9 +547,8 @@ def findings(results_dir: str | Path) -> Numbers:
     first = next(iter(dbs.values()), None)
     profile = str(first.attrs.get("profile")) if first is not None else ""
     keys = findings_mod.RULE_KEYS
-    table = dict.fromkeys(("false_pass", "power", "false_fail", "reach", "planted"))
-    for name in table:
-        table[name] = dict.fromkeys(keys, "n/a")
+    table = {name: dict.fromkeys(keys, "n/a")
+             for name in ("false_pass", "power", "false_fail", "reach", "planted")}  # fmt: skip
     powers = {}
     if profile in PROFILES:  # the error rates on the build's own grid
         most = math.expm1(max(power.DETECTABLE_SCALES) * findings_mod.DELTA)
@@ -574,7 +575,7 @@ def findings(results_dir: str | Path) -> Numbers:
         stamps=_stamps(dbs),
         regime=regime(profile) if profile in PROFILES else "",
         **table,
-        **overview(results_dir, profile).__dict__,
+        **_overview(dbs, found, profile).__dict__,
     )
 
 
