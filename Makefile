@@ -19,27 +19,30 @@ STAMP := $(VENV)/.installed
 # torch first, pinned: an unpinned resolve would fetch a multi-GB CUDA build
 TORCH_PIN := $(shell grep -E '^torch==' $(CONSTRAINTS))
 TORCHVISION_PIN := $(shell grep -E '^torchvision==' $(CONSTRAINTS))
+, := ,
 
 .PHONY: setup test test-fast book live lint format bench clean-book browser slurm gpu-wheels
 
 setup: $(STAMP)
 
-$(BOOK_STAMP): pyproject.toml $(CONSTRAINTS)
+# a venv with torch (pinned first: an unpinned resolve would fetch a multi-GB CUDA build) and the
+# package with the extras $(1); then every file compiled (see INSTALL above)
+define install_venv
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
 	# torchvision's PyPI wheel is CUDA-built: take only its pure-Python parts (see hrtem_book/_torchvision.py)
 	$(INSTALL) --no-deps "$(TORCHVISION_PIN)"
-	$(INSTALL) -c $(CONSTRAINTS) -e '.[book]'
+	$(INSTALL) -c $(CONSTRAINTS) -e '.[$(1)]'
 	$(COMPILE)
+endef
+
+$(BOOK_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(call install_venv,book)
 	@touch $@
 
 # one resolve for both extras (a fresh `make test` skips the book-only install)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
-	$(INSTALL) --no-deps "$(TORCHVISION_PIN)"
-	$(INSTALL) -c $(CONSTRAINTS) -e '.[test,book]'
-	$(COMPILE)
+	$(call install_venv,test$(,)book)
 	@touch $(BOOK_STAMP) $@
 
 test: $(STAMP) browser slurm
