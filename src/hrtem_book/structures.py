@@ -270,6 +270,12 @@ def carbon_atom_count(area_A2: float, thickness_A: float, density_g_cm3: float) 
     return int(round(density_g_cm3 * area_A2 * thickness_A * 1e-24 / CARBON_MASS_G))
 
 
+def _tree(points: np.ndarray, box: np.ndarray) -> cKDTree:
+    """A periodic KD-tree of ``points``, built for speed (an unbalanced tree without compaction
+    answers every distance query exactly as the default one, and builds faster)."""
+    return cKDTree(points, boxsize=box, balanced_tree=False, compact_nodes=False)
+
+
 def amorphous_carbon(
     size_xy_A: float,
     thickness_A: float,
@@ -301,24 +307,34 @@ def amorphous_carbon(
         )
     box = np.array([L, L, T + d])
     scale = np.array([L, L, T])
-    accepted = np.empty((0, 3))
+    batches: list[np.ndarray] = []  # the atoms accepted in each round
+    trees: list[cKDTree] = []  # one per round: a round's atoms are indexed once, not again
+    n_accepted = 0
     for _ in range(1000):  # each round accepts a sizeable fraction; bound only against bad input
-        missing = n_target - len(accepted)
+        missing = n_target - n_accepted
         if missing <= 0:
             break
         cand = rng.random((int(missing * 1.3) + 16, 3)) * scale
         cand[:, :2] %= L  # guard against x == L after rounding (cKDTree needs data < box)
-        if len(accepted) and d > 0:
-            dist, _ = cKDTree(accepted, boxsize=box).query(cand, distance_upper_bound=d)
-            cand = cand[~np.isfinite(dist) | (dist >= d)]
-        if d > 0 and len(cand) > 1:
-            pairs = cKDTree(cand, boxsize=box).query_pairs(d, output_type="ndarray")
+        if d > 0:
+            for tree in trees:  # no accepted atom of any earlier round within d
+                dist, _ = tree.query(cand, distance_upper_bound=d)
+                cand = cand[~np.isfinite(dist) | (dist >= d)]
+        tree = _tree(cand, box) if d > 0 and len(cand) > 1 else None
+        if tree is not None:
+            pairs = tree.query_pairs(d, output_type="ndarray")
             drop = np.zeros(len(cand), bool)
             drop[pairs.max(axis=1)] = True  # the later draw of a close pair goes
             cand = cand[~drop]
-        accepted = np.concatenate([accepted, cand[:missing]])
+        batch = cand[:missing]
+        if len(batch):
+            batches.append(batch)
+            n_accepted += len(batch)
+            if d > 0:
+                trees.append(_tree(batch, box))
     else:
         raise RuntimeError(f"amorphous carbon did not reach {n_target} atoms")  # pragma: no cover
+    accepted = np.concatenate(batches) if batches else np.empty((0, 3))
     carbon = ase.Atoms(
         numbers=np.full(len(accepted), 6),
         positions=accepted,
