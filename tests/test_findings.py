@@ -22,6 +22,7 @@ UNCITED = {"F3", "F4"}
 
 @pytest.mark.parametrize("key", findings.RULE_KEYS)
 def test_error_rates_by_simulation_on_the_laptop_grid(key):
+    # seeds and test images as the two sampling units, as the build's databases are scored
     r = power.error_rates(key, "laptop", n_draws=1000)
     assert r.n_seeds == 3
     assert r.false_pass <= 0.05, r
@@ -121,6 +122,68 @@ def test_the_interval_is_the_student_t_interval_of_the_seed_mean():
     assert (low, high) == pytest.approx((v.mean() - half, v.mean() + half))
     assert findings.pct_change(np.log(1.1)) == "+10 %"
     assert np.isnan(findings.t_interval(np.array([0.1]))[1])
+
+
+def test_two_level_interval_adds_the_images_variance():
+    rows = np.array([[0.12, 0.05, 0.2], [0.3, 0.3, 0.3]])
+    # no image variance: the Student-t interval of the seed mean
+    got = findings.two_level_intervals(rows, 0.0, 16)
+    want = findings.t_intervals(rows)
+    assert np.allclose(got, want)
+    # images only (seeds agree): t with n_images - 1 degrees of freedom
+    mean, low, high = findings.two_level_intervals(rows[1:], 0.01, 16)
+    assert high[0] - mean[0] == pytest.approx(stats.t.ppf(0.975, 15) * 0.1)
+    # both: wider than either alone, Welch-Satterthwaite degrees of freedom
+    a, v = rows[0].var(ddof=1) / 3, 0.004
+    df = (a + v) ** 2 / (a**2 / 2 + v**2 / 15)
+    mean, low, high = findings.two_level_intervals(rows[:1], v, 16)
+    assert high[0] - mean[0] == pytest.approx(stats.t.ppf(0.975, df) * np.sqrt(a + v))
+
+
+def test_test_images_are_a_unit_only_where_contrasts_compare_different_images():
+    """The bootstrap over test images (scipy.stats.bootstrap, each domain's images resampled
+    apart, identically for every model scored on them): a contrast between two evaluation
+    domains takes their sampling error (F1: ≈ √2 × spread/√16 per unit of log spread), a
+    contrast on the same images (F3, F7) none; without image spread nothing changes."""
+    from hrtem_book.testing import with_test_images
+
+    g = build_grid("defocus", get_profile("laptop"))
+    ds = power.simulate("defocus", g.coords, g.eval_domains, power._zero, 1,
+                        np.random.default_rng(1))  # fmt: skip
+    flat = findings.image_variances({"defocus": with_test_images(ds, 16, 0.0)})
+    assert flat and all(v[0] < 1e-20 and v[1] == 16 for v in flat.values())
+    spread = findings.image_variances({"defocus": with_test_images(ds, 16, 0.3)})
+    theory = np.sqrt(2) * 0.3 / 4  # two domains' log means of 16 images
+    for name in ("0 nm against -10 nm", "0 nm against 10 nm"):
+        assert np.sqrt(spread[("F1", name)][0]) == pytest.approx(theory, rel=0.35)
+    for key in ("F3", "F7"):
+        assert all(v[0] < 1e-12 for (k, _), v in spread.items() if k == key)
+    seeds_only = findings.evaluate({"defocus": ds})["F1"].intervals
+    both = findings.evaluate({"defocus": with_test_images(ds, 16, 0.3)})["F1"].intervals
+    for a, b in zip(seeds_only, both, strict=True):
+        assert a.images == 0 and b.images == 16 and a.estimate == pytest.approx(b.estimate)
+        assert b.high - b.low > a.high - a.low
+
+
+def test_the_image_bootstrap_is_cached_beside_the_databases(tmp_path):
+    """Chapters read the bootstrap once per build: a cache keyed by what it depends on, remade
+    for other databases, and moved aside (one line) when unreadable."""
+    from hrtem_book.testing import with_test_images
+
+    g = build_grid("defocus", get_profile("laptop"))
+    ds = power.simulate("defocus", g.coords, g.eval_domains, power._zero, 1,
+                        np.random.default_rng(1))  # fmt: skip
+    dbs = {"defocus": with_test_images(ds, 16, 0.3)}
+    path, lines = tmp_path / ".cache-x.json", []
+    first = findings.cached_image_variances(dbs, "loss", path, lines.append)
+    assert path.is_file() and first == findings.image_variances(dbs, "loss")
+    assert findings.cached_image_variances(dbs, "loss", path, lines.append) == first
+    other = {"defocus": with_test_images(ds, 16, 0.6)}
+    assert findings.cached_image_variances(other, "loss", path, lines.append) != first
+    path.write_text("{not json")
+    assert findings.cached_image_variances(dbs, "loss", path, lines.append) == first
+    assert len(lines) == 1 and "is unreadable; moved aside" in lines[0]
+    assert len(list(tmp_path.glob(".cache-x.json.invalid-*"))) == 1
 
 
 def test_rule_set_hash_is_recorded_and_stamped():

@@ -166,3 +166,31 @@ def test_models_of_different_freezing_cannot_stack(sets):
     with pytest.raises(ValueError, match="one architecture and one freezing option"):
         stacked.train_stack(models, [train_set] * 4, eval_set, STAGE, 1e-3, [0, 1, 2, 3],
                             "transfer", {"10.0": 1.0})  # fmt: skip
+
+
+def test_recalibration_reads_only_the_first_images_it_is_given(sets):
+    """``StageConfig.recalibrate_images``: the kept model's statistics are those of the first
+    n training images, in the plain and the stacked engine alike."""
+    train_set, eval_set = sets
+    n = len(train_set[0]) // 2
+    stage = replace(STAGE, max_epochs=1, recalibrate_bn=True, recalibrate_images=n)
+    monitor = {"10.0": 1.0}
+    (model,) = _models("none")[:1]
+    train.train_stage(model, train_set, eval_set, stage, 1e-3, 0, "transfer", monitor)
+    kept = {k: b.clone() for k, b in model.named_buffers() if b.is_floating_point()}
+    train.recalibrate_bn(model, train_set[0][:n])
+    for k, b in model.named_buffers():
+        if b.is_floating_point():
+            torch.testing.assert_close(b, kept[k])
+    train.recalibrate_bn(model, train_set[0])
+    assert any(not torch.allclose(b, kept[k]) for k, b in model.named_buffers() if k in kept)
+    (stacked_model,) = _models("none")[:1]
+    stacked.train_stack([stacked_model], [train_set], eval_set, stage, 1e-3, [0], "transfer",
+                        monitor)  # fmt: skip
+    kept = {k: b.clone() for k, b in stacked_model.named_buffers() if b.is_floating_point()}
+    train.recalibrate_bn(stacked_model, train_set[0][:n])
+    for k, b in stacked_model.named_buffers():
+        if k in kept:
+            torch.testing.assert_close(b, kept[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="recalibrate_images=0; allowed: None or >= 1"):
+        replace(STAGE, recalibrate_images=0)

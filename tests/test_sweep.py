@@ -70,6 +70,8 @@ def fake_run(cfg, *, layout, device="cpu"):
             out[f"best_{m}"] = {d: (min if m == "loss" else max)(c) for d, c in curves.items()}
             out[f"final_{m}"] = {d: c[-1] for d, c in curves.items()}
             out[f"test_{m}"] = {str(d): float(rng.random()) for d in doms}
+        out["test_image_loss"] = {str(d): rng.random(3).tolist() for d in doms}
+        out["test_image_counts"] = {str(d): [[5, 1, 2]] * 3 for d in doms}
         return out
 
     kind = {PretrainConfig: "pretrain", TransferConfig: "transfer"}.get(type(cfg), "mixture")
@@ -190,7 +192,7 @@ def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
         "format": checkpoints.CHECKPOINT_FORMAT,
         "config": to_jsonable(pre),
         "config_hash": pre_hash,
-        "record": {"status": "failed"},
+        "record": {"status": "failed", "record_format": RECORD_FORMAT},
         "state_dict": None,
     }
     ckpt.parent.mkdir(parents=True)

@@ -160,7 +160,7 @@ def test_record_format_and_falling_loss(data, tmp_path):
         "train_loss", "val_loss", "val_dice", "val_iou", "best_loss", "best_dice", "best_iou",
         "final_loss", "final_dice", "final_iou", "test_loss", "test_dice", "test_iou",
         "train_time_s", "eval_time_s", "peak_memory_mb", "epochs_run", "best_epoch",
-        "stop_reason", "monitor",
+        "stop_reason", "monitor", "test_image_loss", "test_image_counts",
     }  # fmt: skip
     assert s["epochs_run"] == STAGE.max_epochs == len(s["train_loss"])
     assert s["stop_reason"] == "max_epochs" and s["monitor"] == {"-10.0": 1.0}
@@ -195,6 +195,15 @@ def test_the_kept_model_is_scored_on_test_images_no_selection_read(data, tmp_pat
         got = train.evaluate_domains(model, train.EvalSet.from_sets(sets))["loss"]
         assert got == pytest.approx(numbers, rel=1e-5), split
     assert s["test_loss"] != pytest.approx(s["final_loss"], rel=1e-3)
+    # each test image's own scores: the loss their mean, Dice and IoU their summed counts'
+    for dom, losses in s["test_image_loss"].items():
+        counts = np.array(s["test_image_counts"][dom])
+        n_test = int(((data["split"] == "test") & (data["domain"] == float(dom))).sum())
+        assert len(losses) == len(counts) == n_test and counts.shape[1] == 3
+        assert np.mean(losses) == pytest.approx(s["test_loss"][dom], abs=1e-6)
+        tp, fp, fn = counts.sum(axis=0)
+        assert 2 * tp / (2 * tp + fp + fn) == pytest.approx(s["test_dice"][dom], rel=1e-9)
+        assert tp / (tp + fp + fn) == pytest.approx(s["test_iou"][dom], rel=1e-9)
     test_images = data["image"].values[data["split"].values == "test"]
     other = data["image"].values[data["split"].values != "test"]
     assert not any(np.array_equal(t, o) for t in test_images for o in other)
@@ -311,6 +320,23 @@ def test_truncated_checkpoint_is_trained_again(data, tmp_path, capsys):
     assert record["stages"] == _without_time(clean["stages"], record["stages"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is unreadable" in err[0] and "training it again" in err[0]
+    assert len(list(path.parent.glob(f"{path.name}.invalid-*"))) == 1
+
+
+def test_a_checkpoint_of_an_older_record_format_is_trained_again(data, tmp_path, capsys):
+    """A checkpoint whose record lacks what this code stores (written by older code) is
+    foreign derived data: named, moved aside and trained again, never read half."""
+    run(pretrain_cfg(), root=tmp_path, data=data)
+    path = checkpoint_path(tmp_path, pretrain_cfg())
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["record"]["record_format"] = 3
+    torch.save(ckpt, path)
+    record = run(transfer_cfg(), root=tmp_path, data=data)
+    assert record["status"] == "ok" and "test_image_loss" in record["stages"]["pretrain"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        len(err) == 1 and "holds a record of format 3" in err[0] and "training it again" in err[0]
+    )
     assert len(list(path.parent.glob(f"{path.name}.invalid-*"))) == 1
 
 

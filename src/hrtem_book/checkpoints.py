@@ -23,6 +23,7 @@ import torch
 
 from .config import PretrainConfig, config_hash, to_jsonable
 from .layout import Layout, atomic_write, file_lock, move_aside, provenance
+from .records import RECORD_FORMAT
 
 CHECKPOINT_FORMAT = 1
 
@@ -72,6 +73,12 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device 
         raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise DamagedCheckpoint(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
+    record = ckpt.get("record")
+    held = record.get("record_format") if isinstance(record, dict) else None
+    if held != RECORD_FORMAT:  # written by older code: its record lacks what this one stores
+        raise DamagedCheckpoint(
+            f"checkpoint {path} holds a record of format {held!r}; this code writes {RECORD_FORMAT}"
+        )
     want = to_jsonable(cfg)
     if ckpt["config"] != want:
         differ = ", ".join(_fields_differ(ckpt["config"], want)) or "?"

@@ -312,7 +312,9 @@ class StageConfig:
     steps: a laptop pretraining's validation loss rose to 1-2.6 while its training loss fell to
     0.2, and came down only after epoch 7 — a lag of the evaluation, not of the learning. The
     training steps themselves do not read the running statistics, so only the evaluation (and
-    with it the stopping rule and the kept model's statistics) changes.
+    with it the stopping rule and the kept model's statistics) changes. ``recalibrate_images``
+    limits them to the first that many training images (a fixed, random draw of the domain's
+    scenes), for stages with more images than the statistics need.
     """
 
     max_epochs: int = 10
@@ -328,6 +330,8 @@ class StageConfig:
     min_epochs: int = 1  # epochs before the plateau rule may stop the stage
     precision: str = "fp32"
     recalibrate_bn: bool = False  # exact BatchNorm statistics before every evaluation
+    # the training images those statistics are computed from: the first this many (None: all)
+    recalibrate_images: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1:
@@ -344,6 +348,8 @@ class StageConfig:
             raise ValueError(
                 f"min_epochs={self.min_epochs}; allowed: 1..max_epochs ({self.max_epochs})"
             )
+        if self.recalibrate_images is not None and self.recalibrate_images < 1:
+            raise ValueError(f"recalibrate_images={self.recalibrate_images}; allowed: None or >= 1")
         if not 0 <= self.min_delta < 1:
             raise ValueError(f"min_delta={self.min_delta}; allowed: 0 <= min_delta < 1")
 

@@ -11,9 +11,10 @@ errors (error = the loss, or 1 − Dice / 1 − IoU, so lower is better and a di
 a relative change). The seed is the unit — models of one seed share nothing with those of
 another, while the transfer models of one seed share their pretrained model — so the interval of
 a contrast is the Student-t interval of the mean of its per-seed values
-(:func:`scipy.stats.ttest_1samp`), and a contrast is decided on that interval against ``0`` and
-the smallest effect the claim would mean, :data:`DELTA` (a 10 % relative change: the sources
-give no size of their own):
+(:func:`scipy.stats.ttest_1samp`), widened by the sampling error of the test images where the
+databases hold them image by image (the second unit, below), and a contrast is decided on that
+interval against ``0`` and the smallest effect the claim would mean, :data:`DELTA` (a 10 %
+relative change: the sources give no size of their own):
 
 - ``greater`` (the claim: the contrast is positive): *holds* when the interval lies above 0,
   *does not hold* when it lies below δ (an effect the claim would mean is excluded);
@@ -35,9 +36,17 @@ The rule set (claims, sources, statistics, decisions and the code of the contras
 (:func:`ruleset_sha`); :func:`collect` stamps the hash into every database it writes, and a
 database stamped with another rule set is reported as such, never scored.
 
-What the seed as unit does not see: the test images of one domain are shared by every model
-scored on it, so a contrast *between* evaluation domains (F1, F5's second part, F8's first)
-also carries the sampling error of those images, which the databases do not yet store per image.
+The test images are a second unit. One domain's test images are shared by every model scored
+on it, so the seed-to-seed spread does not see their sampling error: a contrast *between*
+evaluation domains (F1, F9, G1-G3, F5's and F8's spreads across targets) carries it, a contrast
+on the same images (F3, F4's sizes, F7) almost none. The databases store every model's score on
+every test image (``image_loss``, ``image_counts``); :func:`image_variances` resamples each
+domain's images (:func:`scipy.stats.bootstrap`, the domains independently, every model on the
+same resample), recomputes the scores and every contrast, and takes the variance of its seed
+mean. The interval then adds that variance to the seeds' (:func:`two_level_intervals`, degrees
+of freedom by Welch-Satterthwaite). Model-by-image interaction is counted in both parts, which
+makes the interval slightly conservative. A database without per-image scores is decided on the
+seeds alone, and its sentence says so.
 """
 
 from __future__ import annotations
@@ -51,16 +60,17 @@ import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .layout import Layout
+from .layout import Layout, atomic_write_text, move_aside
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
 from .profiles import get_profile
-from .results import STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
+from .results import COUNTS, STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
 from .results import collect as collect_databases
 from .series import match_index
 
@@ -104,6 +114,7 @@ class Interval:
     high: float
     n_seeds: int
     verdict: str
+    images: int = 0  # test images taken as a second sampling unit (0: seeds only)
 
     def text(self) -> str:
         """``"+12 % [+3 %, +21 %]"``: the relative change of the error with its interval."""
@@ -211,10 +222,48 @@ def combine(verdicts: list[str]) -> str:
     return FAILS if FAILS in verdicts else INCONCLUSIVE
 
 
-def test_contrast(c: Contrast, delta: float = DELTA) -> Interval:
-    est, lo, hi = t_interval(c.per_seed)
-    n = int(np.isfinite(np.asarray(c.per_seed, float)).sum())
-    return Interval(c.name, c.kind, est, lo, hi, n, decide(c.kind, lo, hi, delta))
+def two_level_intervals(
+    rows: np.ndarray,
+    image_var: np.ndarray | float,
+    n_images: int,
+    confidence: float = CONFIDENCE,
+):
+    """Per row of ``rows`` (draws × seeds, finite): the mean and its two-sided interval when
+    the test images are a sampling unit too. ``image_var`` (per row, or one value) is the
+    variance of the seed mean over resamples of the test images (:func:`image_variances`);
+    the standard error adds it to the seeds' (s² / n), and the degrees of freedom follow
+    Welch–Satterthwaite from n − 1 (seeds) and ``n_images`` − 1 (images). With no image
+    variance this is :func:`t_intervals`."""
+    rows = np.asarray(rows, float)
+    n = rows.shape[-1]
+    mean = rows.mean(axis=-1)
+    v = np.broadcast_to(np.nan_to_num(np.asarray(image_var, float)), mean.shape)
+    if n < 2 or n_images < 2:
+        nan = np.full(mean.shape, np.nan)
+        return mean, nan, nan
+    a = rows.var(axis=-1, ddof=1) / n
+    se2 = a + v
+    with np.errstate(all="ignore"):
+        df = se2**2 / (a**2 / (n - 1) + v**2 / (n_images - 1))
+        half = stats.t.ppf(0.5 + confidence / 2, np.where(se2 > 0, df, np.inf)) * np.sqrt(se2)
+    return mean, mean - half, mean + half
+
+
+def test_contrast(
+    c: Contrast, delta: float = DELTA, image_var: float = math.nan, n_images: int = 0
+) -> Interval:
+    """Decide one contrast: seeds as the unit, and the test images as a second one when
+    ``image_var`` (:func:`image_variances`) is known (:func:`two_level_intervals`)."""
+    v = np.asarray(c.per_seed, float)
+    v = v[np.isfinite(v)]
+    if math.isfinite(image_var) and v.size >= 2 and n_images >= 2:
+        mean, low, high = two_level_intervals(v[None, :], image_var, n_images)
+        est, lo, hi = float(mean[0]), float(low[0]), float(high[0])
+    else:
+        est, lo, hi = t_interval(v)
+    images = n_images if math.isfinite(image_var) else 0
+    verdict = decide(c.kind, lo, hi, delta)
+    return Interval(c.name, c.kind, est, lo, hi, int(v.size), verdict, images)
 
 
 # --- reading the databases --------------------------------------------------------------------
@@ -707,7 +756,11 @@ def ruleset_data() -> list[dict[str, Any]]:
     constants."""
     head = {"confidence": CONFIDENCE, "delta": DELTA, "error_floor": ERROR_FLOOR,
             "decide": inspect.getsource(decide), "combine": inspect.getsource(combine),
-            "interval": inspect.getsource(t_intervals)}  # fmt: skip
+            "interval": inspect.getsource(t_intervals),
+            "two_level": inspect.getsource(two_level_intervals),
+            "image_variances": inspect.getsource(image_variances),
+            "resampled": inspect.getsource(_resampled),
+            "image_resamples": IMAGE_RESAMPLES}  # fmt: skip
     return [head, *(r.data() for r in RULES)]
 
 
@@ -738,8 +791,14 @@ def stale(dbs: Mapping[str, xr.Dataset]) -> dict[str, str]:
     }
 
 
-def score(rule: Rule, dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Finding:
-    """One rule on ``dbs``: its contrasts decided, combined, and said in one sentence."""
+def score(
+    rule: Rule,
+    dbs: Mapping[str, xr.Dataset],
+    metric: str = "loss",
+    image_var: Mapping[tuple[str, str], tuple[float, int]] | None = None,
+) -> Finding:
+    """One rule on ``dbs``: its contrasts decided, combined, and said in one sentence.
+    ``image_var``: :func:`image_variances` of ``dbs`` (None: computed here for this rule)."""
     base = {"key": rule.key, "title": rule.title, "claim": rule.claim,
             "rule": rule.statistic, "metric": metric}  # fmt: skip
     old = {s: v for s, v in stale({s: dbs[s] for s in rule.studies if s in dbs}).items()}
@@ -752,27 +811,204 @@ def score(rule: Rule, dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> Fi
         contrasts = rule.contrasts(dbs, metric)
     except NotMeasurable as exc:
         return Finding(**base, verdict=UNMEASURABLE, summary=f"Not measurable here: {exc}.")
-    tested = tuple(test_contrast(c) for c in contrasts)
+    if image_var is None:
+        image_var = image_variances(dbs, metric, rules=(rule,))
+    tested = tuple(
+        test_contrast(c, DELTA, *image_var.get((rule.key, c.name), (math.nan, 0)))
+        for c in contrasts
+    )
     if any(t.n_seeds < 2 for t in tested):
         why = "Not measurable here: two or more seeds with every pair needed."
         return Finding(**base, verdict=UNMEASURABLE, summary=why, intervals=tested)
     verdict = combine([t.verdict for t in tested])
     scale = METRIC_NAMES[metric] if metric == "loss" else f"1 − {METRIC_NAMES[metric]}"
     parts = "; ".join(f"{t.name}: {t.text()} ({t.verdict})" for t in tested)
+    units = "seeds and test images" if all(t.images for t in tested) else "seeds"
     summary = (
         f"Relative change of the error ({scale}), mean over {tested[0].n_seeds} seeds with its "
-        f"{CONFIDENCE:.0%} interval — {parts}."
+        f"{CONFIDENCE:.0%} interval over {units} — {parts}."
     )
     numbers = {t.name: {"estimate": t.estimate, "low": t.low, "high": t.high,
                         "kind": t.kind, "verdict": t.verdict} for t in tested}  # fmt: skip
     return Finding(**base, verdict=verdict, summary=summary, numbers=numbers, intervals=tested)
 
 
-def evaluate(dbs: Mapping[str, xr.Dataset], metric: str = "loss") -> dict[str, Finding]:
-    """Every rule of :data:`RULES` on ``dbs`` (study name → database), by key."""
+# --- the test images as a sampling unit --------------------------------------------------------
+IMAGE_RESAMPLES = 200  # bootstrap resamples of the test images behind each image variance
+_RESAMPLE_BATCH = 50  # resamples evaluated at once (memory: seeds × this)
+
+
+def _image_keys(dbs: Mapping[str, xr.Dataset]) -> dict[tuple[str, str], int]:
+    """(series, evaluation domain) → its number of test images, over every database with
+    per-image scores: a domain's test images are the same in every database of its series."""
+    keys: dict[tuple[str, str], int] = {}
+    for ds in dbs.values():
+        if "image_loss" not in ds:
+            continue
+        n = ds["image_loss"].notnull().sum("test_image")
+        for e, dom in enumerate(ds["eval_domain"].values.tolist()):
+            count = int(n.isel(eval_domain=e).max())
+            if count >= 2:
+                key = (str(ds.attrs.get("series")), _name(dom))
+                keys[key] = max(keys.get(key, 0), count)
+    return keys
+
+
+def _resampled(ds: xr.Dataset, draws: Mapping[tuple[str, str], np.ndarray]) -> xr.Dataset:
+    """``ds`` with every ``final_<m>`` recomputed on resamples of its test images: ``draws``
+    maps (series, domain) → image indices [B, n]; the result stacks B databases along
+    ``seed`` (resample-major: resample b holds seeds b·S … b·S + S − 1)."""
+    n_seeds = ds.sizes["seed"]
+    n_draws = len(next(iter(draws.values())))
+    keep = [v for v in ds.data_vars if v.startswith("final_") or v == "status"]
+    out = ds[keep].isel(seed=np.tile(np.arange(n_seeds), n_draws))
+    out = out.assign_coords(seed=np.arange(n_seeds * n_draws))
+    if "image_loss" not in ds:
+        return out
+    series = str(ds.attrs.get("series"))
+    for e, dom in enumerate(ds["eval_domain"].values.tolist()):
+        idx = draws.get((series, _name(dom)))
+        if idx is None:
+            continue
+        at = xr.DataArray(idx, dims=("draw", "test_image"))
+        loss = ds["image_loss"].isel(eval_domain=e).isel(test_image=at)
+        counts = ds["image_counts"].isel(eval_domain=e).isel(test_image=at)
+        with _quiet():
+            values = {"loss": loss.mean("test_image", skipna=False)}
+            tp, fp, fn = (counts.sel(count=c).sum("test_image", skipna=False) for c in COUNTS)
+            values["dice"] = xr.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 1.0)
+            values["iou"] = xr.where(tp + fp + fn > 0, tp / (tp + fp + fn), 1.0)
+        for m, da in values.items():
+            da = da.where(loss.notnull().all("test_image"))
+            stacked = da.stack(stacked=("draw", "seed")).transpose(..., "stacked")
+            var = out[metric_var(m)]
+            order = [d if d != "seed" else "stacked" for d in var.dims if d != "eval_domain"]
+            var.values[(slice(None),) * var.dims.index("eval_domain") + (e,)] = stacked.transpose(
+                *order
+            ).values
+    return out
+
+
+def image_variances(
+    dbs: Mapping[str, xr.Dataset],
+    metric: str = "loss",
+    rules: tuple[Rule, ...] | None = None,
+    n_resamples: int = IMAGE_RESAMPLES,
+    seed: int = 0,
+) -> dict[tuple[str, str], tuple[float, int]]:
+    """(rule key, contrast name) → (variance of the contrast's seed mean over resamples of the
+    test images, the fewest test images behind it).
+
+    Every domain's test images are resampled with replacement, independently of the other
+    domains' and identically for every model scored on them (the models share them); the
+    databases' scores are recomputed from their per-image values and every rule's contrasts
+    evaluated again. The resampling is :func:`scipy.stats.bootstrap`'s (independent samples,
+    one per domain; its ``standard_error``). Contrasts of databases without per-image scores
+    are left out (their intervals take the seeds as the only unit)."""
+    rules = RULES if rules is None else rules
+    keys = _image_keys(dbs)
+    if not keys:
+        return {}
+    names: list[tuple[str, str]] = []
+    n_min: dict[tuple[str, str], int] = {}
+    min_images = min(keys.values())
+    for rule in rules:
+        try:
+            for c in rule.contrasts(dbs, metric):
+                names.append((rule.key, c.name))
+                n_min[(rule.key, c.name)] = min_images
+        except NotMeasurable:
+            continue
+    if not names:
+        return {}
+    order = list(keys)
+
+    def statistic(*idx, axis=-1):
+        batched = np.ndim(idx[0]) > 1  # scipy passes [batch, n] resamples, or the data [n]
+        idx = [np.atleast_2d(np.asarray(i)) for i in idx]
+        draws = dict(zip(order, idx, strict=True))
+        b = len(idx[0])
+        resampled = {name: _resampled(ds, draws) for name, ds in dbs.items()}
+        out = np.full((len(names), b), np.nan)
+        row = {n: i for i, n in enumerate(names)}
+        for rule in rules:
+            try:
+                contrasts = rule.contrasts(resampled, metric)
+            except NotMeasurable:
+                continue
+            for c in contrasts:
+                if (rule.key, c.name) in row:
+                    per = np.asarray(c.per_seed, float).reshape(b, -1)
+                    with _quiet():
+                        out[row[(rule.key, c.name)]] = np.nanmean(per, axis=1)
+        return out if batched else out[:, 0]
+
+    data = tuple(np.arange(keys[k]) for k in order)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # degenerate resampling distributions (no image data)
+        res = stats.bootstrap(
+            data, statistic, paired=False, vectorized=True, n_resamples=n_resamples,
+            batch=_RESAMPLE_BATCH, method="percentile", rng=np.random.default_rng(seed),
+        )  # fmt: skip
+    se = np.atleast_1d(res.standard_error)
+    return {name: (float(se[i]) ** 2, n_min[name]) for i, name in enumerate(names)}
+
+
+def _fingerprint(dbs: Mapping[str, xr.Dataset], metric: str) -> str:
+    """What :func:`image_variances` depends on: the rule set, the metric and the databases'
+    scores and coordinates (SHA-256)."""
+    h = hashlib.sha256(f"{ruleset_sha()}|{metric}|{IMAGE_RESAMPLES}".encode())
+    for name in sorted(dbs):
+        ds = dbs[name]
+        h.update(f"{name}|{ds.attrs.get('series')}|{dict(ds.sizes)}".encode())
+        for coord in sorted(ds.coords):
+            h.update(np.asarray(ds[coord].values).astype(str).tobytes())
+        for var in sorted(v for v in ds.data_vars if v.startswith(("final_", "image_"))):
+            h.update(var.encode() + np.ascontiguousarray(ds[var].values, float).tobytes())
+    return h.hexdigest()
+
+
+def cached_image_variances(
+    dbs: Mapping[str, xr.Dataset],
+    metric: str,
+    path: Path,
+    log: Callable[[str], None] = print,
+) -> dict[tuple[str, str], tuple[float, int]]:
+    """:func:`image_variances`, kept in ``path`` (JSON) under the fingerprint of what it depends
+    on: the book's chapters read it instead of resampling again. A cache of other databases is
+    remade; an unreadable one is named, moved aside and remade; a folder that cannot be
+    written leaves the numbers uncached."""
+    key = _fingerprint(dbs, metric)
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            return {tuple(k.split("\t", 1)): (float(v), int(n))
+                    for k, (v, n) in data["variances"].items()}  # fmt: skip
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        aside = move_aside(path)
+        log(f"findings: cache {path} is unreadable; moved aside to {aside.name}, made again")
+    out = image_variances(dbs, metric)
+    text = json.dumps({"key": key, "variances": {
+        "\t".join(k): [v, n] for k, (v, n) in out.items()}})  # fmt: skip
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, text)
+    return out
+
+
+def evaluate(
+    dbs: Mapping[str, xr.Dataset],
+    metric: str = "loss",
+    image_var: Mapping[tuple[str, str], tuple[float, int]] | None = None,
+) -> dict[str, Finding]:
+    """Every rule of :data:`RULES` on ``dbs`` (study name → database), by key; ``image_var``:
+    their :func:`image_variances` when already at hand (e.g. :func:`cached_image_variances`)."""
     if metric not in METRICS:
         raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    return {rule.key: score(rule, dbs, metric) for rule in RULES}
+    if image_var is None:
+        image_var = image_variances(dbs, metric)
+    return {rule.key: score(rule, dbs, metric, image_var) for rule in RULES}
 
 
 def get_rule(key: str) -> Rule:

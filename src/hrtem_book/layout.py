@@ -119,6 +119,12 @@ def database_file(folder: Path, study: str) -> Path:
     return Path(folder) / f"{study}.nc"
 
 
+def analysis_cache(folder: Path, name: str) -> Path:
+    """A cache of numbers derived from the databases in ``folder`` (``results/<profile>/``):
+    ``.cache-<name>.json``, remade whenever its key no longer matches."""
+    return folder / f".cache-{name}.json"
+
+
 def series_file(data_dir: Path, series: str, series_hash: str) -> Path:
     """A finished dataset series inside a data folder."""
     return Path(data_dir) / f"{series}-{series_hash}.nc"

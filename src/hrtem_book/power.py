@@ -15,11 +15,21 @@ score of one model, and a score term of sd :data:`SIGMA_SCORE` per evaluation do
 transferred model inherits a share :data:`RHO` of its pretrained model's term. Total ≈ 0.14, the
 seed-to-seed spread measured on the laptop databases of commit 3941258 (fp32, AVX2): median
 relative sd of the kept models' error 0.09-0.15 by study and stage (loss), 0.06-0.12 (1 − Dice).
+The test images add a **test-set term** of sd :data:`SIGMA_SET` per (series, evaluation domain)
+and draw, shared by every model scored on those images (the sampling error of one set of test
+images). The rule's interval then takes the images as a second unit
+(:func:`findings.two_level_intervals`): its image variance is, per contrast, SIGMA_SET² times the
+sum of the squared sensitivities of the contrast to each domain's term (finite differences on
+:data:`N_DESIGN_DRAWS` draws with the smallest claimed effect, once per rule and profile), with
+the sampling noise of a variance estimated from the domain's test images (χ² with n − 1 degrees
+of freedom) — what the bootstrap over images estimates on a real database, short of the
+interaction of models and images.
 Draws are simulated at once: draw ``d`` holds seeds ``d·S … d·S + S − 1`` of one database.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +45,13 @@ from .studies import build_grid, get_study
 SIGMA_MODEL = 0.10  # sd of a model's log error shared by all its scores
 SIGMA_SCORE = 0.10  # sd of one score's log error (one evaluation domain)
 RHO = 0.5  # share of a transferred model's model term inherited from its pretraining
+# sd of the log error of a set of 16 test images from sampling its images: the bootstrap over
+# the test images of 18 laptop pretrainings (defocus, structure and held-out series, commit
+# 0091e57, AVX2) on each of their evaluation domains: median 0.109 (loss), 0.120 (1 − Dice)
+SIGMA_SET = 0.12
+N_DESIGN_DRAWS = 50  # draws behind each contrast's image variance
+DESIGN_SEED = 20261207  # the random numbers of those draws
+_STEP = 0.01  # finite-difference step of a domain's test-set term (log error)
 BASE_ERROR = 0.15  # error level of the simulated models (loss; 1 − Dice alike)
 N_DRAWS = 1000
 _MODEL_AXES = ("pretrain_domain", "pretrain_lr", "seed")  # what a pretraining depends on
@@ -171,8 +188,10 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
 
 
 def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
-             rng: np.random.Generator, delta: float = findings.DELTA) -> xr.Dataset:  # fmt: skip
-    """``n_draws`` databases of ``study`` on ``coords`` as one, seeds stacked (module doc)."""
+             rng: np.random.Generator, delta: float = findings.DELTA,
+             offsets: dict[str, np.ndarray] | None = None) -> xr.Dataset:  # fmt: skip
+    """``n_draws`` databases of ``study`` on ``coords`` as one, seeds stacked (module doc);
+    ``offsets``: each evaluation domain's test-set term per draw (by domain name), if any."""
     spec = get_study(study)
     n_seeds = len(coords["seed"])
     coords = {**coords, "seed": tuple(range(n_draws * n_seeds))}
@@ -209,6 +228,12 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
         stage = spec.stages[at["stage"]]
         effect[idx] = plant(cell, stage, ds["eval_domain"].values[at["eval_domain"]], delta)
     log_err = math.log(BASE_ERROR) + noise + xr.DataArray(effect, dims=dims_wo_seed)
+    if offsets:
+        names = [findings._name(d) for d in ds["eval_domain"].values.tolist()]
+        per_seed = np.stack(
+            [np.repeat(offsets.get(n, np.zeros(n_draws)), n_seeds) for n in names], axis=-1
+        )
+        log_err = log_err + xr.DataArray(per_seed, dims=("seed", "eval_domain"))
     mask = xr.DataArray(~excluded, dims=axes)
     err = np.exp(log_err).where(mask).transpose(*var.dims)
     ds["final_loss"].values[...] = err.values
@@ -238,25 +263,114 @@ class ErrorRates:
         return self.power < 0.8
 
 
-def _verdicts(rule: findings.Rule, dbs: dict, n_draws: int) -> np.ndarray:
-    """The rule's verdict in each draw (the same decision code as :func:`findings.score`)."""
+def _seed_means(rule: findings.Rule, dbs: dict, n_draws: int) -> dict[str, np.ndarray]:
+    """Each contrast's mean over the seeds of every draw (NaN where a draw lacks it)."""
+    out = {}
+    for c in rule.contrasts(dbs, "loss"):
+        rows = np.asarray(c.per_seed, float).reshape(n_draws, -1)
+        with findings._quiet():
+            out[c.name] = np.nanmean(rows, axis=1)
+    return out
+
+
+def _keys(grids: dict) -> dict[tuple[str, str], list[str]]:
+    """(series, evaluation domain name) → the studies whose databases score on those images."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for study, g in grids.items():
+        for d in g.eval_domains:
+            out.setdefault((get_study(study).series, findings._name(d)), []).append(study)
+    return out
+
+
+def _offsets(grids: dict, n_draws: int, rng: np.random.Generator) -> dict[str, dict]:
+    """Test-set terms of sd :data:`SIGMA_SET` per draw: study → {domain name: [n_draws]}, one
+    draw per (series, domain), shared by the studies that score on the same images."""
+    out: dict[str, dict] = {s: {} for s in grids}
+    for (_, name), studies in _keys(grids).items():
+        term = SIGMA_SET * rng.standard_normal(n_draws)
+        for study in studies:
+            out[study][name] = term
+    return out
+
+
+def image_design(rule: findings.Rule, dbs: dict, grids: dict, n_draws: int) -> dict[str, float]:
+    """Each contrast's variance from the test-set terms: SIGMA_SET² × Σ over (series, domain)
+    of the squared sensitivity of its seed mean to that domain's term, by finite differences on
+    the simulated ``dbs`` (loss), averaged over the draws."""
+    try:
+        base = _seed_means(rule, dbs, n_draws)
+    except findings.NotMeasurable:
+        return {}
+    total = {name: np.zeros(n_draws) for name in base}
+    for (_, name), studies in _keys(grids).items():
+        moved = dict(dbs)
+        for study in studies:
+            ds = dbs[study].copy()
+            loss = ds["final_loss"].copy(deep=True)
+            e = [findings._name(d) for d in ds["eval_domain"].values.tolist()].index(name)
+            loss[{"eval_domain": e}] = loss[{"eval_domain": e}] * math.exp(_STEP)
+            moved[study] = ds.assign(final_loss=loss)
+        for c, value in _seed_means(rule, moved, n_draws).items():
+            total[c] += ((value - base[c]) / _STEP) ** 2
+    with findings._quiet():
+        return {c: SIGMA_SET**2 * float(np.nanmean(v)) for c, v in total.items()}
+
+
+def _verdicts(
+    rule: findings.Rule,
+    dbs: dict,
+    n_draws: int,
+    image_var: dict[str, float] | None = None,
+    n_images: int = 0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The rule's verdict in each draw (the same decision code as :func:`findings.score`);
+    with ``image_var`` (:func:`image_design`) the interval takes the ``n_images`` test images
+    as a second unit, each draw's image variance estimated with χ²(n_images − 1) noise."""
     try:
         contrasts = rule.contrasts(dbs, "loss")
     except findings.NotMeasurable:
         return np.full(n_draws, findings.UNMEASURABLE)
+    rng = rng or np.random.default_rng(0)
     per_draw = []
     for c in contrasts:
         rows = np.asarray(c.per_seed, float).reshape(n_draws, -1)
-        mean, low, high = findings.t_intervals(rows)
+        v = (image_var or {}).get(c.name, math.nan)
+        if math.isfinite(v) and n_images >= 2:
+            v_hat = v * rng.chisquare(n_images - 1, n_draws) / (n_images - 1)
+            mean, low, high = findings.two_level_intervals(rows, v_hat, n_images)
+        else:
+            mean, low, high = findings.t_intervals(rows)
         per_draw.append([findings.decide(c.kind, lo, hi) for lo, hi in zip(low, high, strict=True)])
     return np.array([findings.combine(list(v)) for v in zip(*per_draw, strict=True)])
 
 
+@functools.cache
+def _design(key: str, profile: str) -> dict[str, float]:
+    """:func:`image_design` of ``key``'s rule on ``profile``'s grids, measured once on databases
+    with the smallest claimed effect and reused for its nulls and larger effects (exact for the
+    contrasts that are differences of means, whose sensitivities do not depend on the data)."""
+    rule = findings.get_rule(key)
+    grids = {s: build_grid(s, get_profile(profile)) for s in rule.studies}
+    _, alternative = _scenarios(key, {s: g.coords for s, g in grids.items()})
+    rng = np.random.default_rng(DESIGN_SEED)
+    offsets = _offsets(grids, N_DESIGN_DRAWS, rng)
+    dbs = {s: simulate(s, g.coords, g.eval_domains, alternative.plant, N_DESIGN_DRAWS, rng,
+                       findings.DELTA, offsets.get(s)) for s, g in grids.items()}  # fmt: skip
+    return image_design(rule, dbs, grids, N_DESIGN_DRAWS)
+
+
 def error_rates(
-    key: str, profile: str = "laptop", n_draws: int = N_DRAWS, seed: int = 0, scale: float = 1.0
+    key: str,
+    profile: str = "laptop",
+    n_draws: int = N_DRAWS,
+    seed: int = 0,
+    scale: float = 1.0,
+    images: bool = True,
 ) -> ErrorRates:
     """Simulate ``key``'s rule on ``profile``'s grids (module doc); ``scale`` multiplies the
-    planted effect (1: the smallest the claim means)."""
+    planted effect (1: the smallest the claim means); ``images``: the test images as a second
+    sampling unit (the databases hold per-image scores), else the seeds alone."""
     rule = findings.get_rule(key)
     prof = get_profile(profile)
     grids = {s: build_grid(s, prof) for s in rule.studies}
@@ -268,11 +382,18 @@ def error_rates(
         nan = math.nan
         return ErrorRates(key, profile, n_seeds, n_draws, nan, nan, nan, alternative.what)
 
-    def rates(scenario: Scenario) -> np.ndarray:
+    n_images = prof.data.n_test
+
+    def databases(scenario: Scenario, n: int) -> dict:
         delta = findings.DELTA * (1.0 if scenario in nulls else scale)
-        dbs = {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n_draws, rng, delta)
-               for s, g in grids.items()}  # fmt: skip
-        return _verdicts(rule, dbs, n_draws)
+        offsets = _offsets(grids, n, rng) if images else {}
+        return {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n, rng, delta,
+                            offsets.get(s)) for s, g in grids.items()}  # fmt: skip
+
+    design = _design(key, profile) if images else {}
+
+    def rates(scenario: Scenario) -> np.ndarray:
+        return _verdicts(rule, databases(scenario, n_draws), n_draws, design, n_images, rng)
 
     def share(verdicts: np.ndarray, verdict: str) -> float:
         if np.all(verdicts == findings.UNMEASURABLE):
@@ -289,11 +410,18 @@ def error_rates(
 DETECTABLE_SCALES = (1, 2, 4, 8)  # multiples of δ tried by :func:`detectable`
 
 
-def detectable(key: str, profile: str = "laptop", n_draws: int = 400) -> float:
+def detectable(
+    key: str, profile: str = "laptop", n_draws: int = 400, at_delta: ErrorRates | None = None
+) -> float:
     """The smallest planted effect (relative change of the error, e.g. 0.21 for +21 %) among
-    :data:`DETECTABLE_SCALES` × δ that the rule calls *holds* in ≥ 80 % of draws; NaN if none."""
+    :data:`DETECTABLE_SCALES` × δ that the rule calls *holds* in ≥ 80 % of draws; NaN if none.
+    ``at_delta``: the rule's :func:`error_rates` at δ, already measured (its scale is not
+    simulated again)."""
     for k in DETECTABLE_SCALES:
-        power = error_rates(key, profile, n_draws, seed=k, scale=k).power
+        if k == 1 and at_delta is not None:
+            power = at_delta.power
+        else:
+            power = error_rates(key, profile, n_draws, seed=k, scale=k).power
         if not math.isfinite(power):
             return math.nan
         if power >= 0.8:

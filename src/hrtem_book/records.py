@@ -32,8 +32,9 @@ from .config import (
 from .layout import atomic_write_text, move_aside, provenance
 
 # 2: metrics (loss, Dice, IoU), the stopping rule and the kept epoch; 3: the kept model's
-# scores on the test images (test_<metric>), apart from the validation images that select it
-RECORD_FORMAT = 3
+# scores on the test images (test_<metric>), apart from the validation images that select it;
+# 4: and on each test image (test_image_loss, test_image_counts: the images as a unit)
+RECORD_FORMAT = 4
 RECORD_STATUSES = ("ok", "failed")
 KINDS = {PretrainConfig: "pretrain", TransferConfig: "transfer", MixtureConfig: "mixture"}
 
@@ -122,6 +123,26 @@ def record_problem(record: Any, run_id: str) -> str | None:
                 ok = isinstance(v, list) if key in _STAGE_CURVES else isinstance(v, int | float)
                 if not ok:
                     return f"stage {name!r}: {key}[{dom!r}] has the wrong type"
+        if problem := _image_problem(name, stage):
+            return problem
+    return None
+
+
+def _image_problem(name: str, stage: dict) -> str | None:
+    """Why a stage's per-image test scores are malformed (None when they are not)."""
+    losses, counts = stage.get("test_image_loss"), stage.get("test_image_counts")
+    if not isinstance(losses, dict) or not isinstance(counts, dict):
+        return f"stage {name!r}: test_image_loss / test_image_counts are not mappings of domains"
+    if set(losses) != set(stage["test_loss"]) or set(counts) != set(losses):
+        return f"stage {name!r}: per-image test scores not of the domains of test_loss"
+    for dom, values in losses.items():
+        rows = counts[dom]
+        if not (isinstance(values, list) and isinstance(rows, list) and len(values) == len(rows)):
+            return f"stage {name!r}: per-image test scores of {dom!r} of unequal lengths"
+        if not all(isinstance(v, int | float) for v in values) or not all(
+            isinstance(r, list) and len(r) == 3 and all(isinstance(c, int) for c in r) for r in rows
+        ):
+            return f"stage {name!r}: per-image test scores of {dom!r} have the wrong type"
     return None
 
 

@@ -12,6 +12,10 @@ final_<m>           A + (stage, eval_domain)                    the model the st
                                                                 epoch) on the test images
 history_<m>         A + (stage, eval_domain, epoch)             value after every epoch on the
                                                                 validation images
+image_loss          A + (stage, eval_domain, test_image)        the kept model's loss on each
+                                                                test image
+image_counts        A + (stage, eval_domain, test_image,        its particle-pixel counts (TP,
+                    count)                                      FP, FN) on each test image
 epochs_run          A + (stage,)                                epochs the stage trained
 best_epoch          A + (stage,)                                the epoch it kept
 stop_reason         A + (stage,)                                "plateau" | "max_epochs" | ""
@@ -24,6 +28,11 @@ config_hash         A                                           run id ("" if no
 ==================  ==========================================  ==============================
 
 Splits: every ``final_<m>`` is measured on each domain's test images, which no selection reads;
+``image_loss`` and ``image_counts`` hold the same scores image by image (``final_loss`` is the
+mean of ``image_loss`` over a domain's images, ``final_dice`` / ``final_iou`` those of the
+summed counts), so that an analysis can take the test images as a sampling unit
+(:mod:`hrtem_book.findings`); a domain with fewer test images than ``test_image`` has NaN after
+its last;
 ``history_<m>`` on its validation images, which the plateau rule and the choice of the kept
 epoch read (a variable's ``split`` attr says which). ``stage`` is ``("pretrain", "transfer")``
 for transfer studies (the pretraining values of a cell
@@ -58,13 +67,15 @@ from .records import read_record
 from .series import get_series, match_index, match_mask
 from .studies import STUDIES, build_grid, get_study
 
-SCHEMA_VERSION = 3  # 3: final_<m> on test images apart from selection; no best_<m>
+SCHEMA_VERSION = 4  # 3: final_<m> on test images apart from selection; 4: + per test image
 STATUS_VALUES = ("ok", "failed", "missing", "excluded")
 STOP_REASONS = ("plateau", "max_epochs", "")
 REDUCTIONS = ("min", "mean", "median", "max")
 REQUIRED_ATTRS = ("study", "series", "profile", "package_version", "git_commit", "created")
 STRING_VARS = ("status", "config_hash", "stop_reason")
 STAGE_VARS = ("epochs_run", "best_epoch", "train_time_s", "eval_time_s", "trainable_params")
+IMAGE_VARS = ("image_loss", "image_counts")  # the final scores per test image
+COUNTS = ("tp", "fp", "fn")  # the particle-pixel counts of image_counts
 METRIC_KINDS = ("final", "history")
 METRIC_VARS = tuple(f"{kind}_{m}" for kind in METRIC_KINDS for m in METRICS)
 # which images each kind of metric variable is measured on (its ``split`` attr)
@@ -88,6 +99,8 @@ def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
         dims[f"history_{m}"] = per_domain + ("epoch",)
     for var in (*STAGE_VARS, "stop_reason"):
         dims[var] = axes + ("stage",)
+    dims["image_loss"] = per_domain + ("test_image",)
+    dims["image_counts"] = per_domain + ("test_image", "count")
     dims["status"] = axes
     dims["config_hash"] = axes
     return dims
@@ -114,8 +127,11 @@ def empty_database(
     *,
     profile: str,
     fixed: Mapping[str, Any] | None = None,
+    n_test_images: int = 1,
 ) -> xr.Dataset:
-    """A database of the study's schema with every cell ``missing`` and every value NaN."""
+    """A database of the study's schema with every cell ``missing`` and every value NaN;
+    ``n_test_images``: the length of the per-image variables (the most test images of a
+    domain)."""
     spec = get_study(study)
     unknown = set(coords) - set(spec.axes)
     lacking = [a for a in spec.axes if a not in coords]
@@ -130,6 +146,8 @@ def empty_database(
     all_coords["stage"] = list(spec.stages)
     all_coords["eval_domain"] = list(eval_domains)
     all_coords["epoch"] = np.arange(1, n_epochs + 1)
+    all_coords["test_image"] = np.arange(max(1, int(n_test_images)))
+    all_coords["count"] = list(COUNTS)
     sizes = {name: len(values) for name, values in all_coords.items()}
     data_vars = {}
     for var, dims in _var_dims(spec.axes).items():
@@ -153,6 +171,14 @@ def empty_database(
             long_name=f"{title} per epoch on the validation images", units=units,
             split=METRIC_SPLITS["history"],
         )  # fmt: skip
+    ds["image_loss"].attrs.update(
+        long_name="cross-entropy loss of the kept model on each test image",
+        units="cross-entropy", split=METRIC_SPLITS["final"],
+    )  # fmt: skip
+    ds["image_counts"].attrs.update(
+        long_name="particle-pixel counts (TP, FP, FN) of the kept model on each test image",
+        units="pixels", split=METRIC_SPLITS["final"],
+    )  # fmt: skip
     ds["epochs_run"].attrs.update(long_name="epochs the stage trained")
     ds["best_epoch"].attrs.update(long_name="epoch whose weights the stage kept")
     ds["stop_reason"].attrs.update(long_name="why the stage stopped")
@@ -190,8 +216,10 @@ def storage_encoding(ds: xr.Dataset) -> dict[str, dict]:
         enc[var] = {"zlib": True, "complevel": 4, "shuffle": True}
         if var in METRIC_VARS:
             enc[var]["least_significant_digit"] = METRIC_DIGITS
-        if var.startswith("history_"):
-            enc[var]["dtype"] = "float32"
+        if var.startswith("history_") or var in IMAGE_VARS:
+            enc[var]["dtype"] = "float32"  # counts of a 64² image are exact in float32
+        if var == "image_loss":
+            enc[var]["least_significant_digit"] = METRIC_DIGITS
     return enc
 
 
@@ -256,7 +284,7 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
     if version != SCHEMA_VERSION:
         fail(f"schema_version={version}, this code reads {SCHEMA_VERSION}; re-run collect")
     spec = STUDIES[name]
-    expected_dims = set(spec.axes) | {"stage", "eval_domain", "epoch"}
+    expected_dims = set(spec.axes) | {"stage", "eval_domain", "epoch", "test_image", "count"}
     if set(ds.dims) != expected_dims:
         fail(
             f"dims {sorted(ds.dims)} do not match study {name!r}: expected {sorted(expected_dims)}"
@@ -268,6 +296,8 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
             fail(f"dim {dim!r} is empty")
     if tuple(ds["stage"].values.tolist()) != spec.stages:
         fail(f"stage values {ds['stage'].values.tolist()}, expected {list(spec.stages)}")
+    if tuple(ds["count"].values.tolist()) != COUNTS:
+        fail(f"count values {ds['count'].values.tolist()}, expected {list(COUNTS)}")
     for var, dims in _var_dims(spec.axes).items():
         if var not in ds.data_vars:
             fail(f"variable {var!r} missing")
@@ -292,6 +322,10 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
                 allowed = ">= 0" if m == "loss" else "in [0, 1]"
                 fail(f"variable {var!r} holds values outside the metric's range; allowed: "
                      f"{allowed} or NaN")  # fmt: skip
+    for var in IMAGE_VARS:
+        with np.errstate(invalid="ignore"):
+            if np.isinf(ds[var].values).any() or (ds[var].values < 0).any():
+                fail(f"variable {var!r} holds values outside its range; allowed: >= 0 or NaN")
     bad = sorted(set(np.unique(ds["stop_reason"].values.astype(str)).tolist()) - set(STOP_REASONS))
     if bad:
         fail(f"stop_reason values {bad} are not allowed; allowed: plateau, max_epochs, ''")
@@ -513,6 +547,13 @@ def fill_from_records(ds: xr.Dataset, grid, records: Mapping[str, Mapping[str, A
                     if dom in index:
                         values = [_finite(v) for v in curve[:n_epochs]]
                         hist[at + (index[dom], slice(0, len(values)))] = values
+            losses, counts = ds["image_loss"].values, ds["image_counts"].values
+            for dom, values in srec.get("test_image_loss", {}).items():
+                if dom in index:
+                    losses[at + (index[dom], slice(0, len(values)))] = [_finite(v) for v in values]
+            for dom, rows in srec.get("test_image_counts", {}).items():
+                if dom in index and rows:
+                    counts[at + (index[dom], slice(0, len(rows)))] = np.asarray(rows, float)
 
 
 def _finite(value) -> float:
@@ -540,6 +581,7 @@ def stopping_attrs(stage, prefix: str = "") -> dict[str, Any]:
         "augment": stage.augment,
         "precision": stage.precision,
         "recalibrate_bn": int(stage.recalibrate_bn),  # netCDF has no booleans
+        "recalibrate_images": stage.recalibrate_images or 0,  # 0: every training image
     }
     return {f"{prefix}{k}": v for k, v in attrs.items()}
 
@@ -554,13 +596,17 @@ def build_database(study: str, profile: Profile, root: str | Path = ".") -> xr.D
         if rec is not None:
             records[h] = rec
     n_epochs = max(profile.stage.max_epochs, profile.transfer.max_epochs)
+    n_images = profile.data.n_test
     for rec in records.values():
         for srec in rec.get("stages", {}).values():
             for curve in srec.get("val_loss", {}).values():
                 n_epochs = max(n_epochs, len(curve))
+            for losses in srec.get("test_image_loss", {}).values():
+                n_images = max(n_images, len(losses))
     ds = empty_database(
-        study, grid.coords, grid.eval_domains, n_epochs, profile=profile.name, fixed=grid.fixed
-    )
+        study, grid.coords, grid.eval_domains, n_epochs, profile=profile.name, fixed=grid.fixed,
+        n_test_images=n_images,
+    )  # fmt: skip
     for stage in grid.spec.stages:  # transfer stages may follow a rule of their own
         config = profile.transfer if stage == "transfer" else profile.stage
         ds.attrs.update(stopping_attrs(config, prefix=f"{stage}_"))

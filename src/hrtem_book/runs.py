@@ -46,6 +46,8 @@ _INIT_LOCK = threading.Lock()
 
 
 IN_MEMORY_BYTES = 2 * 2**30  # a series file below this is read into memory once per process
+# per-image test losses are recorded to 1e-6 (their spread over images is ~1e-2)
+IMAGE_LOSS_DIGITS = 6
 
 
 @functools.lru_cache(maxsize=8)  # every series of a profile: a sweep interleaves its studies
@@ -110,11 +112,22 @@ class Context:
         return min(n, int((hit & (self.data["split"].values == split)).sum()))
 
     def score(self, model: torch.nn.Module, summary: dict, precision: str) -> dict:
-        """``summary`` with the kept model's scores on every test image of every domain
-        (``test_<metric>``: {domain: value}); the test images are read here only, never by
-        the plateau rule or the choice of the kept epoch."""
-        values = train.evaluate_domains(model, self.eval_set(None, split="test"), precision)
+        """``summary`` with the kept model's scores on the test images of every domain
+        (``test_<metric>``: {domain: value}) and each image's own (``test_image_loss``:
+        {domain: [loss per image]}, ``test_image_counts``: {domain: [[TP, FP, FN] per image]},
+        the pixel counts Dice and IoU are summed from; the images are the unit of the test
+        set's sampling error, see :mod:`hrtem_book.findings`). The test images are read here
+        only, never by the plateau rule or the choice of the kept epoch."""
+        per_image = train.evaluate_images(model, self.eval_set(None, split="test"), precision)
+        values = train.domain_scores(per_image)
         summary.update({f"test_{m}": values[m] for m in metrics.METRICS})
+        summary["test_image_loss"] = {
+            key: [round(float(v), IMAGE_LOSS_DIGITS) for v in losses]
+            for key, (losses, _) in per_image.items()
+        }
+        summary["test_image_counts"] = {
+            key: counts[:, :3].tolist() for key, (_, counts) in per_image.items()
+        }
         return summary
 
     def model(self, cfg, seed: int):

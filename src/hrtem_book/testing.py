@@ -7,7 +7,8 @@ small and known to work on, never used by the pipeline itself:
   values (the schema of :mod:`hrtem_book.results`);
 - :func:`synthetic_series`: a dataset series whose domains differ like defoci do (discs whose
   contrast flips sign through zero), small enough to train on in a second;
-- :func:`random_series`: a series of a profile's shapes filled with noise, for timing only.
+- :func:`random_series`: a series of a profile's shapes filled with noise, for timing only;
+- :func:`with_test_images`: per-image test scores for a database that has none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .findings import stamp_attrs
-from .results import empty_database
+from .results import COUNTS, empty_database
 from .studies import get_study, parse_mix
 
 _SYNTHETIC_COORDS = {
@@ -218,3 +219,27 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
         },
         attrs={"series": series},
     )
+
+
+def with_test_images(
+    ds: xr.Dataset, n_images: int = 16, spread: float = 0.3, seed: int = 0
+) -> xr.Dataset:
+    """``ds`` with per-image test scores consistent with its ``final_loss``: image ``i`` of
+    evaluation domain ``e`` is harder by a factor ``exp(spread · z[e, i])`` (normalised to mean
+    1 over the domain's images) for *every* model — the images are shared, as a real test set's
+    are — so that each ``final_loss`` is the mean of its ``image_loss``. Counts: 1,000 particle
+    pixels per image, with FP = FN set by the loss (Dice ≈ 1 − loss), for the Dice path."""
+    rng = np.random.default_rng(seed)
+    z = np.exp(spread * rng.standard_normal((ds.sizes["eval_domain"], n_images)))
+    factors = xr.DataArray(z / z.mean(axis=1, keepdims=True), dims=("eval_domain", "test_image"))
+    out = ds.drop_vars(["image_loss", "image_counts"]).drop_dims(["test_image"], errors="ignore")
+    out = out.assign_coords(test_image=np.arange(n_images))
+    loss = (ds["final_loss"] * factors).transpose(*ds["final_loss"].dims, "test_image")
+    tp = xr.full_like(loss, 1000.0)
+    miss = (1000.0 * loss.clip(0.0, 1.0)).round()
+    counts = xr.concat([tp.where(loss.notnull()), miss, miss], "count").assign_coords(
+        count=list(COUNTS)
+    )
+    out["image_loss"] = loss
+    out["image_counts"] = counts.transpose(*loss.dims, "count")
+    return out

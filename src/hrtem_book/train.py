@@ -235,14 +235,29 @@ def evaluate(
     return float(predict_stats(model, images, masks, precision)[0].double().mean())
 
 
+def evaluate_images(
+    model: torch.nn.Module, eval_set: EvalSet, precision: str = "fp32"
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{domain: (per-image losses [n], per-image counts [n, 4])}`` of ``eval_set``, on the
+    CPU, from one pass."""
+    losses, stats = predict_stats(model, eval_set.images, eval_set.masks, precision)
+    losses, stats = losses.cpu(), stats.cpu()
+    return {key: (losses[r], stats[r]) for key, r in eval_set.groups.items()}
+
+
+def domain_scores(
+    per_image: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, dict[str, float]]:
+    """``{metric: {domain: value}}`` from :func:`evaluate_images`' per-image values."""
+    per_domain = {key: metrics.scores(*values) for key, values in per_image.items()}
+    return {m: {key: s[m] for key, s in per_domain.items()} for m in metrics.METRICS}
+
+
 def evaluate_domains(
     model: torch.nn.Module, eval_set: EvalSet, precision: str = "fp32"
 ) -> dict[str, dict[str, float]]:
     """``{metric: {domain: value}}`` for every domain of ``eval_set``, from one pass."""
-    losses, stats = predict_stats(model, eval_set.images, eval_set.masks, precision)
-    losses, stats = losses.cpu(), stats.cpu()
-    per_domain = {key: metrics.scores(losses[r], stats[r]) for key, r in eval_set.groups.items()}
-    return {m: {key: s[m] for key, s in per_domain.items()} for m in metrics.METRICS}
+    return domain_scores(evaluate_images(model, eval_set, precision))
 
 
 def trained_norms(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
@@ -397,7 +412,7 @@ def train_stage(
                 raise _Diverged(f"non-finite training loss ({train_loss}) in {name} epoch {epoch}")
             schedule.step()
             if stage.recalibrate_bn:
-                recalibrate_bn(model, images, stage.precision)
+                recalibrate_bn(model, images[: stage.recalibrate_images], stage.precision)
             val = evaluate_domains(model, eval_set, stage.precision)
             eval_s += time.perf_counter() - t1
             bad = [key for key, v in val["loss"].items() if not math.isfinite(v)]
@@ -453,7 +468,9 @@ def set_threads_from_env() -> None:
 __all__ = [
     "train_stage",
     "evaluate",
+    "domain_scores",
     "evaluate_domains",
+    "evaluate_images",
     "EvalSet",
     "standardize",
     "d4",

@@ -31,7 +31,7 @@ from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
 # never become filters (a figure decides which stage and evaluation domain it shows)
-NON_GRID_DIMS = ("stage", "eval_domain", "epoch")
+NON_GRID_DIMS = ("stage", "eval_domain", "epoch", "test_image", "count")
 PLACEHOLDER_DPI = 110
 
 FigureFunction = Callable[..., Figure]

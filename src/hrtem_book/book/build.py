@@ -41,6 +41,7 @@ from ..layout import (
 from ..profiles import PROFILES, Profile
 from ..results import check_reduction
 from ..studies import STUDY_NAMES
+from . import pages
 from .check import BookCheckError, check_site
 from .notebooks import (
     NOTEBOOK_TIMEOUT_S,
@@ -372,6 +373,9 @@ def build_book(
     chapters = sorted((root / "chapters").glob("*.md"))
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")
+    t0 = time.perf_counter()
+    pages.prepare(results_dir)
+    log(f"book: the findings' bootstrap over test images in {time.perf_counter() - t0:.1f} s")
     stage_book(root, stage, executed, values)
     if offline is not True:
         install_theme(stage, theme_installer, log)

@@ -29,7 +29,7 @@ from ..figures.generalization import ood_numbers
 from ..figures.hyperparameters import cost_by_freeze, grouped_losses
 from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, study_counts
 from ..figures.noise_structure import domains_of_size, size_numbers
-from ..layout import database_file
+from ..layout import analysis_cache, database_file
 from ..profiles import PROFILES, get_profile
 from ..results import load_database
 from ..series import fixed_support_nm
@@ -102,15 +102,28 @@ def verdict_sentence(f: findings_mod.Finding) -> str:
     return f"{f.summary} In this build the study's finding {f.verdict}."
 
 
-def _findings(dbs: dict) -> dict[str, dict[str, findings_mod.Finding]]:
-    return {m: findings_mod.evaluate(dbs, m) for m in ("loss", "dice")}
+def _findings(dbs: dict, results_dir: str | Path) -> dict[str, dict[str, findings_mod.Finding]]:
+    """Every finding under the loss and under Dice; the bootstrap over test images is done once
+    per build and kept beside the databases (:func:`findings.cached_image_variances`)."""
+    folder = Path(results_dir)
+    return {
+        m: findings_mod.evaluate(dbs, m, findings_mod.cached_image_variances(
+            dbs, m, analysis_cache(folder, f"image-variances-{m}")))
+        for m in ("loss", "dice")
+    }  # fmt: skip
 
 
 # --- chapters ---------------------------------------------------------------------------------
 def overview(results_dir: str | Path, profile: str) -> Numbers:
     """Abstract and recipes: the size of the build and the tally of the findings."""
     dbs = databases(results_dir)
-    return _overview(dbs, _findings(dbs), profile)
+    return _overview(dbs, _findings(dbs, results_dir), profile)
+
+
+def prepare(results_dir: str | Path) -> None:
+    """Compute once what several chapters read (the findings' bootstrap over test images), so
+    that chapters executed side by side find it done."""
+    _findings(databases(results_dir), results_dir)
 
 
 def _overview(dbs: dict, found: dict, profile: str) -> Numbers:
@@ -305,7 +318,7 @@ def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 6: target-domain loss and Dice by transfer setting; findings 3 and 4."""
     dbs = databases(results_dir)
     ds = dbs["defocus"]
-    found = _findings(dbs)
+    found = _findings(dbs, results_dir)
     cost = cost_by_freeze(ds, reduce=reduction)
     cost_seeds = by_seed(cost_by_freeze, ds, reduce=reduction)
     full = cost["none"]
@@ -366,7 +379,7 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 7: defocus heatmaps and the mixture baseline; findings 1, 2, 6 and 7."""
     dbs = databases(results_dir)
     ds = dbs["defocus"]
-    found = _findings(dbs)
+    found = _findings(dbs, results_dir)
     n = heatmap_numbers(ds, reduce=reduction)
     nd = heatmap_numbers(ds, reduce=reduction, metric="dice")
     b = baseline_numbers(dbs["baseline"], ds, reduce=reduction)
@@ -426,7 +439,7 @@ def ood(results_dir: str | Path, reduction: str) -> Numbers:
 def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 9: dose and structure heatmaps and the size histograms; findings 5 and 8."""
     dbs = databases(results_dir)
-    found = _findings(dbs)
+    found = _findings(dbs, results_dir)
     dose, structure = dbs["dose"], dbs["structure"]
     n = heatmap_numbers(dose, reduce=reduction)
     small = {
@@ -476,7 +489,7 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     from ..series import get_series
 
     dbs = databases(results_dir)
-    found = _findings(dbs)
+    found = _findings(dbs, results_dir)
     gen = generalization_databases(results_dir)
     models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
     nd = companion_numbers(gen, "dice")
@@ -543,7 +556,7 @@ def findings(results_dir: str | Path) -> Numbers:
     from .. import power
 
     dbs = databases(results_dir)
-    found = _findings(dbs)
+    found = _findings(dbs, results_dir)
     first = next(iter(dbs.values()), None)
     profile = str(first.attrs.get("profile")) if first is not None else ""
     keys = findings_mod.RULE_KEYS
@@ -553,7 +566,8 @@ def findings(results_dir: str | Path) -> Numbers:
     if profile in PROFILES:  # the error rates on the build's own grid
         most = math.expm1(max(power.DETECTABLE_SCALES) * findings_mod.DELTA)
         for key in keys:
-            r, reach = power.error_rates(key, profile), power.detectable(key, profile)
+            r = power.error_rates(key, profile)
+            reach = power.detectable(key, profile, at_delta=r)
             if math.isfinite(r.power):
                 powers[key] = r.power
             table["false_pass"][key], table["power"][key] = pct(r.false_pass), pct(r.power)
@@ -574,9 +588,20 @@ def findings(results_dir: str | Path) -> Numbers:
         source={r.key: _source_text(r) for r in findings_mod.RULES},
         stamps=_stamps(dbs),
         regime=regime(profile) if profile in PROFILES else "",
+        n_test=_n_test(dbs),
         **table,
         **_overview(dbs, found, profile).__dict__,
     )
+
+
+def _n_test(dbs: dict) -> str:
+    """The test images per domain behind the build's per-image scores (``"16"``), or "n/a"."""
+    counts = {
+        int(ds["image_loss"].notnull().sum("test_image").max())
+        for ds in dbs.values() if "image_loss" in ds
+    }  # fmt: skip
+    counts.discard(0)
+    return "–".join(str(n) for n in sorted(counts)) if counts else "n/a"
 
 
 def _source_text(rule) -> str:
