@@ -201,8 +201,8 @@ def train_stack(
         schedule.step()
         t1 = time.perf_counter()
         if stage.recalibrate_bn:
-            n = stage.recalibrate_images
-            stack.recalibrate_bn([(x[:n], y[:n]) for x, y in train_sets], stage.precision)
+            k = stage.recalibrate_images
+            stack.recalibrate_bn([(x[:k], y[:k]) for x, y in train_sets], stage.precision)
         vals = _evaluate(stack, eval_set, stage.precision)
         eval_s += time.perf_counter() - t1
         for m in range(M):

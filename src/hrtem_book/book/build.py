@@ -41,7 +41,7 @@ from ..layout import (
 from ..profiles import PROFILES, Profile
 from ..results import check_reduction
 from ..studies import STUDY_NAMES
-from . import pages
+from .pages import prepare as prepare_numbers
 from .check import BookCheckError, check_site
 from .notebooks import (
     NOTEBOOK_TIMEOUT_S,
@@ -374,7 +374,7 @@ def build_book(
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")
     t0 = time.perf_counter()
-    pages.prepare(results_dir)
+    prepare_numbers(results_dir)
     log(f"book: the findings' bootstrap over test images in {time.perf_counter() - t0:.1f} s")
     stage_book(root, stage, executed, values)
     if offline is not True:
