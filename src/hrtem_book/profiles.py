@@ -153,29 +153,31 @@ PAPER_STAGE = StageConfig(
     max_epochs=30, batch_size=16, lr_decay=0.99, augment="d4", patience=3, min_delta=0.01,
     min_epochs=3,
 )  # fmt: skip
-# Laptop (measured on 2-core CPUs, see README "Performance"; the budget: `make book` in 20
-# minutes on two AVX2 cores in fp32). An epoch is the unit of the stopping rule, so it should
-# hold a similar number of optimiser steps in every stage: from scratch (64 images) every image
-# once in a random D4 orientation (4 steps of 16); transfer (4-16 images) all 8 orientations in
-# batches of 8 (4-16 steps). BatchNorm statistics are recalibrated before every evaluation
-# (StageConfig.recalibrate_bn): with the running estimates, a pretraining's validation loss rose
-# to 1-2.6 in its first epochs while its training loss fell, and came down after epoch 7 — the
-# earlier "sat at the class-prior loss" of 1 pretraining in 5 was this lag. Recalibrated, the
-# in-domain loss falls from the first epoch (10 of 10 pretrainings) and the kept models' loss
-# is 5 % lower; the plateau rule starts at epoch 3. The statistics come from the first 32 of
-# the 64 training images (recalibrate_images): on 6 fp32 pretrainings (3 defoci × 2 seeds, AVX2)
-# the kept in-domain validation loss moved by −9 % to +2 % (mean −1 %) against all 64, the kept
-# epoch was the same in 4 of 6, and the recalibration pass was 20 % of a pretraining epoch's
-# time (136 of 678 ms) with 64 — a choice made on the validation loss and the time only.
-# The learning rate from scratch is 3e-3 (the studies' grids below): against 1e-3, 17 fp32 pretrainings over defocus, dose and structure
-# reached a 6 % lower in-domain validation loss (Dice within 0.001) in 26 % less time — a
-# choice made on the in-domain validation loss and the time only, before any cross-domain
-# result. Validation: 16 images of the domains a stage trains on (the stopping rule reads them)
-# and 4 of every other domain (the first 4 of those 16: the curves off the domain, which no
-# selection and no finding reads; 8 until the fresh AVX2 build of 3f85ed2 took 20 min 44 s, when
-# evaluation was 27 % of the runs' time and the off-domain images 60-70 % of each epoch's). The kept
-# model is then scored on all 16 test images of every domain (DataConfig.n_test), the same
-# images before and after a transfer, so "before" and "after" compare like with like.
+# Laptop (measured on 2-core CPUs, see README "Performance"; the budget: `make book` in 20 minutes
+# on two AVX2 cores in fp32). An epoch is the unit of the stopping rule, so it should hold a similar
+# number of optimiser steps in every stage: from scratch (64 images) every image once in a random D4
+# orientation (4 steps of 16); transfer (4-16 images) all 8 orientations in batches of 8 (4-16
+# steps). Transfer epochs of 4 of the 8 orientations (6 transfers of 16 images, AVX2) took 45 % less
+# time but kept a 4.5 % higher validation loss on average (−1 % to +12 %): not taken. BatchNorm
+# statistics are recalibrated before every evaluation (StageConfig.recalibrate_bn): with the running
+# estimates, a pretraining's validation loss rose to 1-2.6 in its first epochs while its training
+# loss fell, and came down after epoch 7 — the earlier "sat at the class-prior loss" of 1
+# pretraining in 5 was this lag. Recalibrated, the in-domain loss falls from the first epoch (10 of
+# 10 pretrainings) and the kept models' loss is 5 % lower; the plateau rule starts at epoch 3. The
+# statistics come from the first 32 of the 64 training images (recalibrate_images): on 6 fp32
+# pretrainings (3 defoci × 2 seeds, AVX2) the kept in-domain validation loss moved by −9 % to +2 %
+# (mean −1 %) against all 64, the kept epoch was the same in 4 of 6, and the recalibration pass was
+# 20 % of a pretraining epoch's time (136 of 678 ms) with 64 — a choice made on the validation loss
+# and the time only. The learning rate from scratch is 3e-3 (the studies' grids below): against
+# 1e-3, 17 fp32 pretrainings over defocus, dose and structure reached a 6 % lower in-domain
+# validation loss (Dice within 0.001) in 26 % less time — a choice made on the in-domain validation
+# loss and the time only, before any cross-domain result. Validation: 16 images of the domains a
+# stage trains on (the stopping rule reads them) and 4 of every other domain (the first 4 of those
+# 16: the curves off the domain, which no selection and no finding reads; 8 until the fresh AVX2
+# build of 3f85ed2 took 20 min 44 s, when evaluation was 27 % of the runs' time and the off-domain
+# images 60-70 % of each epoch's). The kept model is then scored on all 16 test images of every
+# domain (DataConfig.n_test), the same images before and after a transfer, so "before" and "after"
+# compare like with like.
 LAPTOP_STAGE = StageConfig(
     max_epochs=40, batch_size=16, augment="d4-random", n_eval=16, n_eval_ood=4, patience=3,
     min_delta=0.01, min_epochs=3, recalibrate_bn=True, recalibrate_images=32,

@@ -41,7 +41,6 @@ from ..layout import (
 from ..profiles import PROFILES, Profile
 from ..results import check_reduction
 from ..studies import STUDY_NAMES
-from .pages import prepare as prepare_numbers
 from .check import BookCheckError, check_site
 from .notebooks import (
     NOTEBOOK_TIMEOUT_S,
@@ -51,6 +50,7 @@ from .notebooks import (
     figure_notebooks,
     inject_page_parameters,
 )
+from .pages import prepare as prepare_numbers
 from .processes import jupyter_server
 
 DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
