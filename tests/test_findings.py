@@ -186,6 +186,18 @@ def test_the_image_bootstrap_is_cached_beside_the_databases(tmp_path):
     assert len(list(tmp_path.glob(".cache-x.json.invalid-*"))) == 1
 
 
+def test_the_error_rate_table_is_cached_for_the_chapter(tmp_path, monkeypatch):
+    path, lines = tmp_path / ".cache-power.json", []
+    first = power.cached_table("smoke", path, lines.append)  # one seed: no interval, NaN
+    assert set(first) == set(findings.RULE_KEYS) and path.is_file()
+    monkeypatch.setattr(power, "table", lambda profile: pytest.fail("not read from the cache"))
+    assert power.cached_table("smoke", path, lines.append).keys() == first.keys()
+    path.write_text("[1, 2")
+    monkeypatch.undo()
+    assert power.cached_table("smoke", path, lines.append).keys() == first.keys()
+    assert len(lines) == 1 and "is unreadable; moved aside" in lines[0]
+
+
 def test_rule_set_hash_is_recorded_and_stamped():
     # a change of any rule (text, constants or code) changes the hash: record it, with its date,
     # in its own commit (findings.RULESET_SHA, findings.RULESET_DATE)

@@ -300,13 +300,26 @@ def test_transfer_keeps_frozen_encoder_and_its_batchnorm(data, tmp_path, monkeyp
     assert not any(torch.equal(state[k], ckpt["state_dict"][k]) for k in decoder)
 
 
-def test_mismatched_checkpoint_is_a_clear_error(data, tmp_path):
+def test_a_checkpoint_of_another_config_is_named_moved_aside_and_trained_again(
+    data, tmp_path, capsys
+):
+    """A valid checkpoint of another config copied over this one's is foreign derived data: the
+    run names it, moves it aside and trains the right pretraining (never a sweep that fails on
+    it rerun after rerun)."""
     run(pretrain_cfg(), root=tmp_path, data=data)
     other = pretrain_cfg(lr=1e-4)
+    clean = run(transfer_cfg(pretrain=other), root=tmp_path / "clean", data=data)
+    capsys.readouterr()
     source = checkpoint_path(tmp_path, pretrain_cfg())
-    shutil.copy(source, checkpoint_path(tmp_path, other))
-    with pytest.raises(ValueError, match=r"written for config .* \(fields differ: lr\)"):
-        run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
+    target = checkpoint_path(tmp_path, other)
+    shutil.copy(source, target)
+    with pytest.raises(checkpoints.ForeignCheckpoint, match=r"\(fields differ: lr\)"):
+        checkpoints.load_checkpoint(target, other)
+    record = run(transfer_cfg(pretrain=other), root=tmp_path, data=data)
+    assert record["stages"] == _without_time(clean["stages"], record["stages"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fields differ: lr" in err[0] and "training it again" in err[0]
+    assert len(list(target.parent.glob(f"{target.name}.invalid-*"))) == 1
 
 
 def test_truncated_checkpoint_is_trained_again(data, tmp_path, capsys):

@@ -33,6 +33,11 @@ class DamagedCheckpoint(ValueError):
     :func:`obtain` moves aside and trains again."""
 
 
+class ForeignCheckpoint(DamagedCheckpoint):
+    """A readable checkpoint of another config under this config's name (copied or renamed by
+    hand): foreign derived data, moved aside and trained again like a damaged one."""
+
+
 def checkpoint_path(layout: Layout, cfg: PretrainConfig) -> Path:
     return layout.checkpoint_path(config_hash(cfg))
 
@@ -82,7 +87,7 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device 
     want = to_jsonable(cfg)
     if ckpt["config"] != want:
         differ = ", ".join(_fields_differ(ckpt["config"], want)) or "?"
-        raise ValueError(
+        raise ForeignCheckpoint(
             f"checkpoint {path} was written for config {ckpt['config_hash']}, "
             f"not {config_hash(cfg)} (fields differ: {differ})"
         )
@@ -96,8 +101,9 @@ def obtain(
     device: str | torch.device = "cpu",
 ) -> dict:
     """The checkpoint of ``cfg``: loaded when present, else made once by ``train() -> (record,
-    state_dict or None)`` under a lock and saved. A damaged checkpoint is moved aside (one line
-    on stderr) and made again: training is deterministic, so nothing is lost."""
+    state_dict or None)`` under a lock and saved. A damaged checkpoint, or one of another config,
+    is moved aside (one line on stderr) and made again: training is deterministic, so nothing is
+    lost."""
     path = checkpoint_path(layout, cfg)
     lock = path.with_name(path.name + ".lock")
     if path.exists():

@@ -29,15 +29,22 @@ Draws are simulated at once: draw ``d`` holds seeds ``d·S … d·S + S − 1`` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
+import inspect
+import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from . import findings
+from .layout import atomic_write_text, move_aside
 from .profiles import get_profile
 from .results import empty_database
 from .studies import build_grid, get_study
@@ -427,3 +434,42 @@ def detectable(
         if power >= 0.8:
             return math.expm1(k * findings.DELTA)
     return math.nan
+
+
+def table(profile: str) -> dict[str, dict]:
+    """Every rule's error rates on ``profile``'s grid (:func:`error_rates`, 1,000 draws) and the
+    smallest effect it detects (:func:`detectable`), by rule key."""
+    out = {}
+    for key in findings.RULE_KEYS:
+        r = error_rates(key, profile)
+        out[key] = {"false_pass": r.false_pass, "power": r.power, "false_fail": r.false_fail,
+                    "effect": r.effect, "reach": detectable(key, profile, at_delta=r)}  # fmt: skip
+    return out
+
+
+def cached_table(profile: str, path: Path, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """:func:`table`, kept in ``path`` (JSON) under a key of everything it depends on (this
+    module's and the rules' code, the profile): computed once per build, read by the chapter. An
+    unreadable cache is named, moved aside and remade."""
+    key = hashlib.sha256(
+        "|".join(
+            [
+                findings.ruleset_sha(),
+                inspect.getsource(sys.modules[__name__]),
+                repr(get_profile(profile)),
+            ]
+        ).encode()  # fmt: skip
+    ).hexdigest()
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            return data["table"]
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError):
+        aside = move_aside(path)
+        log(f"power: cache {path} is unreadable; moved aside to {aside.name}, made again")
+    out = table(profile)
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, json.dumps({"key": key, "table": out}))
+    return out

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +321,13 @@ def build_site(
         return "site", site
 
 
+def _timed(fn, *args) -> float:
+    """Seconds ``fn(*args)`` took."""
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 def build_book(
     profile: Profile,
     root: str | Path = ".",
@@ -367,15 +375,18 @@ def build_book(
     started = time.time() - 1.0  # file systems with 1 s mtime resolution
     log(f"book: executing {len(notebooks)} notebooks with papermill ({values})")
     out = myst_build_dir(stage) / "papermill"
-    executed = execute_notebooks(
-        notebooks, out, values, jobs=jobs, log=log, timeout_s=notebook_timeout_s
-    )
+    # meanwhile, in this otherwise waiting process: the numbers several chapters read (the
+    # findings' bootstrap over test images, the rules' error rates), computed once
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        numbers = pool.submit(_timed, prepare_numbers, results_dir)
+        executed = execute_notebooks(
+            notebooks, out, values, jobs=jobs, log=log, timeout_s=notebook_timeout_s
+        )
+        log(f"book: the chapters' shared numbers (bootstrap, error rates) in "
+            f"{numbers.result():.1f} s, beside the notebooks")  # fmt: skip
     chapters = sorted((root / "chapters").glob("*.md"))
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")
-    t0 = time.perf_counter()
-    prepare_numbers(results_dir)
-    log(f"book: the findings' bootstrap over test images in {time.perf_counter() - t0:.1f} s")
     stage_book(root, stage, executed, values)
     if offline is not True:
         install_theme(stage, theme_installer, log)

@@ -121,9 +121,17 @@ def overview(results_dir: str | Path, profile: str) -> Numbers:
 
 
 def prepare(results_dir: str | Path) -> None:
-    """Compute once what several chapters read (the findings' bootstrap over test images), so
-    that chapters executed side by side find it done."""
-    _findings(databases(results_dir), results_dir)
+    """Compute once what the chapters read and would otherwise each compute (the findings'
+    bootstrap over test images; the rules' error rates on the build's profile), so that
+    chapters executed side by side find it done."""
+    from .. import power
+
+    dbs = databases(results_dir)
+    _findings(dbs, results_dir)
+    first = next(iter(dbs.values()), None)
+    profile = str(first.attrs.get("profile")) if first is not None else ""
+    if profile in PROFILES:
+        power.cached_table(profile, analysis_cache(Path(results_dir), "power"))
 
 
 def _overview(dbs: dict, found: dict, profile: str) -> Numbers:
@@ -565,16 +573,16 @@ def findings(results_dir: str | Path) -> Numbers:
     powers = {}
     if profile in PROFILES:  # the error rates on the build's own grid
         most = math.expm1(max(power.DETECTABLE_SCALES) * findings_mod.DELTA)
+        rates = power.cached_table(profile, analysis_cache(Path(results_dir), "power"))
         for key in keys:
-            r = power.error_rates(key, profile)
-            reach = power.detectable(key, profile, at_delta=r)
-            if math.isfinite(r.power):
-                powers[key] = r.power
-            table["false_pass"][key], table["power"][key] = pct(r.false_pass), pct(r.power)
-            table["false_fail"][key], table["planted"][key] = pct(r.false_fail), r.effect
+            r = rates[key]
+            if math.isfinite(r["power"]):
+                powers[key] = r["power"]
+            table["false_pass"][key], table["power"][key] = pct(r["false_pass"]), pct(r["power"])
+            table["false_fail"][key], table["planted"][key] = pct(r["false_fail"]), r["effect"]
             table["reach"][key] = (
-                f"{100 * reach:+.0f} %" if math.isfinite(reach)
-                else f"beyond {100 * most:+.0f} %" if math.isfinite(r.power) else "n/a"
+                f"{100 * r['reach']:+.0f} %" if math.isfinite(r["reach"])
+                else f"beyond {100 * most:+.0f} %" if math.isfinite(r["power"]) else "n/a"
             )  # fmt: skip
     return Numbers(
         F=found["loss"],
