@@ -84,6 +84,13 @@ def iv(values, fmt=f3) -> str:
 
 
 VERDICT_ORDER = findings_mod.VERDICTS
+VERDICT_WORD = {  # how a tally says a verdict that one finding has
+    findings_mod.HOLDS: "holds",
+    findings_mod.FAILS: "does not",
+    findings_mod.INCONCLUSIVE: "is inconclusive at this scale",
+    findings_mod.UNMEASURABLE: "cannot be tested on its grid",
+    findings_mod.STALE: "was not scored (a database of another rule set)",
+}
 VERDICT_WORDS = {  # how a tally says each verdict
     findings_mod.HOLDS: "hold",
     findings_mod.FAILS: "do not",
@@ -142,7 +149,8 @@ def _overview(dbs: dict, found: dict, profile: str) -> Numbers:
 
     def tally(metric: str) -> str:
         count = {v: sum(f.verdict == v for f in found[metric].values()) for v in VERDICT_ORDER}
-        parts = [f"{count[v]} {VERDICT_WORDS[v]}" for v in VERDICT_ORDER
+        parts = [f"{count[v]} {(VERDICT_WORD if count[v] == 1 else VERDICT_WORDS)[v]}"
+                 for v in VERDICT_ORDER
                  if count[v] or v in (findings_mod.HOLDS, findings_mod.FAILS)]  # fmt: skip
         return f"{', '.join(parts[:-1])} and {parts[-1]}"
 
