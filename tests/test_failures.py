@@ -456,3 +456,32 @@ def test_r2_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, clean):
     err = _one_storage_line(cli_limited("simulate", "--series", "dose", "--profile", "smoke",
                                         "--root", str(fresh), fsize=64 * 1024))  # fmt: skip
     assert not list(fresh.rglob("*.tmp"))
+
+
+def _count_under_lock(lock: str, counter: str, times: int) -> None:
+    from hrtem_book.layout import file_lock
+
+    for _ in range(times):
+        with file_lock(Path(lock)):
+            value = int(Path(counter).read_text())
+            time.sleep(0.001)  # a lost update, were the lock not exclusive
+            Path(counter).write_text(str(value + 1))
+
+
+def test_a_lock_file_excludes_and_is_not_left_behind(tmp_path):
+    """Checkpoint locks (``<checkpoint>.lock``) are removed on release, and removing them keeps
+    the lock exclusive: four processes incrementing one counter 25 times each lose no update."""
+    import multiprocessing as mp
+
+    lock, counter = tmp_path / "x.pt.lock", tmp_path / "counter"
+    counter.write_text("0")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_count_under_lock, args=(str(lock), str(counter), 25))
+             for _ in range(4)]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert counter.read_text() == "100"
+    assert not lock.exists()

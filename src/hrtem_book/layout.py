@@ -245,16 +245,31 @@ def move_aside(path: Path) -> Path:
 
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies)."""
+    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies); the lock
+    file is removed when the lock is released, so none is left behind.
+
+    Removing it is safe because a waiter that wakes up holding a lock on a file that is no
+    longer (or no longer the same file) at ``path`` lets it go and locks the current one."""
     import fcntl  # POSIX only; the sweep's workers run on Linux
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    while True:
+        handle = open(path, "a")  # noqa: SIM115 (closed below, after the unlock)
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        handle.close()  # the holder before us removed it: lock the file there now
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 # --- provenance -------------------------------------------------------------------------------
