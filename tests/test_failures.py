@@ -485,3 +485,30 @@ def test_a_lock_file_excludes_and_is_not_left_behind(tmp_path):
     assert [p.exitcode for p in procs] == [0] * 4
     assert counter.read_text() == "100"
     assert not lock.exists()
+
+
+@pytest.mark.slow
+def test_r2_simulation_workers_end_with_a_killed_sweep(tmp_path):
+    """``kill -9`` of a simulation with ``--workers 2`` leaves no worker simulating on (each
+    asks the kernel to end it with its parent)."""
+    import signal
+
+    import psutil
+
+    cmd = [sys.executable, "-m", "hrtem_book.cli", "simulate", "--series", "structure",
+           "--profile", "laptop", "--root", str(tmp_path), "--workers", "2"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent, workers = psutil.Process(proc.pid), []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.2)
+        workers = [c for c in parent.children(recursive=True)
+                   if "spawn_main" in " ".join(c.cmdline())]  # fmt: skip
+    assert len(workers) == 2, "the simulation did not start two workers"
+    chunks = Layout(tmp_path, "laptop").data_dir
+    while time.monotonic() < deadline and not list(chunks.rglob("*.nc")):
+        time.sleep(0.2)  # the workers are simulating
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    assert not alive, [p.pid for p in alive]

@@ -27,6 +27,7 @@ docs/ARCHITECTURE.md ("Dataset series").
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import zlib
@@ -309,15 +310,27 @@ def _execute(todo, data, root, device, workers, targets) -> Iterator[_Unit]:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # fork after torch initialised can deadlock
-    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+    with cf.ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_worker_init, initargs=(os.getpid(),)
+    ) as pool:
         futures = {pool.submit(_run_unit, u, data, root, device, targets): u for u in todo}
         for fut in cf.as_completed(futures):
             fut.result()
             yield futures[fut]
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
+    """A simulation worker: one thread, and it ends with its parent — a sweep killed with
+    SIGKILL leaves no worker simulating on (Linux: ``PR_SET_PDEATHSIG``)."""
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
 
 
 def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> None:
