@@ -458,31 +458,27 @@ def test_r2_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, clean):
     assert not list(fresh.rglob("*.tmp"))
 
 
-def _count_under_lock(lock: str, counter: str, times: int) -> None:
-    from hrtem_book.layout import file_lock
-
-    for _ in range(times):
-        with file_lock(Path(lock)):
-            value = int(Path(counter).read_text())
-            time.sleep(0.001)  # a lost update, were the lock not exclusive
-            Path(counter).write_text(str(value + 1))
+_COUNT_UNDER_LOCK = """
+import sys, time
+from pathlib import Path
+from hrtem_book.layout import file_lock
+lock, counter = Path(sys.argv[1]), Path(sys.argv[2])
+for _ in range(int(sys.argv[3])):
+    with file_lock(lock):
+        value = int(counter.read_text())
+        time.sleep(0.001)  # a lost update, were the lock not exclusive
+        counter.write_text(str(value + 1))
+"""
 
 
 def test_a_lock_file_excludes_and_is_not_left_behind(tmp_path):
     """Checkpoint locks (``<checkpoint>.lock``) are removed on release, and removing them keeps
     the lock exclusive: four processes incrementing one counter 25 times each lose no update."""
-    import multiprocessing as mp
-
     lock, counter = tmp_path / "x.pt.lock", tmp_path / "counter"
     counter.write_text("0")
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_count_under_lock, args=(str(lock), str(counter), 25))
-             for _ in range(4)]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0] * 4
+    cmd = [sys.executable, "-c", _COUNT_UNDER_LOCK, str(lock), str(counter), "25"]
+    procs = [subprocess.Popen(cmd) for _ in range(4)]
+    assert [p.wait(60) for p in procs] == [0] * 4
     assert counter.read_text() == "100"
     assert not lock.exists()
 
