@@ -67,7 +67,7 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .layout import Layout, atomic_write_text, move_aside
+from .layout import Layout, cached_json
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
 from .profiles import get_profile
 from .results import COUNTS, STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
@@ -974,27 +974,17 @@ def cached_image_variances(
     path: Path,
     log: Callable[[str], None] = print,
 ) -> dict[tuple[str, str], tuple[float, int]]:
-    """:func:`image_variances`, kept in ``path`` (JSON) under the fingerprint of what it depends
-    on: the book's chapters read it instead of resampling again. A cache of other databases is
-    remade; an unreadable one is named, moved aside and remade; a folder that cannot be
-    written leaves the numbers uncached."""
-    key = _fingerprint(dbs, metric)
-    try:
-        data = json.loads(path.read_text())
-        if data["key"] == key:
-            return {tuple(k.split("\t", 1)): (float(v), int(n))
-                    for k, (v, n) in data["variances"].items()}  # fmt: skip
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        aside = move_aside(path)
-        log(f"findings: cache {path} is unreadable; moved aside to {aside.name}, made again")
-    out = image_variances(dbs, metric)
-    text = json.dumps({"key": key, "variances": {
-        "\t".join(k): [v, n] for k, (v, n) in out.items()}})  # fmt: skip
-    with contextlib.suppress(OSError):
-        atomic_write_text(path, text)
-    return out
+    """:func:`image_variances`, kept in ``path`` (:func:`~hrtem_book.layout.cached_json`) under
+    the fingerprint of what it depends on: the book's chapters read it instead of resampling
+    again; a cache of other databases is remade."""
+
+    def make() -> dict[str, list]:
+        return {"\t".join(k): [v, n] for k, (v, n) in image_variances(dbs, metric).items()}
+
+    def decode(value: dict) -> dict[tuple[str, str], tuple[float, int]]:
+        return {tuple(k.split("\t", 1)): (float(v), int(n)) for k, (v, n) in value.items()}
+
+    return cached_json(path, _fingerprint(dbs, metric), make, decode, log, "findings")
 
 
 def evaluate(

@@ -20,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 
@@ -123,6 +125,33 @@ def analysis_cache(folder: Path, name: str) -> Path:
     """A cache of numbers derived from the databases in ``folder`` (``results/<profile>/``):
     ``.cache-<name>.json``, remade whenever its key no longer matches."""
     return folder / f".cache-{name}.json"
+
+
+def cached_json(
+    path: Path,
+    key: str,
+    make: Callable[[], Any],
+    decode: Callable[[Any], Any] = lambda value: value,
+    log: Callable[[str], None] = print,
+    who: str = "cache",
+) -> Any:
+    """``decode(make())``, with ``make()``'s JSON value kept in ``path`` under ``key``: read back
+    while the key matches, made again when it does not. An unreadable cache is named (one line
+    through ``log``), moved aside and made again; a folder that cannot be written leaves the
+    value uncached."""
+    try:
+        data = json.loads(path.read_text())
+        if data["key"] == key:
+            return decode(data["value"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        aside = move_aside(path)
+        log(f"{who}: cache {path} is unreadable; moved aside to {aside.name}, made again")
+    value = make()
+    with contextlib.suppress(OSError):
+        atomic_write_text(path, json.dumps({"key": key, "value": value}))
+    return decode(value)
 
 
 def series_file(data_dir: Path, series: str, series_hash: str) -> Path:

@@ -29,11 +29,9 @@ Draws are simulated at once: draw ``d`` holds seeds ``d·S … d·S + S − 1`` 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import inspect
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -44,7 +42,7 @@ import numpy as np
 import xarray as xr
 
 from . import findings
-from .layout import atomic_write_text, move_aside
+from .layout import cached_json
 from .profiles import get_profile
 from .results import empty_database
 from .studies import build_grid, get_study
@@ -448,9 +446,9 @@ def table(profile: str) -> dict[str, dict]:
 
 
 def cached_table(profile: str, path: Path, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """:func:`table`, kept in ``path`` (JSON) under a key of everything it depends on (this
-    module's and the rules' code, the profile): computed once per build, read by the chapter. An
-    unreadable cache is named, moved aside and remade."""
+    """:func:`table`, kept in ``path`` (:func:`~hrtem_book.layout.cached_json`) under a key of
+    everything it depends on (this module's and the rules' code, the profile): computed once per
+    build, read by the chapter."""
     key = hashlib.sha256(
         "|".join(
             [
@@ -460,16 +458,4 @@ def cached_table(profile: str, path: Path, log: Callable[[str], None] = print) -
             ]
         ).encode()  # fmt: skip
     ).hexdigest()
-    try:
-        data = json.loads(path.read_text())
-        if data["key"] == key:
-            return data["table"]
-    except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError):
-        aside = move_aside(path)
-        log(f"power: cache {path} is unreadable; moved aside to {aside.name}, made again")
-    out = table(profile)
-    with contextlib.suppress(OSError):
-        atomic_write_text(path, json.dumps({"key": key, "table": out}))
-    return out
+    return cached_json(path, key, lambda: table(profile), log=log, who="power")

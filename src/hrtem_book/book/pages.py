@@ -127,6 +127,12 @@ def overview(results_dir: str | Path, profile: str) -> Numbers:
     return _overview(dbs, _findings(dbs, results_dir), profile)
 
 
+def _profile_of(dbs: dict) -> str:
+    """The profile the databases were built with ("" when there are none)."""
+    first = next(iter(dbs.values()), None)
+    return str(first.attrs.get("profile")) if first is not None else ""
+
+
 def prepare(results_dir: str | Path) -> None:
     """Compute once what the chapters read and would otherwise each compute (the findings'
     bootstrap over test images; the rules' error rates on the build's profile), so that
@@ -135,8 +141,7 @@ def prepare(results_dir: str | Path) -> None:
 
     dbs = databases(results_dir)
     _findings(dbs, results_dir)
-    first = next(iter(dbs.values()), None)
-    profile = str(first.attrs.get("profile")) if first is not None else ""
+    profile = _profile_of(dbs)
     if profile in PROFILES:
         power.cached_table(profile, analysis_cache(Path(results_dir), "power"))
 
@@ -573,8 +578,7 @@ def findings(results_dir: str | Path) -> Numbers:
 
     dbs = databases(results_dir)
     found = _findings(dbs, results_dir)
-    first = next(iter(dbs.values()), None)
-    profile = str(first.attrs.get("profile")) if first is not None else ""
+    profile = _profile_of(dbs)
     keys = findings_mod.RULE_KEYS
     table = {name: dict.fromkeys(keys, "n/a")
              for name in ("false_pass", "power", "false_fail", "reach", "planted")}  # fmt: skip
