@@ -138,3 +138,18 @@ def test_series_names_are_not_branched_on_outside_the_series_module():
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_a_chapter_kernel_imports_neither_the_build_step_nor_torch():
+    """A chapter's `from hrtem_book.book import pages` (every chapter kernel of the book starts
+    with it) loads the book package lazily: not the build step, the sweep or torch."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "hrtem_book.sweep", "hrtem_book.book.build", "papermill")
+    code = (
+        "import sys; from hrtem_book.book import pages; "
+        f"print([m for m in {heavy!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -169,6 +169,28 @@ PLANTED = {  # fault → what the check must report
 
 @needs_myst
 @pytest.mark.slow
+def test_every_build_executes_the_chapters_anew(tmp_path):
+    """MyST keeps a page's outputs while the page's source is unchanged: a chapter whose cells
+    read a database that changed since would state the old numbers. A second build of the same
+    sources states the new value."""
+    value = tmp_path / "value.txt"
+    chapter = (
+        "---\nkernelspec:\n  name: python3\n  display_name: Python 3\n---\n\n"
+        + CHAPTER
+        + f"\n```{{code-cell}} python\n:tags: [remove-cell]\nfrom pathlib import Path\n"
+        f"value = Path({str(value)!r}).read_text()\n```\n\nThe value is {{eval}}`value`.\n"
+    )
+    root = _tiny_book(tmp_path / "b", chapter=chapter)
+    stage = book.stage_book(root, tmp_path / "stage", book.figure_notebooks(root))
+    for text in ("first-value", "second-value"):
+        value.write_text(text)
+        kind, site = book.build_site(stage, offline=True, log=lambda m: None)
+        page = (site / "content" / "index.json").read_text()  # the first page: chapters/a.md
+        assert text in page and kind == "site"
+
+
+@needs_myst
+@pytest.mark.slow
 def test_planted_chapter_faults_each_fail_the_check(tmp_path):
     chapter = CHAPTER
     for good, (bad, _) in PLANTED.items():

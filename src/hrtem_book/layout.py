@@ -111,6 +111,12 @@ def myst_build_dir(book: Path) -> Path:
     return Path(book) / "_build"
 
 
+def myst_execution_cache(book: Path) -> Path:
+    """Where ``myst build --execute`` keeps each page's outputs, keyed by the page's source
+    (not by the databases and code its cells read)."""
+    return myst_build_dir(book) / "execute"
+
+
 def theme_dir(book: Path) -> Path:
     """Where `myst build --html` finds the book-theme of a (staged) book without downloading it."""
     return myst_build_dir(book) / "templates" / "site" / "myst" / "book-theme"

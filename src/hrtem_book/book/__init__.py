@@ -17,69 +17,50 @@ One module per job: :mod:`.notebooks` (labels, parameters, papermill, placeholde
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
-from ..layout import Layout, myst_build_dir
-from ..profiles import get_profile
-from ..results import REDUCTIONS
-from .build import (
-    BOOK_SOURCES,
-    DEFAULT_PROFILE,
-    ENGINES,
-    SHIPPED_PROFILE,
-    BuildResult,
-    build_book,
-    build_site,
-    default_profile,
-    ensure_database,
-    missing_studies,
-    stage_book,
-    theme_unavailable,
-)
-from .check import BookCheckError, check_page, check_site
-from .live import prepare_live, serve_live, voila_command
-from .notebooks import (
-    NOTEBOOK_TIMEOUT_S,
-    chapter_placeholders,
-    check_placeholders,
-    declared_parameters,
-    execute_notebooks,
-    figure_notebooks,
-    inject_page_parameters,
-    notebook_labels,
-)
+# what the package offers, by the submodule that holds it; imported on first use (PEP 562), so
+# that a chapter's `from hrtem_book.book import pages` does not import the build step and,
+# through the sweep, torch (about 2 s of every chapter kernel's start)
+_EXPORTS = {
+    "build": ("BOOK_SOURCES", "DEFAULT_PROFILE", "ENGINES", "SHIPPED_PROFILE", "BuildResult",
+              "build_book", "build_site", "default_profile", "ensure_database",
+              "missing_studies", "stage_book", "theme_unavailable"),
+    "check": ("BookCheckError", "check_page", "check_site"),
+    "live": ("prepare_live", "serve_live", "voila_command"),
+    "notebooks": ("NOTEBOOK_TIMEOUT_S", "chapter_placeholders", "check_placeholders",
+                  "declared_parameters", "execute_notebooks", "figure_notebooks",
+                  "inject_page_parameters", "notebook_labels"),
+}  # fmt: skip
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = ("browser", "build", "check", "live", "notebooks", "pages", "processes")
 
-__all__ = [
-    "BOOK_SOURCES",
-    "DEFAULT_PROFILE",
-    "SHIPPED_PROFILE",
-    "BookCheckError",
-    "BuildResult",
-    "build_book",
-    "build_site",
-    "chapter_placeholders",
-    "check_page",
-    "check_placeholders",
-    "check_site",
-    "declared_parameters",
-    "default_profile",
-    "ensure_database",
-    "execute_notebooks",
-    "figure_notebooks",
-    "inject_page_parameters",
-    "missing_studies",
-    "notebook_labels",
-    "prepare_live",
-    "serve_live",
-    "stage_book",
-    "theme_unavailable",
-    "voila_command",
-]
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HOME, *_SUBMODULES})
 
 
 # --- command line --------------------------------------------------------------------------
 def _cli_book(args: argparse.Namespace) -> int:
+    from ..layout import Layout, myst_build_dir
+    from ..profiles import get_profile
+    from .build import build_book, default_profile
+    from .check import BookCheckError, check_site
+
     root = Path(args.root).resolve()
     profile = get_profile(args.profile or default_profile(root))
     if args.check_only:
@@ -126,6 +107,10 @@ def _cli_book(args: argparse.Namespace) -> int:
 
 
 def _cli_live(args: argparse.Namespace) -> int:
+    from ..profiles import get_profile
+    from .build import default_profile
+    from .live import serve_live
+
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}; allowed: a TCP port 1..65535")
     root = Path(args.root).resolve()
@@ -133,6 +118,10 @@ def _cli_live(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
+    from ..results import REDUCTIONS
+    from .build import DEFAULT_PROFILE, ENGINES
+    from .notebooks import NOTEBOOK_TIMEOUT_S
+
     p = subparsers.add_parser(
         "book",
         help="execute the figure notebooks and build the book (HTML, or the checked offline site)",

@@ -37,6 +37,7 @@ from ..layout import (
     Layout,
     database_file,
     myst_build_dir,
+    myst_execution_cache,
     theme_dir,
 )
 from ..profiles import PROFILES, Profile
@@ -295,6 +296,9 @@ def build_site(
     """Build the staged book: HTML with the book-theme (``engine``: ``myst`` or
     ``jupyter-book``), else (offline) the checked AST site."""
     runtime = myst_build_dir(stage) / "logs"
+    # MyST reuses a page's outputs while its source is unchanged: a chapter reading a database
+    # (or code) that changed since would show the old numbers. Every build executes them anew.
+    shutil.rmtree(myst_execution_cache(stage), ignore_errors=True)
     with jupyter_server(stage, runtime / "jupyter-server.log") as env:
         if offline is not True:
             args = ["build", "--html", "--execute", f"--execute-parallel={jobs}", "--strict"]
