@@ -18,6 +18,7 @@ random initialisation of smp/timm.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 from torch import nn
@@ -25,30 +26,47 @@ from torch import nn
 from ._torchvision import ensure_torchvision
 from .config import FREEZE_OPTIONS, ModelConfig
 
-ensure_torchvision()  # must precede smp: it imports torchvision.models.resnet
-import segmentation_models_pytorch as smp  # noqa: E402
+# before anything imports torchvision (smp, below, or another module): see _torchvision.py
+ensure_torchvision()
 
 PARTS = ("encoder", "decoder", "head")
 _FROZEN_BY_OPTION = {"none": (), "encoder": ("encoder",), "decoder": ("decoder",)}
 _NORM_WITH_STATS = nn.modules.batchnorm._NormBase  # BatchNorm/InstanceNorm with running stats
 
 
-class UNet(smp.Unet):
-    """``smp.Unet`` whose frozen parts keep their normalisation layers in eval mode.
+@functools.cache
+def _unet_class() -> type:
+    """:class:`UNet`, defined on first use: segmentation-models-pytorch imports timm and
+    torchvision's models (about 2 s), which a process that only reads records, collects a
+    database or refuses a bad option never needs."""
+    import segmentation_models_pytorch as smp
 
-    smp's own ``freeze_encoder`` covers only the encoder; this class handles any part named in
-    ``frozen_parts`` (set by :func:`freeze`).
-    """
+    class UNet(smp.Unet):
+        """``smp.Unet`` whose frozen parts keep their normalisation layers in eval mode.
 
-    frozen_parts: tuple[str, ...] = ()
+        smp's own ``freeze_encoder`` covers only the encoder; this class handles any part named
+        in ``frozen_parts`` (set by :func:`freeze`).
+        """
 
-    def train(self, mode: bool = True) -> UNet:
-        nn.Module.train(self, mode)
-        for name in self.frozen_parts:
-            for module in part_modules(self)[name].modules():
-                if isinstance(module, _NORM_WITH_STATS):
-                    module.eval()
-        return self
+        frozen_parts: tuple[str, ...] = ()
+
+        def train(self, mode: bool = True) -> UNet:
+            nn.Module.train(self, mode)
+            for name in self.frozen_parts:
+                for module in part_modules(self)[name].modules():
+                    if isinstance(module, _NORM_WITH_STATS):
+                        module.eval()
+            return self
+
+    UNet.__module__ = __name__
+    UNet.__qualname__ = "UNet"
+    return UNet
+
+
+def __getattr__(name: str):
+    if name == "UNet":  # `models.UNet` as if it were defined at module level
+        return _unet_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_config(cfg: ModelConfig) -> None:
@@ -66,11 +84,12 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ValueError(f"classes={cfg.classes}; allowed: >= 2 (logits for cross-entropy)")
 
 
-def build_model(cfg: ModelConfig) -> UNet:
-    """A randomly initialised U-Net for ``cfg`` (seed torch beforehand for reproducibility)."""
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A randomly initialised :class:`UNet` for ``cfg`` (seed torch beforehand for
+    reproducibility)."""
     _check_config(cfg)
     extra = {} if cfg.encoder_channels is None else {"channels": tuple(cfg.encoder_channels)}
-    return UNet(
+    return _unet_class()(
         encoder_name=cfg.encoder,
         encoder_depth=cfg.encoder_depth,
         encoder_weights=None,  # never download: the paper trains from scratch
@@ -86,7 +105,7 @@ def part_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {"encoder": model.encoder, "decoder": model.decoder, "head": model.segmentation_head}
 
 
-def freeze(model: UNet, option: str) -> UNet:
+def freeze(model: nn.Module, option: str) -> nn.Module:
     """Freeze ``"none"``, the ``"encoder"`` or the ``"decoder"`` of ``model`` (in place).
 
     The head stays trainable. Frozen parameters get ``requires_grad=False`` and the frozen
