@@ -198,3 +198,26 @@ def test_example_images_figure_and_app(cdse):
     app.series.value = "dose"  # switching series offers that series' domains and redraws
     assert list(app.domain.options) == list(SMOKE.doses)
     assert app.png != first and "image/png" in app._repr_mimebundle_()
+
+
+def test_an_image_changed_on_disk_is_found_when_it_is_read(cdse, tmp_path):
+    """Every image carries its checksum: a byte changed in a lazily read (paper-scale) file is
+    found by the read that would have trained on it, and the file is moved aside (simulated
+    again by the next sweep); a series read whole is checked when it is opened."""
+    root, ds, _ = cdse
+    domain = ds["domain"].values[0]
+    position = int(datasets.sample_positions(ds, domain, "train")[1])
+    assert datasets.image_checksums(ds["image"].values[:3], ds["mask"].values[:3]).tolist() == (
+        ds["checksum"].values[:3].tolist()
+    )
+    path = tmp_path / datasets.series_path("defocus", SMOKE, root).name
+    raw = bytearray(datasets.series_path("defocus", SMOKE, root).read_bytes())
+    at = raw.find(ds["image"].values[position].tobytes())
+    raw[at + 100] ^= 0x01  # one bit of one pixel
+    path.write_bytes(bytes(raw))
+    with xr.open_dataset(path) as lazy:
+        datasets.domain_tensors(lazy, domain, "val")  # other images read as before
+        with pytest.raises(datasets.DamagedSeries, match=f"image {position} differs") as err:
+            datasets.domain_tensors(lazy, domain, "train")
+    assert "moved aside" in str(err.value) and not path.exists()
+    assert list(tmp_path.glob(f"{path.name}.invalid-*"))

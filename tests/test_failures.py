@@ -144,6 +144,36 @@ def test_2_an_unreadable_checkpoint_is_trained_again(tmp_path, smoke_data, clean
     assert proc.returncode == 0 and "training it again" in proc.stderr
     assert len(list(layout.checkpoints_dir.glob("*.pt.invalid-*"))) == 1
     xr.testing.assert_identical(database(root), clean_db)
+    # a readable checkpoint whose weights changed on disk: its content checksum says so
+    flip_bytes_inside(ckpt, _largest_tensor_bytes(ckpt))
+    for h in build_grid("defocus", SMOKE).runs:
+        layout.record_path("defocus", h).unlink()
+    proc = sweep(root)
+    no_traceback(proc)
+    assert proc.returncode == 0 and "differs from its content checksum" in proc.stderr
+    assert len(list(layout.checkpoints_dir.glob("*.pt.invalid-*"))) == 2
+    xr.testing.assert_identical(database(root), clean_db)
+
+
+def flip_bytes_inside(path: Path, block: bytes, n: int = 64) -> None:
+    """Invert ``n`` bytes in the middle of the stored copy of ``block`` inside ``path`` (the
+    file stays readable: only values change)."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(block)
+    assert at >= 0 and len(block) > 2 * n, "block not stored verbatim"
+    start = at + len(block) // 2
+    raw[start : start + n] = bytes(b ^ 0xFF for b in raw[start : start + n])
+    path.write_bytes(bytes(raw))
+
+
+def _largest_tensor_bytes(ckpt: Path) -> bytes:
+    import torch
+
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    tensor = max(state.values(), key=lambda t: t.numel())
+    # its storage as saved (a channels_last weight is stored in that order)
+    storage = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+    return storage.numpy().tobytes()
 
 
 # --- 3. corrupt derived files are regenerated -------------------------------------------------
@@ -168,6 +198,14 @@ def test_3_a_truncated_dataset_is_simulated_again(tmp_path, smoke_data, clean_db
     no_traceback(proc)
     assert proc.returncode == 0 and "is damaged" in proc.stderr
     xr.testing.assert_identical(database(root), clean_db)
+    # a readable series with one image changed on disk: its checksum says which
+    with xr.open_dataset(series) as ds:
+        image = ds["image"].values[5].tobytes()
+    flip_bytes_inside(series, image)
+    proc = cli("simulate", "--series", "defocus", "--profile", "smoke", "--root", str(root))
+    no_traceback(proc)
+    assert proc.returncode == 0 and "image 5 differs from its checksum" in proc.stderr
+    xr.testing.assert_identical(xr.load_dataset(series), xr.load_dataset(smoke_data / series.name))
 
 
 # --- 4. malformed records are named, moved aside and redone ------------------------------------
@@ -399,6 +437,36 @@ def test_r2_collect_names_and_moves_aside_a_damaged_database(tmp_path, clean):
 
 
 @pytest.mark.slow
+def test_r2_two_sweeps_started_together_simulate_once_and_train_each_run_once(tmp_path, clean_db):
+    """Two sweeps on a fresh folder: the second waits for the first's simulation (no race, no
+    chunks left), and a run claimed by one is left to it (the other takes its record): between
+    them every run is trained exactly once, and the database is the clean run's."""
+    import re
+
+    root = tmp_path / "p"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
+    command = [sys.executable, "-m", "hrtem_book.cli", "sweep", "--study", "defocus",
+               "--profile", "smoke", "--root", str(root)]  # fmt: skip
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]  # fmt: skip
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    done = 0
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert "Traceback" not in out + err, err[-3000:]
+        assert proc.returncode == 0, err[-2000:]
+        done += int(re.search(r"(\d+) done", err).group(1))
+    grid = build_grid("defocus", SMOKE)
+    assert done == len(grid.pretrains) + len(grid.runs), [e[-600:] for _, e in outputs]
+    xr.testing.assert_identical(database(root), clean_db)
+    layout = Layout(root, "smoke")
+    left = [
+        p for p in root.rglob("*") if p.name.endswith((".lock", ".tmp")) or ".chunks" in p.parts
+    ]
+    assert not left, left
+    assert not (layout.data_dir / ".chunks").exists()
+
+
+@pytest.mark.slow
 def test_r2_temporary_files_of_killed_processes_are_removed(tmp_path, clean):
     """What kill -9 leaves while a checkpoint or a series file is written (``.<name>.<pid>.tmp``
     of a process that is gone) is removed by the next sweep; a live process's is kept."""
@@ -464,6 +532,52 @@ def test_r2_a_full_disk_is_one_line_and_leaves_nothing_behind(tmp_path, clean):
     err = _one_storage_line(cli_limited("simulate", "--series", "dose", "--profile", "smoke",
                                         "--root", str(fresh), fsize=64 * 1024))  # fmt: skip
     assert not list(fresh.rglob("*.tmp"))
+
+
+def cli_read_only(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """:func:`cli` in a child that sees ``root`` mounted read-only (its own mount namespace:
+    ``unshare -rm``, a read-only bind mount; nothing changes outside the child)."""
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script, str(root), sys.executable,
+                           "-m", "hrtem_book.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+
+
+def _read_only_mounts() -> bool:
+    import shutil
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -o remount,ro,bind / / ||"
+                            " mount --bind /tmp /tmp"], capture_output=True)  # fmt: skip
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_r2_a_read_only_root_is_one_line_and_changes_nothing(tmp_path, clean):
+    """A project on a read-only file system (a read-only bind mount in the child's own mount
+    namespace): `collect`, which must write its databases, and `sweep`, which must write
+    records, each end with one line naming the read-only file system; nothing is changed."""
+    import shutil
+
+    if not _read_only_mounts():
+        pytest.skip("needs mount namespaces (unshare -rm) for a read-only file system")
+    root = tmp_path / "p"
+    shutil.copytree(clean, root, symlinks=True)
+    layout = Layout(root, "smoke")
+    layout.database_path("defocus").unlink(missing_ok=True)  # collect has something to write
+    for h in list(build_grid("dose", SMOKE).runs)[:1]:  # and the sweep a run to record
+        layout.record_path("dose", h).unlink()
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    # collect meets it while writing (an environment failure: 1, run again); the sweep checks
+    # its folders before any work (the --root given cannot be used: 2)
+    for args, status in ((("collect",), 1), (("sweep", "--study", "dose"), 2)):
+        proc = cli_read_only(root, *args, "--profile", "smoke", "--root", str(root))
+        assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+        (err,) = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert "read-only file system" in err.lower() and proc.returncode == status, err
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
 _COUNT_UNDER_LOCK = """

@@ -178,7 +178,6 @@ def test_runs_that_raise_are_not_recorded_and_retried_by_a_plain_rerun(tmp_path,
 def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
     """A diverged pretraining leaves a weightless checkpoint (train.run); a retry must not reload
     that recorded failure but train again, while a plain rerun keeps it."""
-    import torch
 
     from hrtem_book import checkpoints
 
@@ -188,15 +187,8 @@ def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
     _sweep(tmp_path, run_fn=fake_run)
     layout = Layout(tmp_path, "smoke")
     ckpt = checkpoints.checkpoint_path(layout, pre)
-    failed = {
-        "format": checkpoints.CHECKPOINT_FORMAT,
-        "config": to_jsonable(pre),
-        "config_hash": pre_hash,
-        "record": {"status": "failed", "record_format": RECORD_FORMAT},
-        "state_dict": None,
-    }
-    ckpt.parent.mkdir(parents=True)
-    torch.save(failed, ckpt)
+    failed = {"status": "failed", "record_format": RECORD_FORMAT}
+    checkpoints.save_checkpoint(ckpt, pre, failed, None)
     _sweep(tmp_path, run_fn=fake_run)  # no retry: the failure and its checkpoint stay
     assert ckpt.exists()
     seen = []
@@ -210,7 +202,7 @@ def test_retry_failed_retrains_a_diverged_pretraining(tmp_path, fake):
     retry = _sweep(tmp_path, run_fn=run_fn, retry_failed=True)
     assert (retry.done, retry.failed, seen) == (1 + len(grid.runs), 0, [False])
     # a checkpoint with weights is never deleted, even when its record failed
-    torch.save({**failed, "state_dict": {}}, ckpt)
+    checkpoints.save_checkpoint(ckpt, pre, failed, {})
     record_path = records_dir(tmp_path, "smoke", "defocus") / f"{pre_hash}.json"
     write_record(record_path, {**read_record(record_path), "status": "failed"})
     _sweep(tmp_path, run_fn=fake_run, retry_failed=True)

@@ -2,9 +2,14 @@
 
 A checkpoint lives at ``Layout.checkpoint_path(config_hash(cfg))`` and holds::
 
-    {"format": 1, "config": <to_jsonable(cfg)>, "config_hash": str, "record": <the pretraining's
-     record>, "state_dict": <weights, or None when the pretraining failed>, "package_version",
-     "git_commit", "torch_version", "created"}
+    {"format": 2, "config": <to_jsonable(cfg)>, "config_hash": str, "record": <the pretraining's
+     record>, "state_dict": <weights, or None when the pretraining failed>, "content_sha256",
+     "package_version", "git_commit", "torch_version", "created"}
+
+``content_sha256`` is the SHA-256 of the config, the record and every tensor's name, dtype, shape
+and bytes (:func:`content_digest`): a byte changed inside the weights after the file was written
+(which the zip container does not notice) makes the checkpoint damaged, moved aside and made
+again, instead of silently giving its transfers other numbers.
 
 A failed pretraining is saved without weights, so that every transfer run that loads it fails at
 once instead of retraining it. :func:`obtain` trains a missing checkpoint under a file lock, so
@@ -14,6 +19,8 @@ concurrent workers wait for one another instead of training the same pretraining
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import pickle
 import sys
 from collections.abc import Callable
@@ -25,7 +32,7 @@ from .config import PretrainConfig, config_hash, to_jsonable
 from .layout import Layout, atomic_write, file_lock, move_aside, provenance
 from .records import RECORD_FORMAT
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: with content_sha256
 
 
 class DamagedCheckpoint(ValueError):
@@ -42,6 +49,17 @@ def checkpoint_path(layout: Layout, cfg: PretrainConfig) -> Path:
     return layout.checkpoint_path(config_hash(cfg))
 
 
+def content_digest(config: dict, record: dict, state_dict: dict | None) -> str:
+    """SHA-256 of what a checkpoint holds: its config and record (as sorted JSON) and each
+    tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps([config, record], sort_keys=True, default=str).encode())
+    for name in sorted(state_dict or {}):
+        tensor = state_dict[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{tensor.dtype}|{tuple(state_dict[name].shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(path: Path, cfg: PretrainConfig, record: dict, state_dict: dict | None):
     ckpt = {
         "format": CHECKPOINT_FORMAT,
@@ -49,6 +67,7 @@ def save_checkpoint(path: Path, cfg: PretrainConfig, record: dict, state_dict: d
         "config_hash": config_hash(cfg),
         "record": record,
         "state_dict": state_dict,
+        "content_sha256": content_digest(to_jsonable(cfg), record, state_dict),
         **provenance(),
         "torch_version": str(torch.__version__),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -77,7 +96,17 @@ def load_checkpoint(path: Path, cfg: PretrainConfig, device: str | torch.device 
             first = "not a file of tensors that torch reads without running code"
         raise DamagedCheckpoint(f"checkpoint {path} is unreadable ({first})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DamagedCheckpoint(f"checkpoint {path} is not a format-1 hrtem-book checkpoint")
+        raise DamagedCheckpoint(
+            f"checkpoint {path} is not a format-{CHECKPOINT_FORMAT} hrtem-book checkpoint"
+        )
+    try:
+        digest = content_digest(ckpt["config"], ckpt["record"], ckpt["state_dict"])
+    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise DamagedCheckpoint(f"checkpoint {path} is malformed ({exc})") from None
+    if digest != ckpt.get("content_sha256"):
+        raise DamagedCheckpoint(
+            f"checkpoint {path} differs from its content checksum (changed after it was written)"
+        )
     record = ckpt.get("record")
     held = record.get("record_format") if isinstance(record, dict) else None
     if held != RECORD_FORMAT:  # written by older code: its record lacks what this one stores

@@ -21,12 +21,18 @@ Generation is cached by ``series_hash``; work is written in chunks
 first missing chunk. Finished series live in ``<root>/<series>-<hash>.nc`` with the layout of
 docs/ARCHITECTURE.md ("Dataset series").
 
+Every image carries a content checksum (``checksum``: BLAKE2b-64 of its image and mask bytes as
+written). A series small enough to be read whole is checked image by image whenever it is opened
+(:func:`series_problem`), and :func:`domain_tensors` checks every image it returns, so a byte
+changed on disk after the file was written is found before a model trains on it.
+
     hrtem-book simulate --series defocus --profile smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -48,8 +54,10 @@ from .layout import (
     check_writable,
     chunk_dir,
     chunks_root,
+    file_lock,
     move_aside,
     series_file,
+    simulation_lock,
 )
 from .profiles import get_profile
 from .series import SERIES, get_series, scene_group
@@ -59,6 +67,31 @@ GENERATOR_VERSION = 5  # bump when the images change for an unchanged config (ev
 CHUNK_SCENES = 8  # scenes per chunk file
 SPLITS = tuple(DataConfig().split_sizes)  # ("train", "val", "test")
 SIZES = ("small", "large")
+# a series file below this size is checked whole when opened (and read into memory once per
+# training process, see runs.open_series); a larger one image by image as it is read
+SMALL_SERIES_BYTES = 2 * 2**30
+
+
+class DamagedSeries(ValueError):
+    """An image of a series file differs from the checksum written with it."""
+
+
+def image_checksums(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """BLAKE2b-64 of each sample's image (float32) and mask (uint8) bytes, as uint64 ``[n]``."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    masks = np.ascontiguousarray(masks, dtype=np.uint8)
+    out = np.empty(len(images), np.uint64)
+    for i, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        digest = hashlib.blake2b(image.tobytes(), digest_size=8)
+        digest.update(mask.tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little")
+    return out
+
+
+def _checksum_mismatch(ds: xr.Dataset, positions: np.ndarray, images, masks) -> int | None:
+    """The first position in ``positions`` whose image or mask differs from its checksum."""
+    bad = np.flatnonzero(image_checksums(images, masks) != ds["checksum"].values[positions])
+    return int(positions[bad[0]]) if bad.size else None
 
 
 def series_hash(series: str, data: DataConfig) -> str:
@@ -270,6 +303,13 @@ def generate(
     for s in wanted:
         validate(s, data)
     root = Path(root)
+    # one simulation per data folder at a time: a second sweep waits, then finds the series
+    with file_lock(simulation_lock(root)):
+        _generate(wanted, data, root, device, workers, progress)
+    return series_path(series, data, root)
+
+
+def _generate(wanted, data: DataConfig, root: Path, device, workers: int, progress: bool) -> None:
     for s in wanted:
         discard_damaged(s, data, root)
     targets = tuple(s for s in wanted if not series_path(s, data, root).exists())
@@ -297,7 +337,6 @@ def generate(
         chunks_root(root).rmdir()  # only when no other series is half done
     except OSError:
         pass
-    return series_path(series, data, root)
 
 
 def _execute(todo, data, root, device, workers, targets) -> Iterator[_Unit]:
@@ -357,6 +396,10 @@ def _merge(series: str, data: DataConfig, root: Path, units: list[_Unit]) -> Non
         y=("y", (np.arange(sim.image_px) + 0.5) * step),
         x=("x", (np.arange(sim.image_px) + 0.5) * step),
         pixel_A=("sample", np.array([pixel[spec.normalize(d)] for d in ds["domain"].values])),
+    )
+    ds["checksum"] = ("sample", image_checksums(ds["image"].values, ds["mask"].values))
+    ds["checksum"].attrs.update(
+        long_name="BLAKE2b-64 of the sample's image (float32) and mask (uint8) bytes"
     )
     ds["pixel_A"].attrs.update(units="Å", long_name="pixel size of the image")
     ds["image"].attrs.update(units="electrons per pixel", long_name="HRTEM image after dose")
@@ -431,7 +474,17 @@ def series_problem(series: str, data: DataConfig, root: str | Path) -> str | Non
             px = data.sim.image_px
             if (ds.sizes.get("y"), ds.sizes.get("x")) != (px, px):
                 return f"images of {ds.sizes.get('y')}×{ds.sizes.get('x')} pixels, expected {px}²"
-            ds["image"].isel(sample=-1).values  # noqa: B018 (reads the end of the file)
+            if "checksum" not in ds:
+                return "no image checksums (written by an older version)"
+            if path.stat().st_size < SMALL_SERIES_BYTES:  # every image: a few MB to read
+                every = np.arange(ds.sizes["sample"])
+                bad = _checksum_mismatch(ds, every, ds["image"].values, ds["mask"].values)
+            else:  # the end of the file (a truncated file fails there); the rest as read
+                last = np.array([ds.sizes["sample"] - 1])
+                bad = _checksum_mismatch(ds, last, ds["image"].values[last],
+                                         ds["mask"].values[last])  # fmt: skip
+            if bad is not None:
+                return f"image {bad} differs from its checksum"
     except Exception as exc:  # netCDF/HDF5 raise many types for a damaged file
         first = str(exc).splitlines()[0] if str(exc) else ""
         return f"unreadable ({type(exc).__name__}: {first})"
@@ -478,9 +531,19 @@ def domain_tensors(
             raise ValueError(f"n={n} images requested; allowed: 1..{sel.size} for {domain!r}")
         sel = sel[:n]
     # isel reads only the selected images of a lazily opened file
-    images = torch.from_numpy(ds["image"].isel(sample=sel).values.astype(np.float32))[:, None]
-    masks = torch.from_numpy(ds["mask"].isel(sample=sel).values.astype(np.int64))
-    return images, masks
+    images = ds["image"].isel(sample=sel).values
+    masks = ds["mask"].isel(sample=sel).values
+    if "checksum" in ds and (bad := _checksum_mismatch(ds, sel, images, masks)) is not None:
+        source = ds.encoding.get("source")
+        where = f"series file {source}" if source else f"series {ds.attrs.get('series')!r}"
+        moved = ""
+        if source and Path(source).is_file():  # the next sweep simulates it again
+            moved = f"; moved aside to {move_aside(Path(source)).name}"
+        raise DamagedSeries(f"{where}: image {bad} differs from its checksum{moved}")
+    return (
+        torch.from_numpy(images.astype(np.float32))[:, None],
+        torch.from_numpy(masks.astype(np.int64)),
+    )
 
 
 # --- command line -------------------------------------------------------------------------------

@@ -74,6 +74,12 @@ class Layout:
     def records_root(self) -> Path:
         return self.results_dir / "records"
 
+    def run_claim(self, run_id: str) -> Path:
+        """The lock file a sweep holds while it runs ``run_id`` (from submission until its
+        record is written): a second sweep on the same folder waits for it instead of training
+        the same run again."""
+        return self.records_root / f".{run_id}.lock"
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.results_dir / "checkpoints"
@@ -167,6 +173,12 @@ def series_file(data_dir: Path, series: str, series_hash: str) -> Path:
 
 def chunks_root(data_dir: Path) -> Path:
     return Path(data_dir) / ".chunks"
+
+
+def simulation_lock(data_dir: Path) -> Path:
+    """The lock file held while series are simulated into ``data_dir``: two sweeps started
+    together on a fresh folder simulate its series once, the second waiting for the first."""
+    return Path(data_dir) / ".simulate.lock"
 
 
 def chunk_dir(data_dir: Path, series: str, series_hash: str) -> Path:
@@ -278,33 +290,72 @@ def move_aside(path: Path) -> Path:
     return target
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies); the lock
-    file is removed when the lock is released, so none is left behind.
+class FileClaim:
+    """An exclusive advisory lock on the file ``path`` (``flock``: the OS releases it when the
+    holder dies); the file is removed on :meth:`release`, so none is left behind.
 
     Removing it is safe because a waiter that wakes up holding a lock on a file that is no
     longer (or no longer the same file) at ``path`` lets it go and locks the current one."""
-    import fcntl  # POSIX only; the sweep's workers run on Linux
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        handle = open(path, "a")  # noqa: SIM115 (closed below, after the unlock)
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-        except FileNotFoundError:
-            same = False
-        if same:
-            break
-        handle.close()  # the holder before us removed it: lock the file there now
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._handle = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; with ``blocking=False`` return False at once if another holds it."""
+        import fcntl  # POSIX only; the sweep's workers run on Linux
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB)
+        while True:
+            handle = open(self.path, "a")  # noqa: SIM115 (closed in release, or below)
+            try:
+                fcntl.flock(handle, flags)
+            except BlockingIOError:
+                handle.close()
+                return False
+            try:
+                same = os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._handle = handle
+                return True
+            handle.close()  # the holder before us removed it: lock the file there now
+
+    def release(self) -> None:
+        import fcntl
+
+        if self._handle is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        fcntl.flock(self._handle, fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+
+def remove_stale_locks(folder: Path) -> int:
+    """Delete the lock files in ``folder`` that no process holds (their holder was killed
+    before it could remove them); a held one is left to its holder."""
+    removed = 0
+    for path in Path(folder).glob("*.lock"):
+        claim = FileClaim(path)
+        if claim.acquire(blocking=False):
+            claim.release()
+            removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """:class:`FileClaim` on ``path`` for the ``with`` block, waiting for it if need be."""
+    claim = FileClaim(path)
+    claim.acquire()
     try:
         yield
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
+        claim.release()
 
 
 # --- provenance -------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from .config import (
     TransferConfig,
     config_hash,
 )
-from .datasets import load_series, series_path
+from .datasets import SMALL_SERIES_BYTES, load_series, series_path
 from .layout import Layout, check_writable
 from .models import build_model, count_parameters, freeze
 from .profiles import Profile, get_profile
@@ -45,7 +45,6 @@ from .simulate import check_device
 _INIT_LOCK = threading.Lock()
 
 
-IN_MEMORY_BYTES = 2 * 2**30  # a series file below this is read into memory once per process
 # per-image test losses are recorded to 1e-6 (their spread over images is ~1e-2)
 IMAGE_LOSS_DIGITS = 6
 
@@ -60,7 +59,7 @@ def open_series(series: str, data: DataConfig, data_dir: Path, device: str = "cp
     paper-scale series (14 GB) stays lazy and is read image by image.
     """
     ds = load_series(series, data, data_dir, device=device)
-    if series_path(series, data, data_dir).stat().st_size >= IN_MEMORY_BYTES:
+    if series_path(series, data, data_dir).stat().st_size >= SMALL_SERIES_BYTES:
         return ds
     ds.load()
     ds.close()  # the values stay; the file handle goes (HDF5 refuses a second, linked opening)

@@ -41,7 +41,7 @@ from .executors import (
     connect,
     load_cluster_config,
 )
-from .layout import Layout, check_writable, remove_stale_tmp
+from .layout import FileClaim, Layout, check_writable, remove_stale_locks, remove_stale_tmp
 from .profiles import PROFILES, Profile, get_profile
 from .records import failure_record, kind_of, read_record, write_record
 from .simulate import check_device
@@ -169,10 +169,13 @@ def run_sweep(
     check_profile_compute(profile, device)
     layout = Layout.of(root, profile)
     tasks = plan(studies, profile, layout)
-    # temporary files of killed processes: records, checkpoints and series being merged
+    # temporary and lock files of killed processes: records, checkpoints, series being merged
     for folder in {t.path.parent for t in tasks} | {layout.checkpoints_dir, layout.data_dir}:
         if folder.is_dir():
             remove_stale_tmp(folder)
+    for folder in (layout.records_root, layout.checkpoints_dir, layout.data_dir):
+        if folder.is_dir():
+            remove_stale_locks(folder)
 
     summary = SweepSummary()
     records: dict[str, dict] = {}
@@ -251,27 +254,103 @@ def run_sweep(
             first = (record.get("error") or "").splitlines()[:1]
             summary.failures.append(f"{task.study}/{task.hash}: failed: {' '.join(first)}")
         bar.update(1)
+        release(task)
         for dep in waiting.pop(task.hash, []):
             if record["status"] == "ok":
                 ready.append(dep)
             else:
                 finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
 
+    # a run is claimed (a lock file beside the records) from its submission until its record
+    # is written: a second sweep on the same folder leaves it to the first and, once nothing
+    # else is left to do, waits for it and takes its record (or runs it, if the first died)
+    claims: dict[str, FileClaim] = {}
+    deferred: list[_Task] = []
+
+    def claim(task: _Task) -> bool:
+        if task.hash not in claims:
+            held = FileClaim(layout.run_claim(task.hash))
+            if not held.acquire(blocking=False):
+                return False
+            claims[task.hash] = held
+        return True
+
+    def release(task: _Task) -> None:
+        held = claims.pop(task.hash, None)
+        if held is not None:
+            held.release()
+
+    def recorded(task: _Task) -> dict | None:
+        """The record another sweep wrote for ``task`` since this one planned."""
+        for t in shared[task.hash]:
+            r = read_record(t.path, log=log)
+            if r is not None and (r["status"] == "ok" or not retry_failed):
+                return r
+        return None
+
+    def adopt(task: _Task, record: dict) -> None:
+        for t in shared[task.hash]:
+            if not t.path.exists():
+                write_record(t.path, record)
+        records[task.hash] = record
+        summary.skipped += 1
+        bar.update(1)
+        release(task)
+        for dep in waiting.pop(task.hash, []):
+            if record["status"] == "ok":
+                ready.append(dep)
+            else:
+                finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
+
+    def take_over() -> None:
+        """The deferred runs another sweep has finished (or abandoned) since; a short pause
+        when there is none."""
+        progressed = False
+        for task in list(deferred):
+            if claim(task):
+                deferred.remove(task)
+                progressed = True
+                record = recorded(task)
+                if record is None:
+                    ready.append(task)  # its claim is held: run it here
+                else:
+                    adopt(task, record)
+        if not progressed:
+            time.sleep(0.5)
+
     in_flight: dict[Any, _Task] = {}
+    told = False
     interrupted = True  # until the loop ends normally or with an error of its own
     try:
-        while ready or in_flight:
+        while ready or in_flight or deferred:
             if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                summary.unstarted = len(ready) + sum(len(w) for w in waiting.values())
+                summary.unstarted = (
+                    len(ready) + len(deferred) + sum(len(w) for w in waiting.values())
+                )
                 ready.clear()
+                deferred.clear()
                 if not in_flight:
                     break
             while ready and len(in_flight) < ex.capacity:
                 task = ready.popleft()
+                if not claim(task):
+                    deferred.append(task)
+                    continue
+                record = recorded(task)  # finished by another sweep since the plan
+                if record is not None:
+                    adopt(task, record)
+                    continue
                 priority = 1 if kind_of(task.cfg) == "pretrain" else 0
                 in_flight[ex.submit(task.cfg, priority=priority)] = task
-            for handle, record in ex.wait_any(list(in_flight)):
-                finish(in_flight.pop(handle), record)
+            if in_flight:
+                for handle, record in ex.wait_any(list(in_flight)):
+                    finish(in_flight.pop(handle), record)
+            elif deferred and not ready:
+                if not told:
+                    log(f"sweep: {len(deferred)} run(s) are being run by another sweep on "
+                        f"{layout.results_dir}; waiting for their records")  # fmt: skip
+                    told = True
+                take_over()
         interrupted = False
     except Exception:
         interrupted = False
@@ -279,6 +358,8 @@ def run_sweep(
     finally:
         ex.close(interrupted)  # Ctrl-C: a bounded shutdown
         bar.close()
+        for held in claims.values():  # an interrupted sweep's runs are free for the next
+            held.release()
     summary.wall_s = time.perf_counter() - t0
     log(summary.line(f"sweep {','.join(studies)} (profile {profile.name})"))
     for line in summary.failures[:10]:
