@@ -1,5 +1,6 @@
 """Shared test settings: one torch thread per process (two cores, several processes), GPU skip,
-and the smoke profile's simulated series (made once per session)."""
+the smoke profile's simulated series and its in-process sweep (each made once per session and
+test worker)."""
 
 from __future__ import annotations
 
@@ -43,4 +44,21 @@ def smoke_project(root: Path, smoke_data: Path) -> Path:
     """A new project folder whose ``data/smoke`` is a link to the session's smoke series."""
     (root / "data").mkdir(parents=True)
     (root / "data" / "smoke").symlink_to(smoke_data, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory, smoke_data) -> Path:
+    """A project holding every run of the smoke profile, swept in this process and collected:
+    the reference that the other executors and every recovery must reproduce. Copy it before
+    changing it (``shutil.copytree(smoke_sweep, dst, symlinks=True)``)."""
+    from hrtem_book.profiles import get_profile
+    from hrtem_book.results import collect
+    from hrtem_book.sweep import run_sweep
+
+    smoke = get_profile("smoke")
+    root = smoke_project(tmp_path_factory.mktemp("smoke-sweep"), smoke_data)
+    summary = run_sweep("all", smoke, root, progress=False, log=lambda msg: None)
+    assert summary.failed == summary.errors == 0, summary.failures
+    collect(smoke, root)
     return root

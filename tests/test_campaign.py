@@ -22,13 +22,12 @@ SMOKE = get_profile("smoke")
 
 
 @pytest.mark.slow
-def test_stacked_sweep_gives_the_in_process_database(tmp_path, smoke_data):
+def test_stacked_sweep_gives_the_in_process_database(tmp_path, smoke_data, smoke_sweep):
     """Stacks train every run as if alone: the same stop epochs and numbers up to rounding
     (bfloat16 in the smoke profile: a few per cent after two epochs, see test_stacked.py)."""
     quiet = {"progress": False, "log": lambda m: None}
-    plain = smoke_project(tmp_path / "plain", smoke_data)
+    plain = smoke_sweep
     stacked = smoke_project(tmp_path / "stacked", smoke_data)
-    run_sweep("all", SMOKE, plain, **quiet)
     summary = run_sweep("all", SMOKE, stacked, executor="stacked", max_stack=8, **quiet)
     # distinct runs: a config that several studies share (a generalization model equal to a
     # transfer study's pretraining) runs once and is recorded in each

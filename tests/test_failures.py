@@ -84,13 +84,10 @@ def database(root: Path, study: str = "defocus") -> xr.Dataset:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory, smoke_data) -> Path:
-    """A clean run of the smoke sweep: the reference every recovered run must equal."""
-    root = smoke_project(tmp_path_factory.mktemp("clean"), smoke_data)
-    proc = sweep(root, study="all")
-    no_traceback(proc)
-    assert proc.returncode == 0, proc.stderr
-    return root
+def clean(smoke_sweep) -> Path:
+    """A clean run of the smoke sweep (the session's): the reference every recovered run must
+    equal. Copied before a test changes anything."""
+    return smoke_sweep
 
 
 @pytest.fixture(scope="module")
@@ -131,11 +128,16 @@ def test_2_a_bad_device_records_nothing_and_a_plain_rerun_completes(tmp_path, sm
 
 
 @pytest.mark.slow
-def test_2_an_unreadable_checkpoint_is_trained_again(tmp_path, smoke_data, clean_db):
-    root = smoke_project(tmp_path / "p", smoke_data)
-    assert sweep(root).returncode == 0
+def test_2_an_unreadable_checkpoint_is_trained_again(tmp_path, clean, clean_db):
+    import shutil
+
+    from hrtem_book.checkpoints import checkpoint_path
+
+    root = tmp_path / "p"
+    shutil.copytree(clean, root, symlinks=True)  # the clean run's records and checkpoints
     layout = Layout(root, "smoke")
-    (ckpt,) = layout.checkpoints_dir.glob("*.pt")
+    (pretrain,) = build_grid("defocus", SMOKE).pretrains.values()
+    ckpt = checkpoint_path(layout, pretrain)  # the checkpoint the defocus transfers load
     ckpt.write_bytes(ckpt.read_bytes()[:500])
     for h in build_grid("defocus", SMOKE).runs:  # the transfer runs must load it again
         layout.record_path("defocus", h).unlink()

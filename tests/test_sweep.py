@@ -313,12 +313,12 @@ def test_resume_after_sigkill_redoes_only_runs_in_flight(tmp_path, smoke_data):
 
 
 @pytest.mark.slow
-def test_dask_local_cluster_and_in_process_give_the_same_database(tmp_path, smoke_data):
-    local = _project(tmp_path, smoke_data, "inprocess")
+def test_dask_local_cluster_and_in_process_give_the_same_database(
+    tmp_path, smoke_data, smoke_sweep
+):
     dask = _project(tmp_path, smoke_data, "dask")
-    assert _sweep(local).done == N_SMOKE_RUNS
     assert _sweep(dask, executor="dask", workers=2).done == N_SMOKE_RUNS
-    paths = {name: collect(SMOKE, root) for name, root in (("a", local), ("b", dask))}
+    paths = {"a": collect(SMOKE, smoke_sweep), "b": collect(SMOKE, dask)}
     assert set(paths["a"]) == set(paths["b"]) == set(STUDIES)
     for study in STUDIES:
         a, b = load_database(paths["a"][study]), load_database(paths["b"][study])

@@ -234,6 +234,7 @@ def run_sweep(
         summary.errors += 1
         summary.failures.append(f"{task.study}/{task.hash}: error, not recorded: {message}")
         bar.update(1)
+        release(task)  # free for the next sweep (or another one running now) to retry
         for dep in waiting.pop(task.hash, []):
             give_up(dep, f"its pretraining {task.hash} did not finish")
 
