@@ -626,13 +626,18 @@ def test_jupyter_book_builds_html_that_reads_like_mysts(tmp_path, synthetic_resu
     )
     (root / "myst.yml").write_text(yml)
     sites = {}
-    for engine in book.ENGINES:
-        result = book.build_book(
-            SMOKE, root, results_dir=synthetic_results, theme_installer=THEME_INSTALLER,
-            engine=engine, log=lambda m: None,
-        )  # fmt: skip
-        assert result.kind == "html", engine
-        pages = read_site(result.path, CHROMIUM)
+    result = book.build_book(
+        SMOKE, root, results_dir=synthetic_results, theme_installer=THEME_INSTALLER,
+        engine="myst", log=lambda m: None,
+    )  # fmt: skip
+    for engine in book.ENGINES:  # the same staged book (papermill ran once), built by each
+        if engine != "myst":
+            kind, path = book.build_site(result.stage, offline=False, engine=engine,
+                                         log=lambda m: None)  # fmt: skip
+        else:
+            kind, path = result.kind, result.path
+        assert kind == "html", engine
+        pages = read_site(path, CHROMIUM)
         assert not site_problems(pages), (engine, site_problems(pages))
         assert sum(len(p.figures) for p in pages) >= 1, engine
         sites[engine] = sorted(p.path for p in pages)

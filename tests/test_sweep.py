@@ -276,9 +276,13 @@ def _records(root: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_redoes_only_runs_in_flight(tmp_path, smoke_data):
+    """kill -9 of a sweep (one study: what a kill leaves does not depend on the study) loses
+    only its runs in flight; a rerun does exactly those, a second rerun nothing."""
     root = _project(tmp_path, smoke_data, "killed")
+    grid = build_grid("defocus", SMOKE)
+    n_runs = len(grid.pretrains) + len(grid.runs)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HRTEM_BOOK_THREADS": "1"}
-    cmd = [sys.executable, "-m", "hrtem_book.cli", "sweep", "--study", "all", "--profile",
+    cmd = [sys.executable, "-m", "hrtem_book.cli", "sweep", "--study", "defocus", "--profile",
            "smoke", "--root", str(root)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)  # fmt: skip
@@ -290,26 +294,26 @@ def test_resume_after_sigkill_redoes_only_runs_in_flight(tmp_path, smoke_data):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     before = {k: v for k, v in _records(root).items() if k.endswith(".json")}
-    assert 1 <= len(before) < N_SMOKE_RUNS
+    assert 1 <= len(before) < n_runs
 
     lines: list[str] = []
-    summary = run_sweep("all", SMOKE, root, progress=False, log=lines.append)
+    summary = run_sweep("defocus", SMOKE, root, progress=False, log=lines.append)
     assert (summary.done, summary.skipped, summary.failed) == (
-        N_SMOKE_RUNS - len(before),
+        n_runs - len(before),
         len(before),
         0,
     )
     after = _records(root)
     assert set(after) == {k for k in after if k.endswith(".json")}  # no temporary files left
-    assert len(after) == N_SMOKE_RUNS
+    assert len(after) == n_runs
     assert all(after[k] == v for k, v in before.items())  # finished records untouched
     for raw in after.values():
         assert json.loads(raw)["status"] == "ok"
     # idempotent: a second rerun changes nothing
-    again = run_sweep("all", SMOKE, root, progress=False, log=lines.append)
-    assert (again.done, again.skipped) == (0, N_SMOKE_RUNS)
+    again = run_sweep("defocus", SMOKE, root, progress=False, log=lines.append)
+    assert (again.done, again.skipped) == (0, n_runs)
     assert _records(root) == after
-    assert lines[-1].endswith(f"0 done, {N_SMOKE_RUNS} skipped, 0 failed in {again.wall_s:.1f} s")
+    assert lines[-1].endswith(f"0 done, {n_runs} skipped, 0 failed in {again.wall_s:.1f} s")
 
 
 @pytest.mark.slow
