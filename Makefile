@@ -18,6 +18,13 @@ COMPILE := $(PY) -c "import hrtem_book.cli, hrtem_book.sweep, hrtem_book.executo
 	hrtem_book.book.build, hrtem_book.book.pages, hrtem_book.widgets, distributed, \
 	ipykernel.kernelapp, papermill, matplotlib.pyplot, seaborn, ipywidgets"
 CONSTRAINTS := requirements/constraints.txt
+# uv installs the same pinned set as pip several times faster (the test and book extras: 7 s
+# instead of 49 s on two cores); pip itself takes over wherever uv fails (no uv for the
+# platform, an index uv does not reach). pip's own find-links (a local wheel folder, as in this
+# workplace's pip.conf) are handed to uv, which does not read pip's configuration.
+UV_PIN := $(shell grep -E '^uv==' $(CONSTRAINTS))
+FAST = $(VENV)/bin/uv pip install -q --python $(PY) \
+	$$(for d in $$($(PIP) config get global.find-links 2>/dev/null); do printf -- '--find-links %s ' "$$d"; done)
 # the book needs the package and its book extra; the tests add the test extra (abTEM, numba, ...)
 BOOK_STAMP := $(VENV)/.installed-book
 STAMP := $(VENV)/.installed
@@ -34,10 +41,11 @@ setup: $(STAMP)
 # package with the extras $(1); then the pipeline's modules compiled (see INSTALL above)
 define install_venv
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
+	$(INSTALL) "$(UV_PIN)" || true
+	$(FAST) "$(TORCH_PIN)" -c $(CONSTRAINTS) || $(INSTALL) "$(TORCH_PIN)" -c $(CONSTRAINTS)
 	# torchvision's PyPI wheel is CUDA-built: take only its pure-Python parts (see hrtem_book/_torchvision.py)
-	$(INSTALL) --no-deps "$(TORCHVISION_PIN)"
-	$(INSTALL) -c $(CONSTRAINTS) -e '.[$(1)]'
+	$(FAST) --no-deps "$(TORCHVISION_PIN)" || $(INSTALL) --no-deps "$(TORCHVISION_PIN)"
+	$(FAST) -c $(CONSTRAINTS) -e '.[$(1)]' || $(INSTALL) -c $(CONSTRAINTS) -e '.[$(1)]'
 	$(COMPILE)
 endef
 
