@@ -481,8 +481,8 @@ def series_problem(series: str, data: DataConfig, root: str | Path) -> str | Non
                 bad = _checksum_mismatch(ds, every, ds["image"].values, ds["mask"].values)
             else:  # the end of the file (a truncated file fails there); the rest as read
                 last = np.array([ds.sizes["sample"] - 1])
-                bad = _checksum_mismatch(ds, last, ds["image"].values[last],
-                                         ds["mask"].values[last])  # fmt: skip
+                bad = _checksum_mismatch(ds, last, ds["image"].isel(sample=last).values,
+                                         ds["mask"].isel(sample=last).values)  # fmt: skip
             if bad is not None:
                 return f"image {bad} differs from its checksum"
     except Exception as exc:  # netCDF/HDF5 raise many types for a damaged file

@@ -256,6 +256,10 @@ def run_sweep(
             summary.failures.append(f"{task.study}/{task.hash}: failed: {' '.join(first)}")
         bar.update(1)
         release(task)
+        release_dependents(task, record)
+
+    def release_dependents(task: _Task, record: dict) -> None:
+        """The transfers waiting for pretraining ``task``: ready, or failed with it."""
         for dep in waiting.pop(task.hash, []):
             if record["status"] == "ok":
                 ready.append(dep)
@@ -297,11 +301,7 @@ def run_sweep(
         summary.skipped += 1
         bar.update(1)
         release(task)
-        for dep in waiting.pop(task.hash, []):
-            if record["status"] == "ok":
-                ready.append(dep)
-            else:
-                finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
+        release_dependents(task, record)
 
     def take_over() -> None:
         """The deferred runs another sweep has finished (or abandoned) since; a short pause
