@@ -54,6 +54,7 @@ ORDER = (
     "hrtem_book.book.build",
     "hrtem_book.book.live",
     "hrtem_book.book",
+    "hrtem_book.commands",  # the pipeline's sub-commands: checks first, heavy modules after
     "hrtem_book.cli",
 )
 

@@ -27,8 +27,8 @@ from hrtem_book.results import (
 from hrtem_book.series import get_series
 from hrtem_book.simulate import Images, simulate_scene, view
 from hrtem_book.structures import build_scene, carbon_atom_count
-from hrtem_book.studies import STUDY_GROUPS, build_grid
-from hrtem_book.sweep import expand_studies, run_sweep
+from hrtem_book.studies import STUDY_GROUPS, build_grid, expand_studies
+from hrtem_book.sweep import run_sweep
 
 SMOKE = get_profile("smoke")
 LAPTOP = get_profile("laptop").data

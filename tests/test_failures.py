@@ -353,6 +353,71 @@ def test_r2_bad_values_are_one_line(args, fragments, tmp_path, capsys):
     main_one_line([*args, "--root", str(tmp_path)], capsys, *fragments)
 
 
+# every bad value of the two test tables above and of test_5/test_6, by the heaviest library it
+# may import before it is refused: the pipeline's commands check their values in pure Python
+# (hrtem_book.commands), the book's with its light modules (xarray, matplotlib; never torch)
+REFUSED_BEFORE = {
+    "torch, xarray, distributed": [
+        ["sweep", "--study", "nope", "--profile", "smoke"],
+        ["sweep", "--study", "dose", "--profile", "nope"],
+        ["sweep", "--study", "dose", "--profile", "smoke", "--workers", "two"],
+        ["sweep", "--study", "dose", "--profile", "smoke", "--workers", "-2"],
+        ["sweep", "--study", "dose", "--profile", "smoke", "--sim-workers", "0"],
+        ["sweep", "--study", "dose", "--profile", "smoke", "--executor", "nope"],
+        ["sweep", "--study", "dose", "--profile", "smoke", "--device", "nope"],
+        ["simulate", "--series", "nope", "--profile", "smoke"],
+        ["simulate", "--series", "dose", "--profile", "smoke", "--device", "nope"],
+        [*TRAIN, "--device", "nope"],
+        [*TRAIN, "--seed", "x"],
+        [*TRAIN, "--seed", str(2**64)],
+        [*TRAIN, "--freeze", "bogus"],
+        [*TRAIN, "--transfer", "10"],
+        [*TRAIN, "--pretrain", "7"],
+        ["collect", "--profile", "nope"],
+        [*CAMPAIGN, "--out", "o", "--budget-s", "nan"],
+        [*CAMPAIGN, "--out", "o", "--bench-steps", "-1"],
+        [*CAMPAIGN, "--out", "o", "--max-stack", "0"],
+    ],
+    "torch": [
+        ["book", "--reduction", "nope"],
+        ["book", "--profile", "nope"],
+        ["book", "--profile", "smoke", "--notebook-timeout-s", "0"],
+        ["live", "--port", "abc"],
+        ["live", "--profile", "smoke", "--port", "-5"],
+    ],
+}
+REFUSE_AND_LIST_IMPORTS = """
+import json, sys
+from hrtem_book.cli import main
+heavy, root = json.loads(sys.argv[1]), sys.argv[2]
+for libraries, cases in json.loads(sys.argv[3]).items():
+    for args in cases:
+        try:
+            status = main([*args, "--root", root])
+        except SystemExit as exc:
+            status = exc.code
+        loaded = [m for m in heavy if m in sys.modules]
+        print(json.dumps([args, status, [m for m in loaded if m in libraries.split(", ")]]))
+"""
+
+
+def test_r2_bad_values_are_refused_before_torch_is_imported(tmp_path):
+    """(13) A refusal comes from pure Python: no bad value waits for torch (3-4 s on two
+    cores), and the pipeline's commands do not wait for xarray or Dask either."""
+    heavy = ["torch", "xarray", "distributed"]
+    proc = subprocess.run(
+        [sys.executable, "-c", REFUSE_AND_LIST_IMPORTS, json.dumps(heavy), str(tmp_path),
+         json.dumps(REFUSED_BEFORE)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == sum(map(len, REFUSED_BEFORE.values()))
+    assert [(args, status) for args, status, _ in rows if status != 2] == []
+    assert [(args, imported) for args, _, imported in rows if imported] == []
+    assert not any(tmp_path.iterdir())  # and nothing was written
+
+
 def test_r2_argparse_refusals_are_one_line_on_the_console(tmp_path):
     """The same through a real console process (the cases above run in this one)."""
     proc = cli("sweep", "--study", "nope", "--profile", "smoke", "--root", str(tmp_path))

@@ -17,9 +17,7 @@ rehearsal: the identical code path in a few minutes (``tests/test_campaign.py``)
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import platform
 import time
 from pathlib import Path
@@ -28,17 +26,15 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, train
-from .config import ModelConfig, SimulationConfig
+from .config import CAMPAIGN_RESERVE_S, ModelConfig, SimulationConfig
 from .findings import collect
 from .layout import Layout, atomic_write_text, check_writable, git_commit
 from .models import build_model
-from .profiles import PROFILES, Profile, get_profile
+from .profiles import PROFILES, Profile
 from .results import load_database, save_database
 from .stacked import Stack
 from .studies import STUDY_NAMES
-from .sweep import check_profile_compute, prepare_data, run_sweep
-
-RESERVE_S = 60.0  # kept for collection and the benchmark out of the budget
+from .sweep import prepare_data, run_sweep
 
 
 def device_name(device: str) -> str:
@@ -199,7 +195,7 @@ def run_campaign(
     prepare_data(STUDY_NAMES, profile, layout, device=device, progress=False)
     times["simulate_s"] = time.perf_counter() - t0
     log(f"campaign: data ready in {times['simulate_s']:.0f} s")
-    deadline = max(0.0, budget_s - RESERVE_S - (time.perf_counter() - t0))
+    deadline = max(0.0, budget_s - CAMPAIGN_RESERVE_S - (time.perf_counter() - t0))
     t1 = time.perf_counter()
     summary = run_sweep(
         "all", profile, root, executor="stacked", device=device, max_stack=max_stack,
@@ -245,36 +241,3 @@ def run_campaign(
     atomic_write_text(out / "campaign.json", json.dumps(result, indent=1) + "\n")
     log(f"campaign: {summary.line('sweep')}; wrote {len(written)} databases to {out}")
     return result
-
-
-def _cli(args: argparse.Namespace) -> int:
-    profile = get_profile(args.profile)
-    check_profile_compute(profile, args.device)
-    if not (math.isfinite(args.budget_s) and args.budget_s > RESERVE_S):  # nan compares false
-        raise ValueError(f"--budget-s {args.budget_s:g}; allowed: more than {RESERVE_S:g} s")
-    if args.bench_steps < 0:
-        raise ValueError(f"--bench-steps {args.bench_steps}; allowed: 0 (no benchmark) or more")
-    if args.max_stack < 1:
-        raise ValueError(f"--max-stack {args.max_stack}; allowed: an integer >= 1")
-    result = run_campaign(
-        profile, args.root, args.out, device=args.device, budget_s=args.budget_s,
-        max_stack=args.max_stack, bench_scale=args.bench_scale, bench_steps=args.bench_steps,
-    )  # fmt: skip
-    return 0 if not (result["runs_failed"] or result["runs_errors"]) else 1
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "campaign",
-        help="simulate, sweep as model stacks, collect and benchmark on one device, in a budget",
-        description=__doc__.split("\n\n")[0],
-    )
-    p.add_argument("--profile", required=True, help="profile name, e.g. gpu (or smoke: rehearsal)")
-    p.add_argument("--out", required=True, help="folder for the databases and the JSON files")
-    p.add_argument("--root", default=".", help="project folder holding data/ and results/")
-    p.add_argument("--device", default="cuda", help="torch device (cpu for the rehearsal)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="wall-time budget [s]")
-    p.add_argument("--max-stack", type=int, default=64, help="models trained as one stack")
-    p.add_argument("--bench-scale", default="paper", choices=("paper", "profile"))
-    p.add_argument("--bench-steps", type=int, default=10, help="0: no benchmark")
-    p.set_defaults(func=_cli)

@@ -1,8 +1,10 @@
 """Command line: ``hrtem-book <command> ...``.
 
-Each pipeline module owns its sub-command through a ``register_cli(subparsers)`` function; this
-file only assembles them in data-flow order. Errors a user can fix (a bad value, a missing file)
-exit with status 2 and one line naming the value and what is allowed.
+The pipeline's commands are defined in :mod:`hrtem_book.commands` and the book's in
+:mod:`hrtem_book.book`, each through a ``register_cli(subparsers)`` function that imports nothing
+heavy (a bad value is refused before torch is imported); this file only assembles them. Errors a
+user can fix (a bad value, a missing file) exit with status 2 and one line naming the value and
+what is allowed.
 
     hrtem-book simulate --series defocus --profile smoke
 """
@@ -16,7 +18,7 @@ import sys
 from .layout import storage_failure
 
 # modules in data-flow order; a module that is missing or lacks register_cli is skipped
-_COMMAND_MODULES = ("datasets", "runs", "sweep", "findings", "campaign", "book")
+_COMMAND_MODULES = ("commands", "book")
 
 
 class UserError(Exception):

@@ -59,6 +59,21 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}")
 
 
+# seconds of a GPU campaign's budget kept for collecting and the benchmark (hrtem_book.campaign)
+CAMPAIGN_RESERVE_S = 60.0
+DEVICE_NAMES = "cpu, cuda, cuda:N"
+
+
+def check_device_name(device: str) -> str:
+    """``device`` if it names a torch device this package trains on (``cpu``, ``cuda``,
+    ``cuda:N``), else a one-line ValueError; whether the machine has it is
+    :func:`hrtem_book.simulate.check_device`'s question."""
+    kind, colon, index = str(device).partition(":")
+    if kind in ("cpu", "cuda") and (not colon or index.isdigit()):
+        return device
+    raise ValueError(f"--device {device!r} is not a device; allowed: {DEVICE_NAMES}")
+
+
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
 
 

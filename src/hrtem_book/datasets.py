@@ -31,7 +31,6 @@ changed on disk after the file was written is found before a model trains on it.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import shutil
@@ -49,9 +48,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import DataConfig, config_hash, stable_json
 from .layout import (
-    Layout,
     atomic_write,
-    check_writable,
     chunk_dir,
     chunks_root,
     file_lock,
@@ -59,9 +56,7 @@ from .layout import (
     series_file,
     simulation_lock,
 )
-from .profiles import get_profile
 from .series import SERIES, get_series, scene_group
-from .simulate import check_device
 
 GENERATOR_VERSION = 5  # bump when the images change for an unchanged config (even by rounding)
 CHUNK_SCENES = 8  # scenes per chunk file
@@ -544,31 +539,3 @@ def domain_tensors(
         torch.from_numpy(images.astype(np.float32))[:, None],
         torch.from_numpy(masks.astype(np.int64)),
     )
-
-
-# --- command line -------------------------------------------------------------------------------
-
-
-def register_cli(subparsers) -> None:
-    """``hrtem-book simulate --series S --profile NAME [--root DIR] [--out DIR] [--device D]``."""
-    p = subparsers.add_parser("simulate", help="simulate a dataset series (cached, resumable)")
-    p.add_argument("--series", required=True, help=f"one of: {', '.join(SERIES)}")
-    p.add_argument("--profile", required=True, help="profile name (see hrtem_book.profiles)")
-    p.add_argument("--root", default=".", help="project folder holding data/ (default .)")
-    p.add_argument("--out", default=None, help="output folder (default: <root>/data/<profile>)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    p.add_argument("--workers", type=int, default=1, help="CPU processes (default 1)")
-    p.set_defaults(func=_cli_simulate)
-
-
-def _cli_simulate(args: argparse.Namespace) -> int:
-    _check_series(args.series)
-    profile = get_profile(args.profile)
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers} is not allowed: it must be >= 1")
-    check_device(args.device)
-    out = Path(args.out) if args.out else Layout.of(args.root, profile).data_dir
-    check_writable(out, "--out" if args.out else "--root")
-    path = generate(args.series, profile.data, out, device=args.device, workers=args.workers)
-    print(path)
-    return 0

@@ -224,6 +224,8 @@ class DaskExecutor:
 INTERRUPTED_CLOSE_S = 10  # longest wait of each shutdown step of an interrupted sweep [s]
 
 
+# where a sweep runs: this process, a Dask cluster, or stacks of models on one device
+EXECUTORS = ("inprocess", "dask", "stacked")
 SCHEDULER_TIMEOUT_S = 10  # a scheduler that does not answer within this is not there
 
 

@@ -67,9 +67,9 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .layout import Layout, cached_json
+from .layout import cached_json
 from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
-from .profiles import get_profile
+from .profiles import Profile
 from .results import COUNTS, STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
 from .results import collect as collect_databases
 from .series import match_index
@@ -1059,27 +1059,12 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
     }
 
 
-def _cli(args) -> int:
-    profile = get_profile(args.profile)
-    paths = collect(profile, args.root)
-    if not paths:
-        raise FileNotFoundError(
-            f"no records under {Layout.of(args.root, profile).records_root}; run "
-            f"`hrtem-book sweep --study all --profile {profile.name}` first"
-        )
-    for study, path in paths.items():
+def collect_and_count(profile: Profile, root: str | Path = ".") -> list[str]:
+    """``hrtem-book collect``: :func:`collect`, then one line per database with its runs by
+    status (none when there are no records)."""
+    lines = []
+    for study, path in collect(profile, root).items():
         ds = load_database(path, study)
         counts = {s: int((ds["status"] == s).sum()) for s in STATUS_VALUES}
-        print(f"{path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "collect",
-        help="gather sweep records into results/<profile>/<study>.nc databases, stamped with "
-        "the rule set that scores them",
-    )
-    p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
-    p.add_argument("--root", default=".", help="project folder holding results/")
-    p.set_defaults(func=_cli)
+        lines.append(f"{path}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return lines

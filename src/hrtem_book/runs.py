@@ -25,7 +25,6 @@ import xarray as xr
 
 from . import checkpoints, metrics, stacked, train
 from .config import (
-    FREEZE_OPTIONS,
     DataConfig,
     MixtureConfig,
     PretrainConfig,
@@ -35,11 +34,10 @@ from .config import (
     config_hash,
 )
 from .datasets import SMALL_SERIES_BYTES, load_series, series_path
-from .layout import Layout, check_writable
+from .layout import Layout
 from .models import build_model, count_parameters, freeze
-from .profiles import Profile, get_profile
 from .records import build_record, kind_of, write_record
-from .series import SERIES, get_series
+from .series import get_series
 from .simulate import check_device
 
 _INIT_LOCK = threading.Lock()
@@ -327,7 +325,7 @@ def run_group(
     if len(keys) != 1:
         raise ValueError(f"run_group needs configs of one stack key, got {len(keys)}")
     train.set_threads_from_env()
-    _check_compute(cfgs, device)
+    check_compute(cfgs, device)
     series, data_cfg = series_and_data(cfgs[0])
     if data is None:
         data = open_series(series, data_cfg, layout.data_dir, device)
@@ -352,7 +350,9 @@ def stage_configs(cfg: RunConfig) -> list[StageConfig]:
     return [cfg.stage]
 
 
-def _check_compute(cfgs: list[RunConfig], device: str) -> None:
+def check_compute(cfgs: list[RunConfig], device: str) -> None:
+    """A one-line ValueError if this machine cannot train ``cfgs`` on ``device`` (no such
+    device, or bf16 on a CPU without native bf16)."""
     check_device(device)
     precisions = [s.precision for c in cfgs for s in stage_configs(c)]
     train.check_precision(precisions, device, what="run")
@@ -389,7 +389,7 @@ def run(
     """
     runner = RUNNERS[kind_of(cfg)]
     train.set_threads_from_env()
-    _check_compute([cfg], device)
+    check_compute([cfg], device)
     series, data_cfg = series_and_data(cfg)
     if data is None:
         data = open_series(series, data_cfg, layout.data_dir, device)
@@ -402,57 +402,7 @@ def run(
     return record
 
 
-# --- command line ----------------------------------------------------------------------------
-def config_from_args(args, profile: Profile) -> RunConfig:
-    """The run config for the CLI arguments; ValueError naming a bad value and what is allowed."""
-    if args.series not in SERIES:
-        raise ValueError(f"--series {args.series!r}; allowed: {', '.join(SERIES)}")
-    spec = get_series(args.series)
-    allowed = profile.data.domains(args.series)
-    domains = {}
-    for flag in ("pretrain", "transfer"):
-        text = getattr(args, flag)
-        if text is None:
-            continue
-        try:
-            value = spec.normalize(spec.parse(text))
-        except ValueError:
-            value = None
-        if value not in allowed:
-            shown = ", ".join(map(str, allowed))
-            raise ValueError(f"--{flag} {text!r}; allowed for {args.series}: {shown}")
-        domains[flag] = value
-    n_max = profile.data.n_train
-    if "transfer" in domains:
-        if args.n_transfer is None:
-            raise ValueError(f"--transfer needs --n-transfer; allowed: 1..{n_max} ({profile.name})")
-        if not 1 <= args.n_transfer <= n_max:
-            raise ValueError(
-                f"--n-transfer {args.n_transfer}; allowed: 1..{n_max} ({profile.name})"
-            )
-    elif args.n_transfer is not None:
-        raise ValueError("--n-transfer without --transfer; allowed: both or neither")
-    elif args.freeze != "none":
-        raise ValueError(f"--freeze {args.freeze!r} without --transfer; freezing applies to a "
-                         "transfer: give --transfer or drop --freeze")  # fmt: skip
-    pretrain = PretrainConfig(
-        data=profile.data,
-        series=args.series,
-        domain=domains["pretrain"],
-        lr=args.pretrain_lr,
-        seed=args.seed,
-        model=profile.model,
-        stage=profile.stage,
-        n_train=profile.n_pretrain,
-    )
-    if "transfer" not in domains:
-        return pretrain
-    return TransferConfig(
-        pretrain, domains["transfer"], args.n_transfer, args.transfer_lr, args.freeze,
-        profile.transfer,
-    )  # fmt: skip
-
-
+# --- one run from the command line ----------------------------------------------------------
 class ProgressTable:
     """One line per epoch under a tqdm bar: train loss, the loss on the run's own domains, the
     mean over all domains, the learning rate and the elapsed time."""
@@ -480,15 +430,9 @@ class ProgressTable:
         self.bar.close()
 
 
-def _cli(args) -> int:
-    profile = get_profile(args.profile)
-    layout = Layout.of(args.root, profile)
-    cfg = config_from_args(args, profile)
-    _check_compute([cfg], args.device)  # before any work: a bad device or precision
-    # before any training: a record that cannot be written would lose the work
-    check_writable(layout.records_dir("train"))
-    check_writable(layout.checkpoints_dir)
-    check_writable(layout.data_dir)
+def train_one(cfg: RunConfig, layout: Layout, device: str = "cpu") -> tuple[dict, Path]:
+    """``hrtem-book train``: run ``cfg`` with a progress table (reusing a pretraining's
+    checkpoint when there is one) and write its record; (record, record path)."""
     stages = [cfg] if isinstance(cfg, PretrainConfig) else [cfg.pretrain, cfg]
     ckpt = checkpoints.checkpoint_path(layout, stages[0])
     need_pretrain = not ckpt.exists()
@@ -497,24 +441,6 @@ def _cli(args) -> int:
     )
     if not need_pretrain:
         table.note(f"pretrain  loaded {ckpt}")
-    record = run(cfg, layout, device=args.device, progress=table)
+    record = run(cfg, layout, device=device, progress=table)
     table.close()
-    out = write_record(layout.record_path("train", record["config_hash"]), record)
-    print(f"{record['status']}: {record['error'] or 'record'} -> {out}")
-    return 0 if record["status"] == "ok" else 1
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser("train", help="pretrain (and transfer) one model; write its record")
-    p.add_argument("--series", required=True, help=f"one of {', '.join(SERIES)}")
-    p.add_argument("--pretrain", required=True, help="pretraining domain (defocus nm, dose, name)")
-    p.add_argument("--transfer", help="transfer domain; omitted: pretrain only")
-    p.add_argument("--n-transfer", type=int, help="target training images (with --transfer)")
-    p.add_argument("--freeze", default="none", help=f"one of {', '.join(FREEZE_OPTIONS)}")
-    p.add_argument("--profile", default="laptop")
-    p.add_argument("--pretrain-lr", type=float, default=1e-3)
-    p.add_argument("--transfer-lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--root", default=".", help="project folder holding data/ and results/")
-    p.set_defaults(func=_cli)
+    return record, write_record(layout.record_path("train", record["config_hash"]), record)

@@ -55,7 +55,7 @@ import numpy as np
 import scipy.constants as const
 import torch
 
-from .config import SimulationConfig
+from .config import SimulationConfig, check_device_name
 from .potentials import Potential
 
 ANTIALIAS_CUTOFF = 2.0 / 3.0  # fraction of the Nyquist frequency kept (abTEM's 0.6666666)
@@ -73,6 +73,7 @@ _OPTICS_CHUNK_POINTS = 2**17  # complex points per batch of CTF images (1 MB: st
 
 def check_device(device: str) -> str:
     """``device`` if torch can compute on it here, else a one-line ValueError saying what is."""
+    check_device_name(device)
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -45,7 +45,7 @@ from __future__ import annotations
 import functools
 import itertools
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -411,3 +411,18 @@ def build_grid(study: str, profile) -> StudyGrid:
         eval_domains=data.domains(spec.series),
         cells=cells,
     )
+
+
+def expand_studies(studies: str | Sequence[str]) -> list[str]:
+    """Study names, with each group name (``all``, ``generalization``) replaced by its studies."""
+    names = [studies] if isinstance(studies, str) else list(studies)
+    out: list[str] = []
+    for name in names:
+        if name in STUDY_GROUPS:
+            out.extend(STUDY_GROUPS[name])
+        elif name in STUDY_NAMES:
+            out.append(name)
+        else:
+            allowed = ", ".join([*STUDY_NAMES, *STUDY_GROUPS])
+            raise ValueError(f"unknown study {name!r}; allowed: {allowed}")
+    return list(dict.fromkeys(out))

@@ -19,7 +19,6 @@ execute — in this process, or on a Dask cluster — is :mod:`hrtem_book.execut
 
 from __future__ import annotations
 
-import argparse
 import socket
 import sys
 import time
@@ -33,23 +32,21 @@ from . import datasets
 from .checkpoints import drop_failed_checkpoint
 from .config import PretrainConfig, RunConfig, TransferConfig, config_hash
 from .executors import (
+    EXECUTORS,
     INFRASTRUCTURE,
     DaskExecutor,
     InProcessExecutor,
     RunFn,
     StackedExecutor,
-    connect,
-    load_cluster_config,
 )
-from .layout import FileClaim, Layout, check_writable, remove_stale_locks, remove_stale_tmp
-from .profiles import PROFILES, Profile, get_profile
+from .layout import FileClaim, Layout, remove_stale_locks, remove_stale_tmp
+from .profiles import PROFILES, Profile
 from .records import failure_record, kind_of, read_record, write_record
 from .simulate import check_device
-from .studies import STUDIES, STUDY_GROUPS, STUDY_NAMES, build_grid
+from .studies import STUDIES, build_grid, expand_studies
 from .train import check_precision
 
 # --- the sweep ----------------------------------------------------------------------------------
-EXECUTORS = ("inprocess", "dask", "stacked")
 
 
 @dataclass
@@ -368,73 +365,7 @@ def run_sweep(
     return summary
 
 
-def expand_studies(studies: str | Sequence[str]) -> list[str]:
-    """Study names, with each group name (``all``, ``generalization``) replaced by its studies."""
-    names = [studies] if isinstance(studies, str) else list(studies)
-    out: list[str] = []
-    for name in names:
-        if name in STUDY_GROUPS:
-            out.extend(STUDY_GROUPS[name])
-        elif name in STUDY_NAMES:
-            out.append(name)
-        else:
-            allowed = ", ".join([*STUDY_NAMES, *STUDY_GROUPS])
-            raise ValueError(f"unknown study {name!r}; allowed: {allowed}")
-    return list(dict.fromkeys(out))
-
-
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="runs", unit="run", disable=not enabled, dynamic_ncols=True)
-
-
-# --- command line ---------------------------------------------------------------------------------
-def _cli(args: argparse.Namespace) -> int:
-    profile = get_profile(args.profile)
-    studies = expand_studies(args.study)
-    for flag, value in (("--workers", args.workers), ("--sim-workers", args.sim_workers)):
-        if value < 1:
-            raise ValueError(f"{flag} {value}; allowed: an integer >= 1")
-    cluster_config = load_cluster_config(args.cluster) if args.cluster else None
-    executor = "dask" if (cluster_config or args.scheduler) else args.executor
-    device = args.device or (cluster_config or {}).get("device", "cpu")
-    check_profile_compute(profile, device)
-    layout = Layout.of(args.root, profile)
-    for folder in (layout.data_dir, layout.records_root, layout.checkpoints_dir):
-        check_writable(folder)  # before any work: a record that cannot be written is work lost
-    if args.scheduler:
-        connect(args.scheduler).close()  # fail in seconds, before simulating anything
-    summary = run_sweep(
-        studies,
-        profile,
-        args.root,
-        executor=executor,
-        workers=args.workers,
-        cluster_config=cluster_config,
-        scheduler_address=args.scheduler,
-        retry_failed=args.retry_failed,
-        device=device,
-        sim_workers=args.sim_workers,
-    )
-    return 1 if summary.failed or summary.errors else 0
-
-
-def register_cli(subparsers) -> None:
-    p = subparsers.add_parser(
-        "sweep",
-        help="run a study grid (resumable; records under results/<profile>/records)",
-        description="\n\n".join(__doc__.split("\n\n")[:2]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--study", required=True, choices=(*STUDY_NAMES, *STUDY_GROUPS))
-    p.add_argument("--profile", required=True, help="profile name, e.g. smoke, laptop, paper")
-    p.add_argument("--root", default=".", help="project folder holding data/ and results/")
-    p.add_argument("--executor", default="inprocess", choices=EXECUTORS)
-    p.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes")
-    p.add_argument("--cluster", help="YAML file describing a Dask cluster (kind: local|slurm)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (tcp://host:port)")
-    p.add_argument("--retry-failed", action="store_true", help="rerun runs recorded as failed")
-    p.add_argument("--sim-workers", type=int, default=1, help="processes simulating data")
-    p.add_argument("--device", default=None, help="torch device of the runs (default cpu)")
-    p.set_defaults(func=_cli)

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import findings, results, sweep
+from .. import findings, results
 from ..layout import (
     GENERATED_FOLDERS,
     Layout,
@@ -124,6 +124,8 @@ def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) 
         # one single-threaded Dask worker per core (a 2-core laptop: 2); one core: in-process
         cores = os.cpu_count() or 1
         executor = "dask" if cores > 1 else "inprocess"
+        from .. import sweep  # torch: only where a database is missing
+
         sweep.run_sweep(
             missing, profile, root, executor=executor, workers=cores, sim_workers=cores, log=log
         )
