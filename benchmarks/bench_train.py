@@ -78,12 +78,7 @@ def step_rate(
         if i == warmup:
             _sync(device)
             start = clock()
-        with train.autocast(device, precision):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train.step(model, x, y, opt, precision)
     _sync(device)
     return batch * steps / (clock() - start)
 

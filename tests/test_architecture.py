@@ -154,3 +154,34 @@ def test_a_chapter_kernel_imports_neither_the_build_step_nor_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# the stopping and divergence rules of a stage (train.StoppingRule) and the direction of a
+# metric (metrics.Metric) each have one home; no engine, figure or finding derives them again
+RULE_PATTERNS = {
+    "the plateau's improvement test": re.compile(r"\(1(\.0)? - [\w.]*min_delta\)"),
+    "the plateau's patience test": re.compile(r">= [\w.]*patience\b"),
+    "the divergence test": re.compile(r"> DIVERGED_LOSS\b"),
+    "a metric's direction from its name": re.compile(r"""\b(metric|m)\s*[!=]=\s*["']loss["']"""),
+}
+RULE_HOMES = {
+    "the plateau's improvement test": "hrtem_book.train",
+    "the plateau's patience test": "hrtem_book.train",
+    "the divergence test": "hrtem_book.train",
+    "a metric's direction from its name": None,
+}
+
+
+def test_one_stopping_rule_and_one_home_of_a_metrics_direction():
+    benchmarks = PACKAGE.parents[1] / "benchmarks"
+    files = {**_modules(), **{f"benchmarks.{p.stem}": p for p in benchmarks.glob("*.py")}}
+    found = {what: [] for what in RULE_PATTERNS}
+    for name, path in files.items():
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            for what, pattern in RULE_PATTERNS.items():
+                if pattern.search(line) and not line.lstrip().startswith("#"):
+                    found[what].append((name, n))
+    for what, where in found.items():
+        home = RULE_HOMES[what]
+        expected = [] if home is None else [home]
+        assert [name for name, _ in where] == expected, (what, where)

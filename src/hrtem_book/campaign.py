@@ -108,13 +108,7 @@ def stacked_rate(
             ks = torch.randint(0, 8, (batch,), generator=gen)
             xs.append(train._augment(images[idx], ks))
             ys.append(train._augment(masks[idx], ks))
-        with train.autocast(dev, precision):
-            logits = stack.forward(torch.stack(xs))
-        y = torch.stack(ys)
-        loss = sum(F.cross_entropy(logits[m].float(), y[m]) for m in range(n_models))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        stack.step(torch.stack(xs), torch.stack(ys), opt, precision)
     _sync(dev)
     return n_models * batch * steps / (time.perf_counter() - start)
 

@@ -68,7 +68,7 @@ import xarray as xr
 from scipy import stats
 
 from .layout import cached_json
-from .metrics import HIGHER_IS_BETTER, METRIC_NAMES, METRICS
+from .metrics import METRICS, get_metric
 from .profiles import Profile
 from .results import COUNTS, STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
 from .results import collect as collect_databases
@@ -277,12 +277,12 @@ def _quiet():
 
 def _error(da: xr.DataArray, metric: str) -> xr.DataArray:
     """The metric on a lower-is-better scale: the loss, or 1 − Dice / 1 − IoU."""
-    return 1.0 - da if HIGHER_IS_BETTER[metric] else da
+    return get_metric(metric).error(da)
 
 
 def _value(error: float, metric: str) -> float:
     """Back from the error scale to the metric."""
-    return 1.0 - error if HIGHER_IS_BETTER[metric] else error
+    return get_metric(metric).value(error)
 
 
 def _stage(ds: xr.Dataset, stage: str, metric: str) -> xr.DataArray:
@@ -821,7 +821,7 @@ def score(
         why = "Not measurable here: two or more seeds with every pair needed."
         return Finding(**base, verdict=UNMEASURABLE, summary=why, intervals=tested)
     verdict = combine([t.verdict for t in tested])
-    scale = METRIC_NAMES[metric] if metric == "loss" else f"1 − {METRIC_NAMES[metric]}"
+    scale = get_metric(metric).error_name
     parts = "; ".join(f"{t.name}: {t.text()} ({t.verdict})" for t in tested)
     units = "seeds and test images" if all(t.images for t in tested) else "seeds"
     summary = (

@@ -19,16 +19,88 @@ the class prior of the laptop images (≈ 38 % particle) scores ≈ 0.66, a coin
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported on first use: the book's pages read the names only
     import torch
 
-METRICS = ("loss", "dice", "iou")
-HIGHER_IS_BETTER = {"loss": False, "dice": True, "iou": True}
-METRIC_TITLES = {"loss": "cross-entropy loss", "dice": "Dice score", "iou": "IoU"}
-METRIC_NAMES = {"loss": "loss", "dice": "Dice", "iou": "IoU"}  # short, for titles
 COIN_FLIP_LOSS = math.log(2.0)  # cross-entropy of a 50/50 prediction of two classes
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One score of a model on a set of images: what it is called, which way is better, the
+    values it can take and how it is computed from :func:`image_losses` and :func:`confusion`.
+    Code asks a metric these questions instead of comparing its name."""
+
+    name: str  # the key in records and databases: "loss", "dice", "iou"
+    title: str  # for axis labels and sentences: "cross-entropy loss"
+    short: str  # for titles: "loss", "Dice"
+    unit: str  # the database's units attribute
+    higher_is_better: bool
+    upper: float  # values lie in [0, upper]
+    score: Callable  # (per-image losses [N], per-image counts [N, 4]) -> float
+
+    @property
+    def allowed(self) -> str:
+        """Its range in words: ``">= 0"`` or ``"in [0, 1]"``."""
+        return ">= 0" if math.isinf(self.upper) else f"in [0, {self.upper:g}]"
+
+    @property
+    def error_name(self) -> str:
+        """Its error scale (lower is better) in words: ``"loss"``, ``"1 − Dice"``."""
+        return f"1 − {self.short}" if self.higher_is_better else self.short
+
+    def error(self, value):
+        """``value`` on the error scale (lower is better): the loss, or 1 − Dice / 1 − IoU;
+        numbers and arrays alike."""
+        return 1.0 - value if self.higher_is_better else value
+
+    def value(self, error):
+        """Back from :meth:`error`'s scale to the metric."""
+        return 1.0 - error if self.higher_is_better else error
+
+    def worse(self, a, b):
+        """``a`` minus ``b`` oriented so that positive means ``a`` is worse than ``b``."""
+        return b - a if self.higher_is_better else a - b
+
+    @property
+    def best(self) -> Callable:
+        """``max`` or ``min``: the best of several values."""
+        return max if self.higher_is_better else min
+
+
+def _mean_loss(losses: torch.Tensor, stats: torch.Tensor) -> float:
+    return float(losses.double().mean()) if len(losses) else math.nan
+
+
+def _dice(losses: torch.Tensor, stats: torch.Tensor) -> float:
+    return dice(stats)
+
+
+def _iou(losses: torch.Tensor, stats: torch.Tensor) -> float:
+    return iou(stats)
+
+
+METRIC = {
+    m.name: m
+    for m in (
+        Metric("loss", "cross-entropy loss", "loss", "cross-entropy", False, math.inf, _mean_loss),
+        Metric("dice", "Dice score", "Dice", "1", True, 1.0, _dice),
+        Metric("iou", "IoU", "IoU", "1", True, 1.0, _iou),
+    )
+}
+METRICS = tuple(METRIC)  # the names, in the order of every table
+
+
+def get_metric(name: str) -> Metric:
+    """The metric called ``name``, or a one-line ValueError listing the allowed names."""
+    try:
+        return METRIC[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"metric={name!r}; allowed: {', '.join(METRICS)}") from None
 
 
 def image_losses(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -68,8 +140,4 @@ def iou(stats: torch.Tensor) -> float:
 
 def scores(losses: torch.Tensor, stats: torch.Tensor) -> dict[str, float]:
     """``{"loss", "dice", "iou"}`` of a set of images from per-image losses and counts."""
-    return {
-        "loss": float(losses.double().mean()) if len(losses) else math.nan,
-        "dice": dice(stats),
-        "iou": iou(stats),
-    }
+    return {name: m.score(losses, stats) for name, m in METRIC.items()}

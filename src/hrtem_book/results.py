@@ -61,7 +61,7 @@ import xarray as xr
 
 from . import __version__
 from .layout import Layout, atomic_write, database_file, git_commit, move_aside
-from .metrics import METRIC_TITLES, METRICS
+from .metrics import METRIC, METRICS
 from .profiles import Profile
 from .records import read_record
 from .series import get_series, match_index, match_mask
@@ -161,8 +161,7 @@ def empty_database(
         data_vars[var] = (dims, values)
     ds = xr.Dataset(data_vars, coords=all_coords)
     for m in METRICS:
-        units = "cross-entropy" if m == "loss" else "1"
-        title = METRIC_TITLES[m]
+        units, title = METRIC[m].unit, METRIC[m].title
         ds[f"final_{m}"].attrs.update(
             long_name=f"{title} of the kept model on the test images", units=units,
             split=METRIC_SPLITS["final"],
@@ -312,14 +311,14 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
     if bad:
         fail(f"status values {bad} are not allowed; allowed: {', '.join(STATUS_VALUES)}")
     for m in METRICS:
-        hi = np.inf if m == "loss" else 1.0  # cross-entropy >= 0; Dice and IoU in [0, 1]
+        hi = METRIC[m].upper  # cross-entropy >= 0; Dice and IoU in [0, 1]
         for var in (metric_var(m, kind) for kind in METRIC_KINDS):
             values = ds[var].values
             # non-finite values are stored as NaN, never as ±inf
             with np.errstate(invalid="ignore"):
                 bad_values = np.isinf(values).any() or (values < 0).any() or (values > hi).any()
             if bad_values:
-                allowed = ">= 0" if m == "loss" else "in [0, 1]"
+                allowed = METRIC[m].allowed
                 fail(f"variable {var!r} holds values outside the metric's range; allowed: "
                      f"{allowed} or NaN")  # fmt: skip
     for var in IMAGE_VARS:

@@ -18,7 +18,6 @@ for accelerators, where one small U-Net leaves most of the device idle.
 from __future__ import annotations
 
 import copy
-import math
 import time
 
 import torch
@@ -28,15 +27,12 @@ from torch.func import functional_call, stack_module_state
 from . import metrics
 from .config import StageConfig
 from .train import (
-    DIVERGED_LOSS,
     EVAL_BATCH,
     EvalSet,
+    StoppingRule,
     _augment,
     _batches,
-    _finish_summary,
     _generator,
-    _monitored,
-    _new_summary,
     _peak_memory_mb,
     autocast,
     batch_starts,
@@ -82,6 +78,20 @@ class Stack:
         return torch.vmap(one, in_dims=(0, 0, in_x), randomness="different")(
             self.params, self.buffers, x
         )
+
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, precision: str
+    ) -> torch.Tensor:
+        """:func:`hrtem_book.train.step` for every model at once (``x`` ``[M, B, 1, H, W]``,
+        ``y`` ``[M, B, H, W]``): each model's gradient is that of its own mean loss. The losses
+        ``[M]`` (detached)."""
+        with autocast(x.device, precision):
+            logits = self.forward(x)
+        per_model = torch.stack([F.cross_entropy(logits[m].float(), y[m]) for m in range(len(y))])
+        optimizer.zero_grad(set_to_none=True)
+        per_model.sum().backward()
+        optimizer.step()
+        return per_model.detach()
 
     def state_dict(self, m: int) -> dict[str, torch.Tensor]:
         """Model ``m``'s weights and buffers, detached copies."""
@@ -166,17 +176,14 @@ def train_stack(
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gens = [_generator(s, name) for s in seeds]
     M = len(models)
-    summaries = [_new_summary(eval_set.groups, mon) for mon in monitors]
-    errors: list[str | None] = [None] * M
-    active = [True] * M  # still recording (not stopped, not diverged)
-    best = [math.inf] * M
+    rules = [StoppingRule(stage, name, eval_set.groups, mon) for mon in monitors]
     best_state: list[dict | None] = [None] * M
     train_s = eval_s = 0.0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stack.train(True)
     for epoch in range(1, stage.max_epochs + 1):
-        if not any(active):
+        if all(r.done for r in rules):
             break
         t0 = time.perf_counter()
         loss_sums = torch.zeros(M, device=device, dtype=torch.float64)
@@ -188,13 +195,8 @@ def train_stack(
                 xs.append(_augment(images[idx], ks))
                 ys.append(_augment(masks[idx], ks))
             x, y = torch.stack(xs), torch.stack(ys)  # [M, B, ...]
-            with autocast(device, stage.precision):
-                logits = stack.forward(x)
-            per_model = torch.stack([F.cross_entropy(logits[m].float(), y[m]) for m in range(M)])
-            optimizer.zero_grad(set_to_none=True)
-            per_model.sum().backward()  # each model's gradient is that of its own loss
-            optimizer.step()
-            loss_sums += per_model.detach().double() * x.shape[1]
+            per_model = stack.step(x, y, optimizer, stage.precision)
+            loss_sums += per_model.double() * x.shape[1]
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the steps ran asynchronously: time them whole
         train_s += time.perf_counter() - t0
@@ -205,50 +207,17 @@ def train_stack(
             stack.recalibrate_bn([(x[:k], y[:k]) for x, y in train_sets], stage.precision)
         vals = _evaluate(stack, eval_set, stage.precision)
         eval_s += time.perf_counter() - t1
-        for m in range(M):
-            if not active[m]:
+        for m, rule in enumerate(rules):
+            if rule.done:
                 continue
-            s = summaries[m]
             train_loss = float(loss_sums[m]) / (n * stage.copies)
-            val = vals[m]
-            if not math.isfinite(train_loss):
-                errors[m] = f"non-finite training loss ({train_loss}) in {name} epoch {epoch}"
-            elif any(not math.isfinite(v) for v in val["loss"].values()):
-                bad = next(k for k, v in val["loss"].items() if not math.isfinite(v))
-                errors[m] = f"non-finite validation loss on {bad} in {name} epoch {epoch}"
-            if errors[m]:
-                s["stop_reason"], active[m] = "diverged", False
-                continue
-            s["train_loss"].append(train_loss)
-            for metric in metrics.METRICS:
-                for key, v in val[metric].items():
-                    s[f"val_{metric}"][key].append(v)
-            s["epochs_run"] = epoch
-            current = _monitored(val["loss"], monitors[m])
-            if current > DIVERGED_LOSS:
-                errors[m] = (
-                    f"in-domain validation loss {current:.3g} > {DIVERGED_LOSS:.3g} "
-                    f"(10 ln 2) in {name} epoch {epoch}: diverged"
-                )
-                s["stop_reason"], active[m] = "diverged", False
-                continue
-            if current < best[m] * (1.0 - stage.min_delta):
-                best[m], s["best_epoch"] = current, epoch
+            if rule.training(epoch, train_loss) and rule.epoch(epoch, train_loss, vals[m]):
                 best_state[m] = stack.state_dict(m)
-            elif (
-                stage.patience is not None
-                and epoch >= stage.min_epochs
-                and epoch - s["best_epoch"] >= stage.patience
-            ):
-                s["stop_reason"], active[m] = "plateau", False
-    for m in range(M):
-        s = summaries[m]
-        if active[m]:
-            s["stop_reason"] = "max_epochs"
+    peak = _peak_memory_mb(device)
+    summaries = []
+    for m, rule in enumerate(rules):
         if best_state[m] is not None:
             stack.load(m, best_state[m])
-        s["train_time_s"], s["eval_time_s"] = train_s, eval_s
-        s["peak_memory_mb"] = _peak_memory_mb(device)
-        _finish_summary(s)
+        summaries.append(rule.finish(train_s, eval_s, peak))
     stack.write_back()
-    return [(summaries[m], errors[m]) for m in range(M)]
+    return [(summary, rule.error) for summary, rule in zip(summaries, rules, strict=True)]

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from .findings import stamp_attrs
+from .metrics import METRICS
 from .results import COUNTS, empty_database
 from .studies import get_study, parse_mix
 
@@ -148,7 +149,7 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     dice = np.clip(1.0 - 0.8 * history, 0.0, 1.0)
     ds["history_dice"].values[...] = dice
     ds["history_iou"].values[...] = dice / (2.0 - dice)
-    for m in ("loss", "dice", "iou"):
+    for m in METRICS:
         hist = ds[f"history_{m}"]
         ds[f"final_{m}"].values[...] = hist.values[..., -1]
     ds.attrs.update(stamp_attrs())

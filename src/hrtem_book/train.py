@@ -50,11 +50,6 @@ DIVERGED_LOSS = 10 * metrics.COIN_FLIP_LOSS  # in-domain validation loss of a di
 Progress = Callable[[str, int, int, dict], None]
 
 
-class _Diverged(Exception):
-    """A diverged stage (see the module docstring); turned into a failed record, never raised
-    past :func:`train_stage`."""
-
-
 # --- data ------------------------------------------------------------------------------------
 def dataset_domains(ds: xr.Dataset) -> list:
     """Domain values present in a series dataset, in order of first appearance."""
@@ -305,6 +300,25 @@ def recalibrate_bn(model: torch.nn.Module, images: torch.Tensor, precision: str 
     model.train(was_training)
 
 
+def step(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    precision: str = "fp32",
+) -> torch.Tensor:
+    """One optimiser step of the engine on a batch: the forward pass in ``precision``
+    autocast, the cross-entropy of the logits in fp32, backward, update. The batch's mean loss
+    (detached). :func:`train_stage` trains with it, the benchmarks time it."""
+    with autocast(x.device, precision):
+        logits = model(x)
+    loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -322,34 +336,103 @@ def _monitored(val_loss: dict[str, float], monitor: dict[str, float]) -> float:
     return sum(w * val_loss[key] for key, w in monitor.items()) / total
 
 
-def _new_summary(keys, monitor: dict[str, float]) -> dict:
-    out: dict = {"train_loss": []}
-    for m in metrics.METRICS:
-        out[f"val_{m}"] = {key: [] for key in keys}
-    for m in metrics.METRICS:
-        out[f"best_{m}"], out[f"final_{m}"] = {}, {}
-    out.update(
-        train_time_s=0.0,
-        eval_time_s=0.0,
-        peak_memory_mb=0.0,
-        epochs_run=0,
-        best_epoch=0,
-        stop_reason="",
-        monitor=dict(monitor),
-    )
-    return out
+class StoppingRule:
+    """One model's course through a stage under the module's stopping and divergence rules: it
+    records every epoch into the stage summary and decides when to stop and which epoch to keep.
+    The only home of these rules; :func:`train_stage` applies one to its model and
+    :func:`hrtem_book.stacked.train_stack` one to each model of a stack.
 
+    Per epoch: :meth:`training` with the epoch's training loss (False: diverged, stop before
+    evaluating), then :meth:`epoch` with the validation scores (True: the best epoch so far,
+    keep its weights); :attr:`done` says the stage ends here. :meth:`finish` closes the
+    summary.
+    """
 
-def _finish_summary(summary: dict) -> None:
-    """best_* = each domain's optimum over the epochs; final_* = the kept (best) epoch's."""
-    kept = summary["best_epoch"]
-    for m in metrics.METRICS:
-        pick = max if metrics.HIGHER_IS_BETTER[m] else min
-        for key, history in summary[f"val_{m}"].items():
-            if history:
-                summary[f"best_{m}"][key] = pick(history)
-            if kept:
-                summary[f"final_{m}"][key] = history[kept - 1]
+    def __init__(self, stage: StageConfig, name: str, groups, monitor: dict[str, float]):
+        self.stage, self.name, self.monitor = stage, name, dict(monitor)
+        self.summary = self._new_summary(groups)
+        self.best = math.inf
+        self.error: str | None = None
+        self.done = False
+
+    def _new_summary(self, keys) -> dict:
+        out: dict = {"train_loss": []}
+        for m in metrics.METRICS:
+            out[f"val_{m}"] = {key: [] for key in keys}
+        for m in metrics.METRICS:
+            out[f"best_{m}"], out[f"final_{m}"] = {}, {}
+        out.update(
+            train_time_s=0.0,
+            eval_time_s=0.0,
+            peak_memory_mb=0.0,
+            epochs_run=0,
+            best_epoch=0,
+            stop_reason="",
+            monitor=dict(self.monitor),
+        )
+        return out
+
+    def _diverge(self, reason: str) -> bool:
+        self.error, self.done = reason, True
+        self.summary["stop_reason"] = "diverged"
+        return False
+
+    def training(self, epoch: int, train_loss: float) -> bool:
+        """False (diverged) when the epoch's training loss is not finite."""
+        if math.isfinite(train_loss):
+            return True
+        return self._diverge(
+            f"non-finite training loss ({train_loss}) in {self.name} epoch {epoch}"
+        )
+
+    def epoch(self, epoch: int, train_loss: float, val: dict[str, dict[str, float]]) -> bool:
+        """Record the epoch (``val``: ``{metric: {domain: value}}``); True when it is the best so
+        far. Sets :attr:`done` at a plateau or a divergence (:attr:`error` says which)."""
+        bad = [key for key, v in val["loss"].items() if not math.isfinite(v)]
+        if bad:
+            return self._diverge(
+                f"non-finite validation loss on {bad[0]} in {self.name} epoch {epoch}"
+            )
+        s = self.summary
+        s["train_loss"].append(train_loss)
+        for m in metrics.METRICS:
+            for key, v in val[m].items():
+                s[f"val_{m}"][key].append(v)
+        s["epochs_run"] = epoch
+        current = _monitored(val["loss"], self.monitor)
+        if current > DIVERGED_LOSS:
+            return self._diverge(
+                f"in-domain validation loss {current:.3g} > {DIVERGED_LOSS:.3g} "
+                f"(10 ln 2) in {self.name} epoch {epoch}: diverged"
+            )
+        stage = self.stage
+        if current < self.best * (1.0 - stage.min_delta):
+            self.best, s["best_epoch"] = current, epoch
+            return True
+        if (
+            stage.patience is not None
+            and epoch >= stage.min_epochs
+            and epoch - s["best_epoch"] >= stage.patience
+        ):
+            s["stop_reason"], self.done = "plateau", True
+        return False
+
+    def finish(self, train_s: float, eval_s: float, peak_memory_mb: float) -> dict:
+        """The stage summary: times, stop reason ("max_epochs" if nothing stopped it), and
+        best_* = each domain's optimum over the epochs, final_* = the kept (best) epoch's."""
+        s = self.summary
+        if not self.done:
+            s["stop_reason"] = "max_epochs"
+        s["train_time_s"], s["eval_time_s"], s["peak_memory_mb"] = train_s, eval_s, peak_memory_mb
+        kept = s["best_epoch"]
+        for m in metrics.METRICS:
+            pick = metrics.METRIC[m].best
+            for key, history in s[f"val_{m}"].items():
+                if history:
+                    s[f"best_{m}"][key] = pick(history)
+                if kept:
+                    s[f"final_{m}"][key] = history[kept - 1]
+        return s
 
 
 def train_stage(
@@ -383,77 +466,47 @@ def train_stage(
     optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gen = _generator(seed, name)
-    summary = _new_summary(eval_set.groups, monitor)
+    rule = StoppingRule(stage, name, eval_set.groups, monitor)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    error, best, best_state = None, math.inf, None
+    best_state = None
     train_s = eval_s = 0.0
-    try:
-        for epoch in range(1, stage.max_epochs + 1):
-            t0 = time.perf_counter()
-            model.train()
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            for idx, ks in _batches(len(images), stage, gen):
-                idx = idx.to(device, non_blocking=True)
-                x = _augment(images[idx], ks)
-                y = _augment(masks[idx], ks)
-                with autocast(device, stage.precision):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach().double() * len(idx)
-            train_loss = float(loss_sum) / (len(images) * stage.copies)
-            lr_used = schedule.get_last_lr()[0]
-            t1 = time.perf_counter()
-            train_s += t1 - t0
-            if not math.isfinite(train_loss):
-                raise _Diverged(f"non-finite training loss ({train_loss}) in {name} epoch {epoch}")
-            schedule.step()
-            if stage.recalibrate_bn:
-                recalibrate_bn(model, images[: stage.recalibrate_images], stage.precision)
-            val = evaluate_domains(model, eval_set, stage.precision)
-            eval_s += time.perf_counter() - t1
-            bad = [key for key, v in val["loss"].items() if not math.isfinite(v)]
-            if bad:
-                raise _Diverged(f"non-finite validation loss on {bad[0]} in {name} epoch {epoch}")
-            summary["train_loss"].append(train_loss)
-            for m in metrics.METRICS:
-                for key, v in val[m].items():
-                    summary[f"val_{m}"][key].append(v)
-            summary["epochs_run"] = epoch
-            current = _monitored(val["loss"], monitor)
-            if current > DIVERGED_LOSS:
-                raise _Diverged(
-                    f"in-domain validation loss {current:.3g} > {DIVERGED_LOSS:.3g} "
-                    f"(10 ln 2) in {name} epoch {epoch}: diverged"
-                )
-            if progress is not None:
-                row = {"train_loss": train_loss, "val_loss": val["loss"], "lr": lr_used}
-                row.update(val_dice=val["dice"], time_s=train_s + eval_s)
-                progress(name, epoch, stage.max_epochs, row)
-            if current < best * (1.0 - stage.min_delta):
-                best, summary["best_epoch"] = current, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif (
-                stage.patience is not None
-                and epoch >= stage.min_epochs
-                and epoch - summary["best_epoch"] >= stage.patience
-            ):
-                summary["stop_reason"] = "plateau"
-                break
-        else:
-            summary["stop_reason"] = "max_epochs"
-    except _Diverged as exc:
-        error = str(exc)
-        summary["stop_reason"] = "diverged"
+    for epoch in range(1, stage.max_epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for idx, ks in _batches(len(images), stage, gen):
+            idx = idx.to(device, non_blocking=True)
+            x = _augment(images[idx], ks)
+            y = _augment(masks[idx], ks)
+            loss = step(model, x, y, optimizer, stage.precision)
+            loss_sum += loss.double() * len(idx)
+        train_loss = float(loss_sum) / (len(images) * stage.copies)
+        lr_used = schedule.get_last_lr()[0]
+        t1 = time.perf_counter()
+        train_s += t1 - t0
+        if not rule.training(epoch, train_loss):
+            break
+        schedule.step()
+        if stage.recalibrate_bn:
+            recalibrate_bn(model, images[: stage.recalibrate_images], stage.precision)
+        val = evaluate_domains(model, eval_set, stage.precision)
+        eval_s += time.perf_counter() - t1
+        improved = rule.epoch(epoch, train_loss, val)
+        if rule.error:
+            break
+        if progress is not None:
+            row = {"train_loss": train_loss, "val_loss": val["loss"], "lr": lr_used}
+            row.update(val_dice=val["dice"], time_s=train_s + eval_s)
+            progress(name, epoch, stage.max_epochs, row)
+        if improved:
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if rule.done:
+            break
+    summary = rule.summary
     if best_state is not None and summary["best_epoch"] != summary["epochs_run"]:
         model.load_state_dict(best_state)
-    summary["train_time_s"], summary["eval_time_s"] = train_s, eval_s
-    summary["peak_memory_mb"] = _peak_memory_mb(device)
-    _finish_summary(summary)
-    return summary, error
+    return rule.finish(train_s, eval_s, _peak_memory_mb(device)), rule.error
 
 
 def set_threads_from_env() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..metrics import HIGHER_IS_BETTER, METRIC_TITLES, METRICS
+from ..metrics import get_metric
 from ..results import check_reduction, metric_var, on_domain, query
 from ..series import get_series
 
@@ -34,9 +34,7 @@ def check_reduce(reduce: str) -> str:
 
 
 def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    return metric
+    return get_metric(metric).name
 
 
 def var_of(metric: str) -> str:
@@ -46,18 +44,18 @@ def var_of(metric: str) -> str:
 
 def metric_title(metric: str) -> str:
     """``"cross-entropy loss"``, ``"Dice score"``, ``"IoU"``."""
-    return METRIC_TITLES[check_metric(metric)]
+    return get_metric(metric).title
 
 
 def worse(a, b, metric: str):
     """``a`` minus ``b`` oriented so that positive means ``a`` is worse than ``b``."""
-    return b - a if HIGHER_IS_BETTER[check_metric(metric)] else a - b
+    return get_metric(metric).worse(a, b)
 
 
 def best_of(values, metric: str) -> int:
     """Flat index of the best finite value (lowest loss, highest Dice)."""
     arr = np.asarray(values, dtype=float)
-    return int(np.nanargmax(arr) if HIGHER_IS_BETTER[check_metric(metric)] else np.nanargmin(arr))
+    return int(np.nanargmax(arr) if get_metric(metric).higher_is_better else np.nanargmin(arr))
 
 
 def worst_of(values, metric: str) -> int:
@@ -185,7 +183,7 @@ def draw_heatmap(
     """Draw a 2-D DataArray (rows = first dim) as a heatmap with value labels; NaN cells grey;
     good values bright whatever the metric's direction."""
     values = np.asarray(da.values, dtype=float)
-    higher = HIGHER_IS_BETTER[check_metric(metric)]
+    higher = get_metric(metric).higher_is_better
     cmap = matplotlib.colormaps[CMAPS[higher]].with_extremes(bad=MISSING_COLOUR)
     im = ax.imshow(
         np.ma.masked_invalid(values),

@@ -13,6 +13,7 @@ on a few of them, and after transfer on as many images of small particles only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..findings import generalization_gaps
+from ..metrics import get_metric
 from ..results import (
     HELDOUT_CASES,
     HELDOUT_TEST,
@@ -157,7 +159,7 @@ def companion_numbers(
         g = generalization_gaps(dbs[name], metric)
         if not g["gaps"]:
             continue
-        sign = -1.0 if metric != "loss" else 1.0  # gaps are errors: back to the metric
+        sign = -1.0 if get_metric(metric).higher_is_better else 1.0  # gaps are errors
         worst = max(g["gaps"], key=g["gaps"].get)
         out[name] = {
             "mean_deviation": sign * g["mean_gap"],
@@ -217,10 +219,10 @@ def heldout_bars(
     if finite.size:  # room above the bars for the legend
         lo, hi = float(finite.min()), float(finite.max())
         top = hi + 0.25 * (hi - lo) + 0.02
-        if metric == "loss":
+        if math.isinf(upper := get_metric(metric).upper):
             ax.set_ylim(0.0, top)
         else:
-            ax.set_ylim(max(0.0, lo - 0.05), min(1.0, top))
+            ax.set_ylim(max(0.0, lo - 0.05), min(upper, top))
     ax.legend(fontsize=8, loc="upper center", ncols=len(cases), frameon=False)
     ax.set_title(
         f"Synthetic → experimental-like ({reduce} over {table.sizes['seed']} seeds; dots: seeds)",

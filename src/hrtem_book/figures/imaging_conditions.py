@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..metrics import METRIC_NAMES
+from ..metrics import get_metric
 from ._common import (
     axis_title,
     best_of,
@@ -230,7 +230,7 @@ def baseline_comparison(
             dom = f"{domain_label(d['domain'])} {unit}".strip()
             ax.set_title(
                 f"a={domain_label(pair[0])}, b={domain_label(pair[1])}: "
-                f"{METRIC_NAMES[metric]} on {role} ({dom})",
+                f"{get_metric(metric).short} on {role} ({dom})",
                 fontsize=9,
             )
             ax.set_ylabel(metric_title(metric))
