@@ -39,7 +39,7 @@ RunFn = Callable[..., dict]
 # --- running one config (on a worker or in process) -------------------------------------------
 def train_run(cfg: RunConfig, *, layout: Layout, device: str = "cpu") -> dict:
     """The real run function: :func:`hrtem_book.runs.run`."""
-    from . import runs  # lazily, for speed: a scheduler process never needs torch
+    from . import runs  # lazily: this module stays light for the command line (commands.py)
 
     return runs.run(cfg, layout, device=device)
 

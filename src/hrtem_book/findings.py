@@ -70,7 +70,15 @@ from scipy import stats
 from .layout import cached_json
 from .metrics import METRICS, get_metric
 from .profiles import Profile
-from .results import COUNTS, STATUS_VALUES, heldout_table, load_database, metric_var, on_domain
+from .results import (
+    COUNTS,
+    STATUS_VALUES,
+    deviation_from_ideal,
+    heldout_table,
+    load_database,
+    metric_var,
+    on_domain,
+)
 from .results import collect as collect_databases
 from .series import match_index
 
@@ -1038,19 +1046,15 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
     own = on_domain(err, "train_domain")  # train_domain, seed
     trains = [t for t in ds["train_domain"].values.tolist()]
     tests = med["eval_domain"].values
-    ideal = {}
-    for t in trains:
-        j = match_index(tests, t)
-        if j >= 0:
-            ideal[t] = float(med.sel(train_domain=t).values[j])
+    columns = {t: j for t in trains if (j := match_index(tests, t)) >= 0}
+    ideal = {t: float(med.sel(train_domain=t).values[j]) for t, j in columns.items()}
+    deviation = deviation_from_ideal(med.rename(eval_domain="test_domain"))
     gaps = {}
     for t in trains:
-        for u, ref in ideal.items():
-            if u == t or not math.isfinite(ref):
-                continue
-            v = float(med.sel(train_domain=t).values[match_index(tests, u)])
-            if math.isfinite(v):
-                gaps[(t, u)] = v - ref
+        for u, j in columns.items():
+            v = float(deviation.sel(train_domain=t).values[j])
+            if u != t and math.isfinite(v):  # NaN where either error is
+                gaps[(t, u)] = v
     return {
         "gaps": gaps,
         "seed_sd": _seed_sd(own),  # NaN from fewer than two seeds
