@@ -81,6 +81,7 @@ from .results import (
 )
 from .results import collect as collect_databases
 from .series import match_index
+from .series import split_structure_domain as _parts  # the rules' code calls it _parts
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive at this scale"
 UNMEASURABLE, STALE = "not measurable", "not scored: database of another rule set"
@@ -332,12 +333,6 @@ def _db(dbs: Mapping[str, xr.Dataset], name: str) -> xr.Dataset:
 
 def _name(domain) -> str:
     return f"{domain:g}" if isinstance(domain, int | float) else str(domain)
-
-
-def _parts(name: str) -> tuple[str, str]:
-    """``"<lattice>-<size>"`` → (lattice, size)."""
-    lattice, _, size = str(name).rpartition("-")
-    return lattice, size
 
 
 # --- the transfer-learning study --------------------------------------------------------------

@@ -45,6 +45,7 @@ from . import findings
 from .layout import cached_json
 from .profiles import get_profile
 from .results import empty_database
+from .series import split_structure_domain
 from .studies import build_grid, get_study
 
 SIGMA_MODEL = 0.10  # sd of a model's log error shared by all its scores
@@ -79,11 +80,11 @@ def _centred(values, value) -> float:
 
 
 def _size(name) -> str:
-    return str(name).rpartition("-")[2]
+    return split_structure_domain(name)[1]
 
 
 def _lattice(name) -> str:
-    return str(name).rpartition("-")[0]
+    return split_structure_domain(name)[0]
 
 
 @dataclass(frozen=True)

@@ -459,13 +459,22 @@ def heldout_table(ds: xr.Dataset, metric: str = "dice") -> xr.DataArray:
     return table.rename(f"{metric} on {HELDOUT_TEST}")
 
 
+def load_databases(
+    results_dir: str | Path, studies: Iterable[str] | None = None
+) -> dict[str, xr.Dataset]:
+    """Every database of ``studies`` (default: all) present in ``results_dir``, by study."""
+    return {
+        study: load_database(results_dir, study)
+        for study in (STUDIES if studies is None else studies)
+        if database_file(results_dir, study).is_file()
+    }
+
+
 def generalization_databases(results_dir: str | Path) -> dict[str, xr.Dataset]:
     """``{series: database}`` of every ``generalization-<series>`` study found in
     ``results_dir``; a FileNotFoundError saying how to make them when there is none."""
-    out = {}
-    for study, spec in STUDIES.items():
-        if spec.kind == "pretrain" and database_file(results_dir, study).is_file():
-            out[spec.series] = load_database(results_dir, study)
+    studies = [study for study, spec in STUDIES.items() if spec.kind == "pretrain"]
+    out = {STUDIES[s].series: ds for s, ds in load_databases(results_dir, studies).items()}
     if not out:
         raise FileNotFoundError(
             f"no generalization databases in {results_dir}; create them with `hrtem-book sweep "

@@ -128,8 +128,18 @@ def match_index(values: np.ndarray, value: Any) -> int:
     return int(hits[0]) if hits.size else -1
 
 
+def split_structure_domain(name) -> tuple[str, str]:
+    """``"CdSe-small"`` → ``("CdSe", "small")``: the lattice and particle size of a domain of
+    the structure series (the one place that reads that name); a one-line ValueError for any
+    other shape."""
+    lattice, sep, size = str(name).rpartition("-")
+    if not (sep and lattice and size):
+        raise ValueError(f"structure domain {name!r} is not '<lattice>-<size>'")
+    return lattice, size
+
+
 def _structure_scene(data, domain):
-    lattice, size = str(domain).rsplit("-", 1)
+    lattice, size = split_structure_domain(domain)
     return lattice, getattr(data, f"{size}_radius_nm")
 
 

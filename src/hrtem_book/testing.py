@@ -19,6 +19,7 @@ import xarray as xr
 from .findings import stamp_attrs
 from .metrics import METRICS
 from .results import COUNTS, empty_database
+from .series import split_structure_domain
 from .studies import get_study, parse_mix
 
 _SYNTHETIC_COORDS = {
@@ -76,9 +77,11 @@ _SYNTHETIC_PARAMS = {"none": 921_000.0, "encoder": 160_000.0, "decoder": 761_000
 def _domain_gap(a, b, scale: float) -> float:
     """Dimensionless distance between two domains (0 = same); drives the synthetic losses."""
     if isinstance(a, str):
-        lat_a, _, size_a = a.rpartition("-")
-        lat_b, _, size_b = b.rpartition("-")
-        if size_a in _SIZES and size_b in _SIZES and lat_a and lat_b:  # "<lattice>-<size>"
+        try:  # "<lattice>-<size>"
+            (lat_a, size_a), (lat_b, size_b) = split_structure_domain(a), split_structure_domain(b)
+        except ValueError:
+            size_a = size_b = None
+        if size_a in _SIZES and size_b in _SIZES:
             return 1.0 * (lat_a != lat_b) + 0.4 * (size_a != size_b)
         return 0.0 if a == b else 1.0  # other names: equal or not
     if scale == 0:  # dose: ratios matter

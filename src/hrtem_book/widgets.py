@@ -26,7 +26,14 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from .figures._common import AXIS_LABELS, axis_label, format_value, metric_title, var_of
+from .figures._common import (
+    AXIS_LABELS,
+    axis_label,
+    format_value,
+    metric_title,
+    value_range,
+    var_of,
+)
 from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
@@ -59,13 +66,8 @@ def axis_options(ds: xr.Dataset, axes: Sequence[str] | None = None) -> dict[str,
 
 
 def data_range(ds: xr.Dataset, var: str = "final_loss") -> tuple[float, float]:
-    """Finite (min, max) of ``ds[var]``; (0, 1) when it holds no finite value."""
-    values = np.asarray(ds[var].values, dtype=float)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(finite.min()), float(finite.max())
-    return (lo, hi) if hi > lo else (lo, lo + 1.0)
+    """Finite (min, max) of ``ds[var]`` as every figure's colour range (:func:`value_range`)."""
+    return value_range(ds[var])
 
 
 def figure_png(

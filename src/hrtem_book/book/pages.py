@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,11 +28,10 @@ from ..figures.generalization import ood_numbers
 from ..figures.hyperparameters import cost_by_freeze, grouped_losses
 from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, study_counts
 from ..figures.noise_structure import domains_of_size, size_numbers
-from ..layout import analysis_cache, database_file
+from ..layout import analysis_cache
 from ..profiles import PROFILES, get_profile
-from ..results import load_database
+from ..results import load_databases
 from ..series import fixed_support_nm
-from ..studies import STUDY_NAMES
 
 # models of the published study, per study (its text and tables)
 # (the companion study's abstract gives no model counts)
@@ -42,15 +40,6 @@ PAPER_MODELS = {"defocus": "7,200", "baseline": "720", "dose": "180", "structure
 
 class Numbers(SimpleNamespace):
     """Attributes are strings for the prose (``t.runs``), or findings (``t.F["F1"]``)."""
-
-
-def databases(results_dir: str | Path, studies: Iterable[str] = STUDY_NAMES) -> dict:
-    """Every study database present in ``results_dir``, by study name."""
-    out = {}
-    for study in studies:
-        if database_file(results_dir, study).is_file():
-            out[study] = load_database(results_dir, study)
-    return out
 
 
 def f3(x: float) -> str:
@@ -123,7 +112,7 @@ def _findings(dbs: dict, results_dir: str | Path) -> dict[str, dict[str, finding
 # --- chapters ---------------------------------------------------------------------------------
 def overview(results_dir: str | Path, profile: str) -> Numbers:
     """Abstract and recipes: the size of the build and the tally of the findings."""
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     return _overview(dbs, _findings(dbs, results_dir), profile)
 
 
@@ -139,7 +128,7 @@ def prepare(results_dir: str | Path) -> None:
     chapters executed side by side find it done."""
     from .. import power
 
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     _findings(dbs, results_dir)
     profile = _profile_of(dbs)
     if profile in PROFILES:
@@ -187,7 +176,7 @@ def compute_sentence(dbs: dict[str, xr.Dataset]) -> str:
 
 def reading(results_dir: str | Path) -> Numbers:
     """Chapter 5: examples taken from the database (its largest transfer set)."""
-    ds = databases(results_dir)["defocus"]
+    ds = load_databases(results_dir)["defocus"]
     return Numbers(largest_n=str(int(ds["n_transfer"].values.max())))
 
 
@@ -196,7 +185,7 @@ def study_table(results_dir: str | Path):
     import pandas as pd
 
     rows = []
-    for study, ds in databases(results_dir).items():
+    for study, ds in load_databases(results_dir).items():
         c = study_counts(ds)
         stops = ds["stop_reason"].values.astype(str)
         stops = stops[stops != ""]
@@ -337,7 +326,7 @@ def _grouped(ds: xr.Dataset, by: list[str], reduction: str, metric: str) -> str:
 
 def hyperparameters(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 6: target-domain loss and Dice by transfer setting; findings 3 and 4."""
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     ds = dbs["defocus"]
     found = _findings(dbs, results_dir)
     cost = cost_by_freeze(ds, reduce=reduction)
@@ -398,7 +387,7 @@ def _heatmap_text(n: dict[str, Any], seeds: list[dict], unit: str, what: str) ->
 
 def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 7: defocus heatmaps and the mixture baseline; findings 1, 2, 6 and 7."""
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     ds = dbs["defocus"]
     found = _findings(dbs, results_dir)
     n = heatmap_numbers(ds, reduce=reduction)
@@ -432,7 +421,7 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
 
 def ood(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 8: spread, OOD and in-distribution gaps."""
-    ds = databases(results_dir, ["defocus"])["defocus"]
+    ds = load_databases(results_dir, ["defocus"])["defocus"]
 
     def text(metric: str) -> str:
         n = ood_numbers(ds, reduce=reduction, metric=metric)
@@ -459,7 +448,7 @@ def ood(results_dir: str | Path, reduction: str) -> Numbers:
 
 def noise_structure(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter 9: dose and structure heatmaps and the size histograms; findings 5 and 8."""
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     found = _findings(dbs, results_dir)
     dose, structure = dbs["dose"], dbs["structure"]
     n = heatmap_numbers(dose, reduce=reduction)
@@ -509,7 +498,7 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     from ..results import generalization_databases
     from ..series import get_series
 
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     found = _findings(dbs, results_dir)
     gen = generalization_databases(results_dir)
     models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
@@ -576,7 +565,7 @@ def findings(results_dir: str | Path) -> Numbers:
     on the build's profile, and the rule set's stamp."""
     from .. import power
 
-    dbs = databases(results_dir)
+    dbs = load_databases(results_dir)
     found = _findings(dbs, results_dir)
     profile = _profile_of(dbs)
     keys = findings_mod.RULE_KEYS

@@ -14,22 +14,15 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..series import split_structure_domain
 from ._common import check_reduce, clean_select, metric_title, new_figure
 from .generalization import per_configuration
 from .hyperparameters import target_losses
 from .imaging_conditions import transfer_heatmaps
 
 
-def split_domain(name: str) -> tuple[str, str]:
-    """``"CdSe-small"`` → ``("CdSe", "small")``; a clear error for any other shape."""
-    lattice, sep, size = str(name).rpartition("-")
-    if not sep or not lattice:
-        raise ValueError(f"structure domain {name!r} is not '<lattice>-<size>'")
-    return lattice, size
-
-
 def domains_of_size(ds: xr.Dataset, axis: str, size: str) -> list[str]:
-    return [d for d in ds[axis].values.tolist() if split_domain(d)[1] == size]
+    return [d for d in ds[axis].values.tolist() if split_structure_domain(d)[1] == size]
 
 
 def lattice_heatmaps(
@@ -49,7 +42,7 @@ def lattice_heatmaps(
     for axis in ("pretrain_domain", "target_domain"):
         of_size = domains_of_size(ds, axis, size)
         if not of_size:
-            sizes = sorted({split_domain(d)[1] for d in ds[axis].values.tolist()})
+            sizes = sorted({split_structure_domain(d)[1] for d in ds[axis].values.tolist()})
             raise ValueError(f"size={size!r} has no {axis} in this database; allowed: {sizes}")
         sel[axis] = [d for d in sel.get(axis, of_size) if d in of_size]
     return transfer_heatmaps(
@@ -58,7 +51,7 @@ def lattice_heatmaps(
         reduce=reduce,
         vlim=vlim,
         metric=metric,
-        label_fn=lambda name: split_domain(name)[0],
+        label_fn=lambda name: split_structure_domain(name)[0],
         row_title=f"pretraining lattice ({size} particles)",
         col_title=f"target lattice ({size} particles)",
     )
@@ -81,8 +74,8 @@ def size_pair_losses(
     after = target_losses(ds, "transfer", sel, metric)
     before = target_losses(ds, "pretrain", sel, metric).where(np.isfinite(after))
     out: dict[str, dict[str, np.ndarray]] = {"before": {}, "after": {}}
-    pre_size = [split_domain(d)[1] for d in after["pretrain_domain"].values.tolist()]
-    tgt_size = [split_domain(d)[1] for d in after["target_domain"].values.tolist()]
+    pre_size = [split_structure_domain(d)[1] for d in after["pretrain_domain"].values.tolist()]
+    tgt_size = [split_structure_domain(d)[1] for d in after["target_domain"].values.tolist()]
     for pair in SIZE_PAIRS:
         a, b = pair.split(" → ")
         pi = [i for i, s in enumerate(pre_size) if s == a]
