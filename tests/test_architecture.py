@@ -41,7 +41,7 @@ ORDER = (
     "hrtem_book.figures.generalization",
     "hrtem_book.figures.hyperparameters",
     "hrtem_book.figures.imaging_conditions",
-    "hrtem_book.figures.noise_structure",
+    "hrtem_book.figures.structure",
     "hrtem_book.figures.companion",
     "hrtem_book.figures.architecture",
     "hrtem_book.figures.example_images",

@@ -20,7 +20,7 @@ import xarray as xr  # noqa: E402
 from hrtem_book.figures import generalization as gen  # noqa: E402
 from hrtem_book.figures import hyperparameters as hp  # noqa: E402
 from hrtem_book.figures import imaging_conditions as ic  # noqa: E402
-from hrtem_book.figures import noise_structure as ns  # noqa: E402
+from hrtem_book.figures import structure as ns  # noqa: E402
 from hrtem_book.testing import synthetic_database  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from ..figures._common import format_value
 from ..figures.generalization import ood_numbers
 from ..figures.hyperparameters import cost_by_freeze, grouped_losses
 from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, study_counts
-from ..figures.noise_structure import domains_of_size, size_numbers
+from ..figures.structure import domains_of_size, size_numbers
 from ..layout import analysis_cache
 from ..profiles import PROFILES, get_profile
 from ..results import load_databases

@@ -21,7 +21,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..metrics import get_metric
-from ..results import check_reduction, metric_var, on_domain, query
+from ..results import check_reduction, metric_var, query
 from ..series import get_series
 
 # bright = good (low loss, high Dice): the eye goes to the good transfers
@@ -88,9 +88,6 @@ def reduce_da(da: xr.DataArray, reduce: str, keep: Sequence[str]) -> xr.DataArra
     """Reduce ``da`` over every dim except ``keep`` with :func:`hrtem_book.results.query`."""
     name = da.name or "value"
     return query(da.to_dataset(name=name), name, None, check_reduce(reduce), keep=keep)
-
-
-loss_on = on_domain  # the value on the domain named by an axis (see results.on_domain)
 
 
 def selected(ds: xr.Dataset, var: str, select: Mapping[str, list]) -> xr.DataArray:

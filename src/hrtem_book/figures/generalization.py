@@ -30,13 +30,13 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..results import on_domain
 from ..series import match_mask
 from ._common import (
     axis_title,
     check_reduce,
     clean_select,
     domain_label,
-    loss_on,
     metric_title,
     new_figure,
     reduce_da,
@@ -62,7 +62,7 @@ def stage_losses(
 
 def id_loss(losses: xr.DataArray, trained_on: str) -> xr.DataArray:
     """Eq. (eq-id-loss): each model's loss on the domain it was last trained on."""
-    return loss_on(losses, trained_on)
+    return on_domain(losses, trained_on)
 
 
 def _own_domain_mask(losses: xr.DataArray, trained_on: str) -> xr.DataArray:

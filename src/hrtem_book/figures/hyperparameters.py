@@ -15,12 +15,12 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from ..results import on_domain
 from ._common import (
     axis_label,
     check_reduce,
     clean_select,
     format_value,
-    loss_on,
     metric_title,
     new_figure,
     reduce_da,
@@ -33,7 +33,7 @@ def target_losses(
     ds: xr.Dataset, stage: str, select: Mapping[str, Any] | None = None, metric: str = "loss"
 ) -> xr.DataArray:
     """``metric`` on each cell's target domain after ``stage`` (grid dims, unreduced)."""
-    return loss_on(stage_losses(ds, stage, select, metric), "target_domain")
+    return on_domain(stage_losses(ds, stage, select, metric), "target_domain")
 
 
 def _group_label(values: tuple) -> str:

@@ -16,6 +16,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 from ..metrics import get_metric
+from ..results import on_domain
 from ._common import (
     axis_title,
     best_of,
@@ -24,7 +25,6 @@ from ._common import (
     domain_label,
     domain_unit,
     draw_heatmap,
-    loss_on,
     metric_title,
     new_figure,
     reduce_da,
@@ -65,7 +65,7 @@ def heatmap_data(
     post_sel = {**sel, "stage": ["transfer"]}
     if targets is not None:
         post_sel["target_domain"] = targets
-    after = loss_on(selected(ds, var, post_sel), "target_domain")
+    after = on_domain(selected(ds, var, post_sel), "target_domain")
     after = reduce_da(after, reduce, keep=["pretrain_domain", "target_domain"])
     return before, after
 
@@ -161,7 +161,7 @@ def baseline_data(
     out: dict[str, dict[str, Any]] = {}
     for role, axis in (("a", "domain_a"), ("b", "domain_b")):
         out[role] = {"domain": (a, b)[role == "b"]}
-        out[role]["mixture"] = reduce_da(loss_on(mixture, axis), reduce, keep=["mix"])
+        out[role]["mixture"] = reduce_da(on_domain(mixture, axis), reduce, keep=["mix"])
         out[role]["transfer"] = out[role]["pretrained"] = float("nan")
     if transfer is None:
         return out
@@ -176,7 +176,7 @@ def baseline_data(
     for stage, key in (("transfer", "transfer"), ("pretrain", "pretrained")):
         da = selected(transfer, var, {**tsel, "stage": [stage]})
         for role, axis in (("a", "pretrain_domain"), ("b", "target_domain")):
-            out[role][key] = float(reduce_da(loss_on(da, axis), reduce, keep=[]).values)
+            out[role][key] = float(reduce_da(on_domain(da, axis), reduce, keep=[]).values)
     return out
 
 

@@ -1,4 +1,5 @@
-"""Chapter 9 (noise and structure): lattice heatmaps at one particle size, size histograms.
+"""The structure figures of chapter 9 (noise and structure): lattice heatmaps at one particle
+size, size histograms.
 
 The dose heatmaps of the chapter are :func:`hrtem_book.figures.imaging_conditions.dose_heatmaps`.
 Structure domains are named ``"<lattice>-<size>"`` (``size`` is ``small`` or ``large``).
