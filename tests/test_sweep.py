@@ -109,6 +109,12 @@ def _sweep(root, **kw):
     return run_sweep("all", SMOKE, root, **kw)
 
 
+def test_the_stacked_engine_refuses_a_run_function_instead_of_ignoring_it(tmp_path, fake):
+    with pytest.raises(ValueError, match="run_fn with executor='stacked'"):
+        _sweep(tmp_path, run_fn=fake_run, executor="stacked")
+    assert CALLS == [] and not any(tmp_path.iterdir())  # refused before any work
+
+
 def test_sweep_records_every_run_once_pretrainings_first(tmp_path, fake):
     summary = _sweep(tmp_path, run_fn=fake_run)
     assert (summary.done, summary.skipped, summary.failed) == (N_SMOKE_RUNS, 0, 0)

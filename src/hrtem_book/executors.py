@@ -117,7 +117,7 @@ class StackedExecutor:
 
     capacity = 10**9  # take everything that is ready: the more to stack, the better
 
-    def __init__(self, layout: Layout, device: str, run_fn: RunFn | None, max_stack: int = 64):
+    def __init__(self, layout: Layout, device: str, max_stack: int = 64):
         if max_stack < 1:
             raise ValueError(f"max_stack={max_stack}; allowed: >= 1")
         self.layout, self.device, self.max_stack = layout, device, max_stack

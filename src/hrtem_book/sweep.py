@@ -152,7 +152,8 @@ def run_sweep(
     ``root`` is the project folder holding ``data/`` and ``results/`` (see
     :class:`~hrtem_book.layout.Layout`). ``run_fn(cfg, *, layout, device) -> record`` replaces
     :func:`hrtem_book.executors.train_run`; tests inject cheap functions (on Dask it must be
-    importable by the workers). Missing dataset series are simulated first, in ``sim_workers``
+    importable by the workers; the stacked engine trains groups, not single runs, and refuses
+    one). Missing dataset series are simulated first, in ``sim_workers``
     processes (on ``device`` when it is a GPU). ``executor="stacked"`` trains the runs in this
     process as stacks of up to ``max_stack`` models (:mod:`hrtem_book.stacked`). With
     ``deadline_s``, no new run starts after that many seconds: a campaign with a fixed budget
@@ -163,6 +164,11 @@ def run_sweep(
     studies = expand_studies(studies)
     if executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if run_fn is not None and executor == "stacked":
+        raise ValueError(
+            "run_fn with executor='stacked': the stacked engine trains groups of runs, not one "
+            "run at a time; allowed: executor 'inprocess' or 'dask'"
+        )
     check_profile_compute(profile, device)
     layout = Layout.of(root, profile)
     tasks = plan(studies, profile, layout)
@@ -214,7 +220,7 @@ def run_sweep(
     if executor == "inprocess" or not todo:
         ex: Any = InProcessExecutor(layout, device, run_fn)
     elif executor == "stacked":
-        ex = StackedExecutor(layout, device, run_fn, max_stack=max_stack)
+        ex = StackedExecutor(layout, device, max_stack=max_stack)
     else:
         ex = DaskExecutor(
             layout,
