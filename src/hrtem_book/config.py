@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .series import Domain, get_series, normalize_domain
 
@@ -381,6 +381,8 @@ FREEZE_OPTIONS = ("none", "encoder", "decoder")
 class PretrainConfig:
     """Stage 1: train from scratch on ``n_train`` images of one domain."""
 
+    # what every kind of run answers (a class constant and properties: not fields, not hashed)
+    kind: ClassVar[str] = "pretrain"
     data: DataConfig
     series: str
     domain: Domain
@@ -395,6 +397,26 @@ class PretrainConfig:
         _check_positive("lr", self.lr)
         _check_seed(self.seed)
 
+    @property
+    def loads(self) -> PretrainConfig | None:
+        """The pretraining whose checkpoint this run starts from (none: from scratch)."""
+        return None
+
+    @property
+    def base(self) -> PretrainConfig | MixtureConfig:
+        """The config that holds the run's series, data and model (itself, or its pretraining)."""
+        return self
+
+    @property
+    def stages(self) -> tuple:
+        """The runs that train, in order: the pretraining then the run for a transfer."""
+        return (self,)
+
+    @property
+    def trained_domains(self) -> tuple:
+        """Every domain a stage of the run trains on."""
+        return (self.domain,)
+
 
 @dataclass(frozen=True)
 class TransferConfig:
@@ -404,6 +426,7 @@ class TransferConfig:
     pretraining reuses one checkpoint.
     """
 
+    kind: ClassVar[str] = "transfer"
     pretrain: PretrainConfig
     domain: Domain
     n_train: int
@@ -421,11 +444,28 @@ class TransferConfig:
     def seed(self) -> int:
         return self.pretrain.seed
 
+    @property
+    def loads(self) -> PretrainConfig:
+        return self.pretrain
+
+    @property
+    def base(self) -> PretrainConfig:
+        return self.pretrain
+
+    @property
+    def stages(self) -> tuple:
+        return (self.pretrain, self)
+
+    @property
+    def trained_domains(self) -> tuple:
+        return (self.pretrain.domain, self.domain)
+
 
 @dataclass(frozen=True)
 class MixtureConfig:
     """Baseline: one stage on a mixture of two domains, ``n_images[i]`` images of ``domains[i]``."""
 
+    kind: ClassVar[str] = "mixture"
     data: DataConfig
     series: str
     domains: tuple[Domain, Domain]
@@ -440,6 +480,14 @@ class MixtureConfig:
         object.__setattr__(self, "domains", doms)
         _check_positive("lr", self.lr)
         _check_seed(self.seed)
+
+    loads = PretrainConfig.loads
+    base = PretrainConfig.base
+    stages = PretrainConfig.stages
+
+    @property
+    def trained_domains(self) -> tuple:
+        return self.domains
 
 
 RunConfig = PretrainConfig | TransferConfig | MixtureConfig

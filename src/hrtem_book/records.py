@@ -36,17 +36,15 @@ from .layout import atomic_write_text, move_aside, provenance
 # 4: and on each test image (test_image_loss, test_image_counts: the images as a unit)
 RECORD_FORMAT = 4
 RECORD_STATUSES = ("ok", "failed")
-KINDS = {PretrainConfig: "pretrain", TransferConfig: "transfer", MixtureConfig: "mixture"}
+RUN_TYPES = (PretrainConfig, TransferConfig, MixtureConfig)
 
 
 def kind_of(cfg: RunConfig) -> str:
-    """``"pretrain"``, ``"transfer"`` or ``"mixture"``."""
-    try:
-        return KINDS[type(cfg)]
-    except KeyError:
-        raise ValueError(
-            f"cannot run a {type(cfg).__name__}; allowed: Pretrain/Transfer/Mixture"
-        ) from None
+    """``cfg.kind`` — ``"pretrain"``, ``"transfer"`` or ``"mixture"`` — of a run config; a
+    one-line ValueError for anything else."""
+    if not isinstance(cfg, RUN_TYPES):
+        raise ValueError(f"cannot run a {type(cfg).__name__}; allowed: Pretrain/Transfer/Mixture")
+    return cfg.kind
 
 
 def build_record(

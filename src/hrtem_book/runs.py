@@ -339,15 +339,12 @@ def run_group(
 
 
 def series_and_data(cfg: RunConfig) -> tuple[str, DataConfig]:
-    base = cfg.pretrain if isinstance(cfg, TransferConfig) else cfg
-    return base.series, base.data
+    return cfg.base.series, cfg.base.data
 
 
 def stage_configs(cfg: RunConfig) -> list[StageConfig]:
     """The stage configs a run trains with (a transfer: its pretraining's and its own)."""
-    if isinstance(cfg, TransferConfig):
-        return [cfg.pretrain.stage, cfg.stage]
-    return [cfg.stage]
+    return [s.stage for s in cfg.stages]
 
 
 def check_compute(cfgs: list[RunConfig], device: str) -> None:
@@ -360,13 +357,7 @@ def check_compute(cfgs: list[RunConfig], device: str) -> None:
 
 def _check_domains(cfg: RunConfig, ds: xr.Dataset) -> None:
     present = train.dataset_domains(ds)
-    if isinstance(cfg, TransferConfig):
-        wanted = [cfg.pretrain.domain, cfg.domain]
-    elif isinstance(cfg, MixtureConfig):
-        wanted = list(cfg.domains)
-    else:
-        wanted = [cfg.domain]
-    for d in wanted:
+    for d in cfg.trained_domains:
         if d not in present:
             allowed = ", ".join(map(str, present))
             raise ValueError(f"domain {d!r} is not in the series; allowed: {allowed}")
@@ -433,7 +424,7 @@ class ProgressTable:
 def train_one(cfg: RunConfig, layout: Layout, device: str = "cpu") -> tuple[dict, Path]:
     """``hrtem-book train``: run ``cfg`` with a progress table (reusing a pretraining's
     checkpoint when there is one) and write its record; (record, record path)."""
-    stages = [cfg] if isinstance(cfg, PretrainConfig) else [cfg.pretrain, cfg]
+    stages = list(cfg.stages)
     ckpt = checkpoints.checkpoint_path(layout, stages[0])
     need_pretrain = not ckpt.exists()
     table = ProgressTable(

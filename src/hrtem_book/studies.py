@@ -277,8 +277,8 @@ class StudyGrid:
         """Distinct pretrainings that the transfer runs of this grid load."""
         seen: dict[int, PretrainConfig] = {}  # one object per pretraining (see build_grid)
         for cfg in self.cells.values():
-            if isinstance(cfg, TransferConfig):
-                seen.setdefault(id(cfg.pretrain), cfg.pretrain)
+            if cfg.loads is not None:
+                seen.setdefault(id(cfg.loads), cfg.loads)
         return {config_hash(p): p for p in seen.values()}
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from . import datasets
 from .checkpoints import drop_failed_checkpoint
-from .config import PretrainConfig, RunConfig, TransferConfig, config_hash
+from .config import RunConfig, config_hash
 from .executors import (
     EXECUTORS,
     INFRASTRUCTURE,
@@ -41,7 +41,7 @@ from .executors import (
 )
 from .layout import FileClaim, Layout, remove_stale_locks, remove_stale_tmp
 from .profiles import PROFILES, Profile
-from .records import failure_record, kind_of, read_record, write_record
+from .records import failure_record, read_record, write_record
 from .simulate import check_device
 from .studies import STUDIES, build_grid, expand_studies
 from .train import check_precision
@@ -202,16 +202,16 @@ def run_sweep(
             records[h] = kept[0]
             summary.skipped += 1
         else:
-            if any(r is not None for r in recs) and isinstance(group[0].cfg, PretrainConfig):
+            if any(r is not None for r in recs) and group[0].cfg.kind == "pretrain":
                 drop_failed_checkpoint(layout, group[0].cfg)
             todo.append(group[0])
 
     # transfer runs wait for the pretraining whose checkpoint they load
-    pending_pre = {t.hash for t in todo if kind_of(t.cfg) == "pretrain"}
+    pending_pre = {t.hash for t in todo if t.cfg.kind == "pretrain"}
     waiting: dict[str, list[_Task]] = {}
     ready: deque[_Task] = deque()
     for task in todo:
-        dep = config_hash(task.cfg.pretrain) if isinstance(task.cfg, TransferConfig) else None
+        dep = config_hash(task.cfg.loads) if task.cfg.loads is not None else None
         if dep in pending_pre:
             waiting.setdefault(dep, []).append(task)
         else:
@@ -344,7 +344,7 @@ def run_sweep(
                 if record is not None:
                     adopt(task, record)
                     continue
-                priority = 1 if kind_of(task.cfg) == "pretrain" else 0
+                priority = 1 if task.cfg.kind == "pretrain" else 0
                 in_flight[ex.submit(task.cfg, priority=priority)] = task
             if in_flight:
                 for handle, record in ex.wait_any(list(in_flight)):
