@@ -29,7 +29,7 @@ from .config import (
     TransferConfig,
     check_device_name,
 )
-from .executors import EXECUTORS, load_cluster_config
+from .executors import EXECUTORS, connect, load_cluster_config
 from .layout import Layout, check_writable
 from .profiles import Profile, get_profile
 from .series import SERIES, get_series
@@ -163,7 +163,6 @@ def _sweep(args: argparse.Namespace) -> int:
     device = args.device or (cluster_config or {}).get("device", "cpu")
     check_device_name(device)
     layout = Layout.of(args.root, profile)
-    from .executors import connect
     from .sweep import check_profile_compute, run_sweep
 
     check_profile_compute(profile, device)  # what the machine has, before a folder is made
@@ -221,19 +220,17 @@ def _register_sweep(subparsers) -> None:
 def _collect(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile)
     layout = Layout.of(args.root, profile)
-    if not layout.records_root.is_dir():
-        raise FileNotFoundError(
-            f"no records under {layout.records_root}; run "
-            f"`hrtem-book sweep --study all --profile {profile.name}` first"
-        )
+    no_records = FileNotFoundError(
+        f"no records under {layout.records_root}; run "
+        f"`hrtem-book sweep --study all --profile {profile.name}` first"
+    )
+    if not layout.records_root.is_dir():  # before the import of xarray
+        raise no_records
     from .findings import collect_and_count
 
     lines = collect_and_count(profile, args.root)
     if not lines:
-        raise FileNotFoundError(
-            f"no records under {layout.records_root}; run "
-            f"`hrtem-book sweep --study all --profile {profile.name}` first"
-        )
+        raise no_records
     print("\n".join(lines))
     return 0
 

@@ -55,7 +55,7 @@ import numpy as np
 import scipy.constants as const
 import torch
 
-from .config import SimulationConfig, check_device_name
+from .config import DEVICE_NAMES, SimulationConfig, check_device_name
 from .potentials import Potential
 
 ANTIALIAS_CUTOFF = 2.0 / 3.0  # fraction of the Nyquist frequency kept (abTEM's 0.6666666)
@@ -73,13 +73,11 @@ _OPTICS_CHUNK_POINTS = 2**17  # complex points per batch of CTF images (1 MB: st
 
 def check_device(device: str) -> str:
     """``device`` if torch can compute on it here, else a one-line ValueError saying what is."""
-    check_device_name(device)
+    check_device_name(device)  # the spelling; torch may still refuse e.g. "cuda:007"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not a device; allowed: cpu, cuda, cuda:N")
+        raise ValueError(f"--device {device!r} is not a device; allowed: {DEVICE_NAMES}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device!r}: no CUDA device here; allowed: cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
