@@ -2,7 +2,8 @@
 
 F1-F9 are the transfer-learning study's (Rangel DaCosta et al.), G1-G6 its companion's (Sytwu et
 al.: how far a network trained without transfer generalizes, G1-G3, and how synthetic training
-carries to experimental-like images, G4-G6).
+carries to experimental-like images, G4-G6), D1-D2 the companion's statements on training
+dynamics (how a model's first epoch relates to its generalization and its accuracy).
 
 Each finding is a :class:`Rule` written as data: the claim (our words, no stronger than the
 source sentence it cites), its contrasts and the decision. A **contrast** is a paired comparison
@@ -25,7 +26,20 @@ relative change: the sources give no size of their own):
 - ``differs`` (the claim: a choice matters, either way): *holds* when the interval excludes 0,
   *does not hold* when it lies inside (−δ, δ);
 
-and *inconclusive at this scale* otherwise. A finding with several contrasts holds when every
+and *inconclusive at this scale* otherwise.
+
+The dynamics rules (D1, D2) relate two quantities across models rather than compare two errors:
+their contrast is, per seed, Spearman's rank correlation across the models trained without
+transfer, on Fisher's z scale (``atanh``, where a mean and a t interval behave), decided the same
+way with the smallest correlation a claimed relation would mean, :data:`RHO_DELTA` (0.3, Cohen's
+"medium" correlation; J. Cohen, *Statistical Power Analysis for the Behavioral Sciences*, 2nd
+ed., 1988, §3.2), in place of δ. Each rule's :class:`Scale` says which. Their intervals take the
+seeds as the only unit: with no relation, each seed's correlation is centred on zero whichever
+test images were drawn (the first epoch is scored on validation images, and a test image's
+sampling error moves every seed's final scores alike), so the test images widen nothing a
+false pass depends on; what they do cost is power, which the simulation includes.
+
+A finding with several contrasts holds when every
 one holds (an intersection-union test: no correction needed), does not hold when any does not,
 and is inconclusive otherwise. Why not a bootstrap over seeds: with three seeds the resampling
 distribution of a mean has ten points, and a 95 % percentile interval excludes 0 whenever the
@@ -80,7 +94,7 @@ from .results import (
     on_domain,
 )
 from .results import collect as collect_databases
-from .series import match_index
+from .series import GENERALIZATION_SERIES, match_index
 from .series import split_structure_domain as _parts  # the rules' code calls it _parts
 
 HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold", "inconclusive at this scale"
@@ -93,14 +107,31 @@ ERROR_FLOOR = 1e-4  # errors below this (a perfect Dice) count as this, so logs 
 # the series of the companion's finding G3 (imaging conditions and support)
 CONDITION_SERIES = ("dose", "defocus", "substrate")
 IN_FOCUS_NM = 0.0  # the in-focus defocus domain
+# the companion's models trained without transfer, one database per series (D1, D2)
+GENERALIZATION_STUDIES = tuple(f"generalization-{s}" for s in GENERALIZATION_SERIES)
+EARLY_EPOCH = 1  # a model's initial learning: its validation error after its first epoch
+RHO_DELTA = 0.3  # smallest rank correlation a claimed relation means (module docstring)
+MIN_MODELS = 4  # models a rank correlation needs (per seed)
 RULESET_ATTR = "ruleset_sha"  # database attribute holding the stamp
 # when the rule set last changed, and its hash then (a test keeps the two in step with the code)
 RULESET_DATE = "2026-12-07"
-RULESET_SHA = "5330b918d23f6d10"
+RULESET_SHA = "107841112d411070"
 
 
 class NotMeasurable(Exception):
     """The grid lacks what a rule needs; the message says what."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """What a rule's contrasts measure: the smallest effect its claim means (``delta``, on the
+    contrast's scale), how a value reads, and what its summary calls it."""
+
+    name: str
+    delta: float
+    text: Callable[[float], str]
+    what: str  # the summary's words for a contrast value ({error} names the error scale)
+    images: bool  # the test images are a second sampling unit of its intervals
 
 
 @dataclass(frozen=True)
@@ -124,10 +155,14 @@ class Interval:
     n_seeds: int
     verdict: str
     images: int = 0  # test images taken as a second sampling unit (0: seeds only)
+    scale: str = "log"  # a key of SCALES
 
     def text(self) -> str:
-        """``"+12 % [+3 %, +21 %]"``: the relative change of the error with its interval."""
-        return f"{pct_change(self.estimate)} [{pct_change(self.low)}, {pct_change(self.high)}]"
+        """``"+12 % [+3 %, +21 %]"`` (a relative change of the error) or ``"ρ = +0.41 [−0.05,
+        +0.74]"`` (a rank correlation): the estimate with its interval."""
+        show = SCALES[self.scale].text
+        head = "ρ = " if self.scale == "correlation" else ""
+        return f"{head}{show(self.estimate)} [{show(self.low)}, {show(self.high)}]"
 
 
 @dataclass(frozen=True)
@@ -141,10 +176,11 @@ class Rule:
     statistic: str  # what is compared, in words
     contrasts: Callable[[Mapping[str, xr.Dataset], str], list[Contrast]]
     studies: tuple[str, ...]  # the databases it reads
+    scale: str = "log"  # what its contrasts measure: a key of SCALES
 
     def data(self) -> dict[str, Any]:
         """Everything that decides the verdict, for the hash: text, constants and code."""
-        return {
+        out = {
             "key": self.key,
             "claim": self.claim,
             "source": list(self.source),
@@ -152,6 +188,10 @@ class Rule:
             "studies": list(self.studies),
             "code": inspect.getsource(self.contrasts),
         }
+        if self.scale != "log":  # (the log rules' data, and so their hash input, unchanged)
+            out["scale"] = self.scale
+            out["delta"] = SCALES[self.scale].delta
+        return out
 
 
 @dataclass(frozen=True)
@@ -179,6 +219,31 @@ def pct_change(log_ratio: float) -> str:
     if not math.isfinite(log_ratio):
         return "n/a"
     return f"{100 * math.expm1(log_ratio):+.0f} %".replace("-", "−")
+
+
+def rho_text(z: float) -> str:
+    """A Fisher z as the rank correlation it means: ``+0.41``."""
+    if not math.isfinite(z):
+        return "n/a"
+    return f"{math.tanh(z):+.2f}".replace("-", "−")
+
+
+SCALES = {
+    "log": Scale("log", DELTA, pct_change, "Relative change of the error ({error})", True),
+    "correlation": Scale(
+        "correlation", math.atanh(RHO_DELTA), rho_text,
+        "Spearman's rank correlation across the models (error: {error}), on Fisher's z scale",
+        False,
+    ),
+}  # fmt: skip
+
+
+def effect_text(scale: str, value: float) -> str:
+    """An effect on ``scale`` (a log-error difference, or a Fisher z) in words: ``+21 %``,
+    ``ρ = 0.54``."""
+    if scale == "correlation":
+        return f"ρ = {rho_text(value).lstrip('+')}"
+    return pct_change(value)
 
 
 def t_intervals(rows: np.ndarray, confidence: float = CONFIDENCE):
@@ -259,10 +324,15 @@ def two_level_intervals(
 
 
 def test_contrast(
-    c: Contrast, delta: float = DELTA, image_var: float = math.nan, n_images: int = 0
+    c: Contrast,
+    delta: float = DELTA,
+    image_var: float = math.nan,
+    n_images: int = 0,
+    scale: str = "log",
 ) -> Interval:
     """Decide one contrast: seeds as the unit, and the test images as a second one when
-    ``image_var`` (:func:`image_variances`) is known (:func:`two_level_intervals`)."""
+    ``image_var`` (:func:`image_variances`) is known (:func:`two_level_intervals`); ``delta``
+    is the smallest effect on the contrast's ``scale`` (a key of :data:`SCALES`)."""
     v = np.asarray(c.per_seed, float)
     v = v[np.isfinite(v)]
     if math.isfinite(image_var) and v.size >= 2 and n_images >= 2:
@@ -272,7 +342,7 @@ def test_contrast(
         est, lo, hi = t_interval(v)
     images = n_images if math.isfinite(image_var) else 0
     verdict = decide(c.kind, lo, hi, delta)
-    return Interval(c.name, c.kind, est, lo, hi, int(v.size), verdict, images)
+    return Interval(c.name, c.kind, est, lo, hi, int(v.size), verdict, images, scale)
 
 
 # --- reading the databases --------------------------------------------------------------------
@@ -432,13 +502,14 @@ def _transfer_matches_mixture(dbs, metric):
     mix_err = _log_stage(base, "mixture", metric)
     t_err = on_domain(_log_stage(transfer, "transfer", metric), "target_domain")
     sizes = [int(n) for n in transfer["n_transfer"].values]
-    diffs = []
+    out = []
     for a in base["domain_a"].values.tolist():
         for b in base["domain_b"].values.tolist():
             pa = match_index(transfer["pretrain_domain"].values, a)
             tb = match_index(transfer["target_domain"].values, b)
             if a == b or pa < 0 or tb < 0:
                 continue
+            diffs = []  # one per mixture holding as many b images as a transfer size
             for mix in base["mix"].values.tolist():
                 n_b = int(str(mix).split(":")[1])
                 if n_b not in sizes:
@@ -447,11 +518,14 @@ def _transfer_matches_mixture(dbs, metric):
                 m = per_seed(m.isel(eval_domain=match_index(m["eval_domain"].values, b)))
                 t = per_seed(t_err.isel(pretrain_domain=pa, target_domain=tb).sel(n_transfer=n_b))
                 diffs.append((m - t).values)
-    if not diffs:
+            if diffs:
+                with _quiet():
+                    diff = np.nanmean(np.stack(diffs), axis=0)
+                out.append(Contrast(f"mixture against transfer, {_name(a)} → {_name(b)} nm "
+                                    f"({len(diffs)} sizes)", "within", diff))  # fmt: skip
+    if not out:
         raise NotMeasurable("no mixture holds as many target images as a transfer run")
-    with _quiet():
-        diff = np.nanmean(np.stack(diffs), axis=0)
-    return [Contrast(f"mixture against transfer ({len(diffs)} pairs)", "within", diff)]
+    return out
 
 
 def _in_focus_pretraining_asymmetry(dbs, metric):
@@ -605,6 +679,88 @@ def _size_bias_hurts_transfer(dbs, metric):
     return [Contrast("small particles only against unbiased images", "greater", cost.values)]
 
 
+# --- the companion study: training dynamics ---------------------------------------------------
+def first_epoch_table(dbs: Mapping[str, xr.Dataset], metric: str) -> dict[str, dict[str, Any]]:
+    """Per ``generalization-<series>`` database, the models trained without transfer whose
+    training domain is also a test domain (``trains``), each as rows (model × seed) of: ``early``,
+    its log error on its own domain's validation images after its first epoch
+    (:data:`EARLY_EPOCH`: its initial learning); ``own``, the kept model's log error on its own
+    domain's test images; ``gap``, the kept model's mean gap to the in-domain ideal on the other
+    domains' test images (:func:`_gaps`). Series with fewer than two such models are left out."""
+    out = {}
+    seeds = None
+    for study in GENERALIZATION_STUDIES:
+        ds = _db(dbs, study)
+        if seeds is None:
+            seeds = ds["seed"].values
+        elif not np.array_equal(ds["seed"].values, seeds):
+            raise NotMeasurable("the generalization databases must hold the same seeds")
+        gaps = _gaps(ds, metric)
+        trains = [t for t in ds["train_domain"].values.tolist() if any(k[0] == t for k in gaps)]
+        if len(trains) < 2:
+            continue
+        if metric_var(metric, "history") not in ds:
+            raise NotMeasurable(f"the {study} database holds no per-epoch scores")
+        history = ds[metric_var(metric, "history")].sel(stage="pretrain", drop=True)
+        first = _log(_error(history.sel(epoch=EARLY_EPOCH, drop=True), metric))
+        first = on_domain(first, "train_domain")
+        kept = on_domain(_log_stage(ds, "pretrain", metric), "train_domain")
+        with _quiet():
+            gap = [xr.concat([g for (a, _), g in gaps.items() if a == t], "pair").mean("pair")
+                   for t in trains]  # fmt: skip
+        out[study] = {
+            "trains": trains,
+            "early": np.stack([first.sel(train_domain=t).values for t in trains]),
+            "own": np.stack([kept.sel(train_domain=t).values for t in trains]),
+            "gap": np.stack([g.values for g in gap]),
+        }
+    return out
+
+
+def rank_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per column (seed) of ``x`` and ``y`` (models × seeds): Fisher's z (``atanh``) of
+    Spearman's rank correlation (Pearson's of the mid-ranks, as :func:`scipy.stats.spearmanr`)
+    over the models with both values finite, ρ clipped to ±0.999; NaN with fewer than
+    :data:`MIN_MODELS` models or no variation."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    rho = np.full(x.shape[1], np.nan)
+    for n in np.unique(ok.sum(axis=0)):  # columns with as many models, ranked at once
+        cols = np.flatnonzero(ok.sum(axis=0) == n)
+        if n < MIN_MODELS:
+            continue
+        pick = ok[:, cols].T  # columns × models
+        rx = stats.rankdata(x[:, cols].T[pick].reshape(len(cols), n), axis=1)
+        ry = stats.rankdata(y[:, cols].T[pick].reshape(len(cols), n), axis=1)
+        rx, ry = rx - rx.mean(axis=1, keepdims=True), ry - ry.mean(axis=1, keepdims=True)
+        norm = np.sqrt((rx**2).sum(axis=1) * (ry**2).sum(axis=1))
+        with np.errstate(all="ignore"):
+            rho[cols] = np.where(norm > 0, (rx * ry).sum(axis=1) / norm, np.nan)
+    return np.arctanh(np.clip(rho, -0.999, 0.999))
+
+
+def _first_epoch_relation(dbs, metric, what: str) -> np.ndarray:
+    """Per seed: :func:`rank_z` of the first-epoch error against ``what`` ("own", "gap") over
+    the models of every series, each centred across the training domains of its series."""
+    table = first_epoch_table(dbs, metric)
+    if not table:
+        raise NotMeasurable("two or more domains trained and tested in some series needed")
+    with _quiet():
+        x = np.concatenate([t["early"] - np.nanmean(t["early"], axis=0) for t in table.values()])
+        y = np.concatenate([t[what] - np.nanmean(t[what], axis=0) for t in table.values()])
+    return rank_z(x, y)
+
+
+def _initial_learning_and_generalization(dbs, metric):
+    return [Contrast("first-epoch error at home against the gap away from home", "differs",
+                     _first_epoch_relation(dbs, metric, "gap"))]  # fmt: skip
+
+
+def _initial_learning_and_accuracy(dbs, metric):
+    return [Contrast("first-epoch error at home against the kept model's error there",
+                     "differs", _first_epoch_relation(dbs, metric, "own"))]  # fmt: skip
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "F1", "the in-focus target is the hardest",
@@ -659,9 +815,9 @@ RULES: tuple[Rule, ...] = (
         "With a comparable amount of target data, transfer and one training on a mixture of the "
         "two domains perform comparably on the target.",
         ("000", "seem comparable for similar amounts"),
-        "For every mixture whose count of target images equals a transfer-set size, with the "
-        "transfers between the same two defoci: the mixture's error on the target against the "
-        "transfers', per seed (must lie within ±δ).",
+        "For each pair of defoci (a → b) apart, over the mixtures whose count of b images "
+        "equals a transfer-set size: the mixture's error on b against that of the transfers "
+        "a → b with as many b images, per seed (each pair must lie within ±δ).",
         _transfer_matches_mixture, ("baseline", "defocus"),
     ),
     Rule(
@@ -750,6 +906,29 @@ RULES: tuple[Rule, ...] = (
         "images of small particles only against after transfer on as many unbiased images.",
         _size_bias_hurts_transfer, ("heldout",),
     ),
+    Rule(
+        "D1", "initial learning and generalization are related",
+        "How a network learns early in training on its own domain is related to how well it "
+        "generalizes to other domains.",
+        ("004", "how initial learning is related"),
+        "Models trained without transfer, every series: Spearman's rank correlation, across "
+        "the models of a seed, between the error on the own domain's validation images after "
+        "the first epoch and the kept model's mean gap to the in-domain ideal on the other "
+        "domains' test images, both centred within each series (must differ from 0, either "
+        "way).",
+        _initial_learning_and_generalization, GENERALIZATION_STUDIES, "correlation",
+    ),
+    Rule(
+        "D2", "initial learning and final accuracy are related",
+        "How a network's performance develops during training is related to the accuracy it "
+        "reaches.",
+        ("004", "performance dynamics during training relate"),
+        "Models trained without transfer, every series: Spearman's rank correlation, across "
+        "the models of a seed, between the error on the own domain's validation images after "
+        "the first epoch and the kept model's error on the own domain's test images, both "
+        "centred within each series (must differ from 0, either way).",
+        _initial_learning_and_accuracy, GENERALIZATION_STUDIES, "correlation",
+    ),
 )  # fmt: skip
 RULE_KEYS = tuple(r.key for r in RULES)
 
@@ -763,7 +942,8 @@ def ruleset_data() -> list[dict[str, Any]]:
             "two_level": inspect.getsource(two_level_intervals),
             "image_variances": inspect.getsource(image_variances),
             "resampled": inspect.getsource(_resampled),
-            "image_resamples": IMAGE_RESAMPLES}  # fmt: skip
+            "image_resamples": IMAGE_RESAMPLES, "early_epoch": EARLY_EPOCH,
+            "min_models": MIN_MODELS}  # fmt: skip
     return [head, *(r.data() for r in RULES)]
 
 
@@ -816,19 +996,21 @@ def score(
         return Finding(**base, verdict=UNMEASURABLE, summary=f"Not measurable here: {exc}.")
     if image_var is None:
         image_var = image_variances(dbs, metric, rules=(rule,))
+    scale = SCALES[rule.scale]
     tested = tuple(
-        test_contrast(c, DELTA, *image_var.get((rule.key, c.name), (math.nan, 0)))
+        test_contrast(c, scale.delta, *image_var.get((rule.key, c.name), (math.nan, 0)),
+                      scale=scale.name)
         for c in contrasts
-    )
+    )  # fmt: skip
     if any(t.n_seeds < 2 for t in tested):
         why = "Not measurable here: two or more seeds with every pair needed."
         return Finding(**base, verdict=UNMEASURABLE, summary=why, intervals=tested)
     verdict = combine([t.verdict for t in tested])
-    scale = get_metric(metric).error_name
+    what = scale.what.format(error=get_metric(metric).error_name)
     parts = "; ".join(f"{t.name}: {t.text()} ({t.verdict})" for t in tested)
     units = "seeds and test images" if all(t.images for t in tested) else "seeds"
     summary = (
-        f"Relative change of the error ({scale}), mean over {tested[0].n_seeds} seeds with its "
+        f"{what}, mean over {tested[0].n_seeds} seeds with its "
         f"{CONFIDENCE:.0%} interval over {units} — {parts}."
     )
     numbers = {t.name: {"estimate": t.estimate, "low": t.low, "high": t.high,
@@ -908,7 +1090,7 @@ def image_variances(
     evaluated again. The resampling is :func:`scipy.stats.bootstrap`'s (independent samples,
     one per domain; its ``standard_error``). Contrasts of databases without per-image scores
     are left out (their intervals take the seeds as the only unit)."""
-    rules = RULES if rules is None else rules
+    rules = tuple(r for r in (RULES if rules is None else rules) if SCALES[r.scale].images)
     keys = _image_keys(dbs)
     if not keys:
         return {}

@@ -25,6 +25,12 @@ the sampling noise of a variance estimated from the domain's test images (χ² w
 of freedom) — what the bootstrap over images estimates on a real database, short of the
 interaction of models and images.
 Draws are simulated at once: draw ``d`` holds seeds ``d·S … d·S + S − 1`` of one database.
+
+The dynamics rules (D1, D2) relate a model's first-epoch error to a final score. Their databases
+add that first-epoch validation error on each model's own domain, :data:`SIGMA_EARLY` around
+:data:`EARLY_ERROR` (log error), drawn independently of everything else (no effect) or with
+the smallest claimed rank correlation, :data:`findings.RHO_DELTA`, to the final score the rule
+reads (:func:`plant_first_epoch`).
 """
 
 from __future__ import annotations
@@ -60,6 +66,8 @@ DESIGN_SEED = 20261207  # the random numbers of those draws
 _STEP = 0.01  # finite-difference step of a domain's test-set term (log error)
 BASE_ERROR = 0.15  # error level of the simulated models (loss; 1 − Dice alike)
 N_DRAWS = 1000
+EARLY_ERROR = 0.5  # error level after the first epoch (between ln 2 at the start and the end)
+SIGMA_EARLY = 0.2  # its sd across models (log error)
 _MODEL_AXES = ("pretrain_domain", "pretrain_lr", "seed")  # what a pretraining depends on
 
 # a plant: (cell {axis: value}, stage, eval_domain, delta) -> added log error
@@ -89,10 +97,45 @@ def _lattice(name) -> str:
 
 @dataclass(frozen=True)
 class Scenario:
-    """What a simulated database holds: a description and its planted effect."""
+    """What a simulated database holds: a description and its planted effect; ``after``
+    (databases, effect in units of the rule's δ, rng) completes the databases in place (the
+    dynamics rules' first epochs)."""
 
     what: str
     plant: Plant
+    after: Callable[[dict, float, np.random.Generator], None] | None = None
+
+
+def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator) -> None:
+    """Write each generalization model's first-epoch log error on its own domain
+    (``history_<m>`` at :data:`findings.EARLY_EPOCH`): ``tanh(z)`` times the model's ``target``
+    score of :func:`findings.first_epoch_table` ("own", "gap"; centred within its series and
+    seed, scaled to unit sd over every model and draw), plus independent noise making up the
+    rest of a unit variance; then × :data:`SIGMA_EARLY` around log :data:`EARLY_ERROR`. The
+    population rank correlation is then about ``tanh(z)`` (Pearson's of a normal pair)."""
+    try:
+        table = findings.first_epoch_table(dbs, "loss")
+    except findings.NotMeasurable:  # (one seed: the rule cannot be decided, nothing to plant)
+        return
+    rho = math.tanh(z)
+    centred = {s: t[target] - np.nanmean(t[target], axis=0) for s, t in table.items()}
+    sd = float(np.nanstd(np.concatenate([c.ravel() for c in centred.values()])))
+    for study, t in table.items():
+        ds = dbs[study]
+        noise = rng.standard_normal(centred[study].shape)
+        early = rho * np.nan_to_num(centred[study] / (sd or 1.0)) + math.sqrt(1 - rho**2) * noise
+        error = np.exp(math.log(EARLY_ERROR) + SIGMA_EARLY * early)  # trains × seeds
+        names = [findings._name(d) for d in ds["eval_domain"].values.tolist()]
+        for i, train in enumerate(t["trains"]):
+            at = {
+                "train_domain": train,
+                "stage": "pretrain",
+                "epoch": findings.EARLY_EPOCH,
+                "eval_domain": ds["eval_domain"].values[names.index(findings._name(train))],
+            }
+            ds["history_loss"].loc[at] = error[i]
+            ds["history_dice"].loc[at] = 1.0 - error[i]
+            ds["history_iou"].loc[at] = (1.0 - error[i]) / (1.0 + error[i])
 
 
 def _transfer(stage) -> bool:
@@ -105,6 +148,13 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
     none = Scenario("no effect", _zero)
     defocus, dose = coords.get("defocus", {}), coords.get("dose", {})
     structure = coords.get("structure", {})
+
+    def first_epoch(target: str, sign: float):
+        def after(dbs: dict, scale: float, rng: np.random.Generator) -> None:
+            z = sign * scale * findings.SCALES["correlation"].delta
+            plant_first_epoch(dbs, target, z, rng)
+
+        return after
 
     def f1(cell, st, ev, d):
         return d * (_transfer(st) and ev == 0.0)
@@ -187,6 +237,11 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
         "G4": ([none], Scenario("fixed support and large particles each δ worse", g4)),
         "G5": ([none], Scenario("every variant δ better after transfer", g5)),
         "G6": ([none], Scenario("the size-biased transfer δ worse", g6)),
+        **{key: ([Scenario("first epoch unrelated", _zero, first_epoch(target, 0.0))],
+                 Scenario(f"a rank correlation of {findings.RHO_DELTA:g} with the {what}",
+                          _zero, first_epoch(target, 1.0)))
+           for key, target, what in (("D1", "gap", "gap away from home"),
+                                     ("D2", "own", "error at home"))},
     }  # fmt: skip
     if key not in table:
         raise ValueError(f"rule {key!r}; allowed: {', '.join(findings.RULE_KEYS)}")
@@ -249,6 +304,25 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
     ds["status"].values[...] = np.where(ok, "ok", "excluded")
     ds.attrs.update(findings.stamp_attrs())
     return ds
+
+
+def simulate_rule(
+    grids: dict,
+    scenario: Scenario,
+    n_draws: int,
+    rng: np.random.Generator,
+    scale: float = 1.0,
+    offsets: dict[str, dict] | None = None,
+) -> dict[str, xr.Dataset]:
+    """The databases a rule reads (``grids``: study → grid), ``n_draws`` draws each, with
+    ``scenario`` planted at ``scale`` × the smallest claimed effect (:func:`simulate`, then
+    the scenario's ``after``); ``offsets``: the test-set terms (:func:`_offsets`), if any."""
+    dbs = {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n_draws, rng,
+                       findings.DELTA * scale, (offsets or {}).get(s))
+           for s, g in grids.items()}  # fmt: skip
+    if scenario.after is not None:
+        scenario.after(dbs, scale, rng)
+    return dbs
 
 
 @dataclass(frozen=True)
@@ -338,6 +412,7 @@ def _verdicts(
     except findings.NotMeasurable:
         return np.full(n_draws, findings.UNMEASURABLE)
     rng = rng or np.random.default_rng(0)
+    delta = findings.SCALES[rule.scale].delta
     per_draw = []
     for c in contrasts:
         rows = np.asarray(c.per_seed, float).reshape(n_draws, -1)
@@ -347,7 +422,9 @@ def _verdicts(
             mean, low, high = findings.two_level_intervals(rows, v_hat, n_images)
         else:
             mean, low, high = findings.t_intervals(rows)
-        per_draw.append([findings.decide(c.kind, lo, hi) for lo, hi in zip(low, high, strict=True)])
+        per_draw.append(
+            [findings.decide(c.kind, lo, hi, delta) for lo, hi in zip(low, high, strict=True)]
+        )
     return np.array([findings.combine(list(v)) for v in zip(*per_draw, strict=True)])
 
 
@@ -361,8 +438,7 @@ def _design(key: str, profile: str) -> dict[str, float]:
     _, alternative = _scenarios(key, {s: g.coords for s, g in grids.items()})
     rng = np.random.default_rng(DESIGN_SEED)
     offsets = _offsets(grids, N_DESIGN_DRAWS, rng)
-    dbs = {s: simulate(s, g.coords, g.eval_domains, alternative.plant, N_DESIGN_DRAWS, rng,
-                       findings.DELTA, offsets.get(s)) for s, g in grids.items()}  # fmt: skip
+    dbs = simulate_rule(grids, alternative, N_DESIGN_DRAWS, rng, 1.0, offsets)
     return image_design(rule, dbs, grids, N_DESIGN_DRAWS)
 
 
@@ -391,12 +467,12 @@ def error_rates(
     n_images = prof.data.n_test
 
     def databases(scenario: Scenario, n: int) -> dict:
-        delta = findings.DELTA * (1.0 if scenario in nulls else scale)
         offsets = _offsets(grids, n, rng) if images else {}
-        return {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n, rng, delta,
-                            offsets.get(s)) for s, g in grids.items()}  # fmt: skip
+        return simulate_rule(grids, scenario, n, rng, 1.0 if scenario in nulls else scale, offsets)
 
-    design = _design(key, profile) if images else {}
+    # the test-set terms are in every simulated database; the intervals take the images as a
+    # unit where the rule's scale does (the dynamics rules' take the seeds alone)
+    design = _design(key, profile) if images and findings.SCALES[rule.scale].images else {}
 
     def rates(scenario: Scenario) -> np.ndarray:
         return _verdicts(rule, databases(scenario, n_draws), n_draws, design, n_images, rng)
@@ -419,10 +495,11 @@ DETECTABLE_SCALES = (1, 2, 4, 8)  # multiples of δ tried by :func:`detectable`
 def detectable(
     key: str, profile: str = "laptop", n_draws: int = 400, at_delta: ErrorRates | None = None
 ) -> float:
-    """The smallest planted effect (relative change of the error, e.g. 0.21 for +21 %) among
-    :data:`DETECTABLE_SCALES` × δ that the rule calls *holds* in ≥ 80 % of draws; NaN if none.
-    ``at_delta``: the rule's :func:`error_rates` at δ, already measured (its scale is not
-    simulated again)."""
+    """The smallest planted effect among :data:`DETECTABLE_SCALES` × δ that the rule calls
+    *holds* in ≥ 80 % of draws, on the rule's scale (a log-error difference, or a Fisher z:
+    :func:`findings.effect_text` says it in words); NaN if none. ``at_delta``: the rule's
+    :func:`error_rates` at δ, already measured (its scale is not simulated again)."""
+    delta = findings.SCALES[findings.get_rule(key).scale].delta
     for k in DETECTABLE_SCALES:
         if k == 1 and at_delta is not None:
             power = at_delta.power
@@ -431,18 +508,19 @@ def detectable(
         if not math.isfinite(power):
             return math.nan
         if power >= 0.8:
-            return math.expm1(k * findings.DELTA)
+            return k * delta
     return math.nan
 
 
 def table(profile: str) -> dict[str, dict]:
     """Every rule's error rates on ``profile``'s grid (:func:`error_rates`, 1,000 draws) and the
-    smallest effect it detects (:func:`detectable`), by rule key."""
+    smallest effect it detects (:func:`detectable`, on the rule's ``scale``), by rule key."""
     out = {}
     for key in findings.RULE_KEYS:
         r = error_rates(key, profile)
         out[key] = {"false_pass": r.false_pass, "power": r.power, "false_fail": r.false_fail,
-                    "effect": r.effect, "reach": detectable(key, profile, at_delta=r)}  # fmt: skip
+                    "effect": r.effect, "reach": detectable(key, profile, at_delta=r),
+                    "scale": findings.get_rule(key).scale}  # fmt: skip
     return out
 
 

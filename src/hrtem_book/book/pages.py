@@ -410,7 +410,7 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
             f"loss on domain b with the transfer a → b as drawn (the {reduction} over every "
             f"transfer setting), the mixture does better in {b['mixture_wins']}; the median "
             f"difference mixture − transfer is {iv((x['median_gap'] for x in b_seeds), signed)} "
-            "(finding F6 compares each "
+            "(finding F6 compares, pair by pair, each "
             "mixture with the transfers that saw as many target images instead)"
         ),
         F=found["loss"],
@@ -492,8 +492,8 @@ def _deviation_text(name: str, n: dict, seeds: list[dict], unit: str) -> str:
 
 
 def companion(results_dir: str | Path, reduction: str) -> Numbers:
-    """Chapter "Generalization without transfer": the companion study's matrices, the held-out
-    study and G1-G6."""
+    """Chapter "Generalization without transfer": the companion study's matrices, the training
+    dynamics, the held-out study and G1-G6, D1-D2."""
     from ..figures.companion import companion_numbers
     from ..results import generalization_databases
     from ..series import get_series
@@ -519,10 +519,31 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
         Fd=found["dice"],
         **{k.lower(): verdict_sentence(found["dice"][k]) for k in COMPANION_FINDINGS},
         heldout=heldout_numbers(dbs.get("heldout")),
+        **_first_epoch_numbers(gen),
     )
 
 
-COMPANION_FINDINGS = ("G1", "G2", "G3", "G4", "G5", "G6")
+COMPANION_FINDINGS = ("G1", "G2", "G3", "G4", "G5", "G6", "D1", "D2")
+
+
+def _first_epoch_numbers(gen: dict) -> dict[str, str]:
+    """The Dice of the models trained without transfer on their own domain: after the first
+    epoch (validation images) and as kept (test images), each the mean over the models of a
+    seed, with the interval over seeds."""
+    from ..results import on_domain
+
+    first, kept = [], []
+    for ds in gen.values():
+        history = ds["history_dice"].sel(stage="pretrain", epoch=findings_mod.EARLY_EPOCH)
+        first.append(on_domain(history, "train_domain").transpose("seed", ...).values)
+        final = ds["final_dice"].sel(stage="pretrain")
+        kept.append(on_domain(final, "train_domain").transpose("seed", ...).values)
+    if not first:
+        return {"first_epoch": "n/a", "kept": "n/a"}
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_seed = [np.nanmean(np.concatenate(v, axis=1), axis=1) for v in (first, kept)]
+    return {"first_epoch": iv(per_seed[0]), "kept": iv(per_seed[1])}
 
 
 def heldout_numbers(ds) -> Numbers:
@@ -573,7 +594,6 @@ def findings(results_dir: str | Path) -> Numbers:
              for name in ("false_pass", "power", "false_fail", "reach", "planted")}  # fmt: skip
     powers = {}
     if profile in PROFILES:  # the error rates on the build's own grid
-        most = math.expm1(max(power.DETECTABLE_SCALES) * findings_mod.DELTA)
         rates = power.cached_table(profile, analysis_cache(Path(results_dir), "power"))
         for key in keys:
             r = rates[key]
@@ -581,9 +601,12 @@ def findings(results_dir: str | Path) -> Numbers:
                 powers[key] = r["power"]
             table["false_pass"][key], table["power"][key] = pct(r["false_pass"]), pct(r["power"])
             table["false_fail"][key], table["planted"][key] = pct(r["false_fail"]), r["effect"]
+            scale = findings_mod.SCALES[r["scale"]]
+            most = max(power.DETECTABLE_SCALES) * scale.delta
             table["reach"][key] = (
-                f"{100 * r['reach']:+.0f} %" if math.isfinite(r["reach"])
-                else f"beyond {100 * most:+.0f} %" if math.isfinite(r["power"]) else "n/a"
+                findings_mod.effect_text(scale.name, r["reach"]) if math.isfinite(r["reach"])
+                else f"beyond {findings_mod.effect_text(scale.name, most)}"
+                if math.isfinite(r["power"]) else "n/a"
             )  # fmt: skip
     return Numbers(
         F=found["loss"],
@@ -594,6 +617,7 @@ def findings(results_dir: str | Path) -> Numbers:
         delta_abs=findings_mod.pct_change(findings_mod.DELTA).lstrip("+"),
         n_powered=(f"{sum(r >= 0.8 for r in powers.values())} of {len(keys)}" if powers else "n/a"),
         confidence=f"{findings_mod.CONFIDENCE:.0%}",
+        rho_delta=f"{findings_mod.RHO_DELTA:.1f}",
         source={r.key: _source_text(r) for r in findings_mod.RULES},
         stamps=_stamps(dbs),
         regime=regime(profile) if profile in PROFILES else "",
