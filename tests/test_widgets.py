@@ -249,6 +249,35 @@ def test_series_app_seed_filter_and_reduction_redraw(companion):
     assert app.figure is fig
 
 
+def test_training_curves_draw_each_model_at_home_and_away(companion):
+    """The dynamics figure: per training domain, the validation metric per epoch on its own
+    domain (solid) and the mean over the other domains (dashed), over the selected seeds."""
+    from hrtem_book.figures.companion import training_curves
+    from hrtem_book.widgets import SeriesApp
+
+    app = SeriesApp(training_curves, companion)
+    assert sum(ax.get_visible() for ax in app.figure.axes) == len(companion)
+    app.series.value = ("structure",)
+    app.filters["seed"].value = (1,)
+    (ax,) = [a for a in app.figure.axes if a.get_visible()]
+    ds = companion["structure"]
+    history = ds["history_dice"].sel(stage="pretrain", seed=1)
+    lines = ax.get_lines()
+    ev = [str(v) for v in ds["eval_domain"].values]
+    for i, train in enumerate(ds["train_domain"].values.tolist()):
+        curves = history.sel(train_domain=train)
+        home, away = lines[2 * i], lines[2 * i + 1]
+        assert home.get_linestyle() == "-" and away.get_linestyle() == "--"
+        np.testing.assert_allclose(home.get_ydata(), curves.isel(eval_domain=ev.index(train)))
+        others = [j for j in range(len(ev)) if ev[j] != train]
+        np.testing.assert_allclose(
+            away.get_ydata(), curves.isel(eval_domain=others).mean("eval_domain")
+        )
+    app.metric.value = "loss"
+    (ax,) = [a for a in app.figure.axes if a.get_visible()]
+    assert ax.get_ylabel().startswith("cross-entropy loss")
+
+
 def test_an_app_displays_as_the_widget_and_as_its_current_image(defocus):
     """One output, two representations: a kernel-backed front end renders the widget view, a
     static page (the MyST HTML book without a kernel) the image of the current figure; its

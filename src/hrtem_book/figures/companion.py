@@ -6,6 +6,11 @@ transfer: the number in each cell is the metric, its colour the deviation from t
 ideal — the models trained on the test domain itself, the diagonal — as in the companion
 study's figures. Red is worse than the ideal, blue better, white equal.
 
+``training_curves`` draws the same models' training dynamics: for each training domain, the
+metric per epoch on its own domain's validation images and, averaged, on the other domains' —
+how a model's learning at home runs beside its learning away from home (findings D1, D2 read
+the first epoch).
+
 ``heldout_bars`` draws the synthetic → experimental-like study: for each synthetic training
 variant, the metric on the experimental-like test images before transfer, after transfer
 on a few of them, and after transfer on as many images of small particles only.
@@ -22,7 +27,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..findings import generalization_gaps
+from ..findings import EARLY_EPOCH, generalization_gaps
 from ..metrics import get_metric
 from ..results import (
     HELDOUT_CASES,
@@ -30,8 +35,10 @@ from ..results import (
     deviation_from_ideal,
     generalization_matrix,
     heldout_table,
+    metric_var,
+    on_domain,
 )
-from ..series import GENERALIZATION_SERIES, get_series
+from ..series import GENERALIZATION_SERIES, get_series, match_index
 from ._common import (
     check_metric,
     check_reduce,
@@ -144,6 +151,77 @@ def confusion_matrices(
     fig.suptitle(
         f"Trained on one domain, tested on every one, no transfer ({reduce} over seeds; "
         f"numbers: {metric_title(metric)})",
+        fontsize=10,
+    )
+    return fig
+
+
+def curves(
+    ds: xr.Dataset, metric: str, select: Mapping[str, Any] | None, reduce: str
+) -> tuple[xr.DataArray, xr.DataArray]:
+    """The per-epoch ``metric`` of a ``generalization-<series>`` database's models on the
+    validation images: ``(home, away)``, by (train_domain, epoch), ``reduce`` over the
+    selected seeds — home on the training domain itself, away the mean over the other
+    evaluation domains. Epochs after a model stopped are NaN (its curve ends there)."""
+    history = ds[metric_var(metric, "history")].sel(stage="pretrain", drop=True)
+    history = history.sel(_clean(ds, select))
+    home = on_domain(history, "train_domain")
+    ev = history["eval_domain"].values
+    is_home = xr.DataArray(
+        [[match_index(ev, t) == j for j in range(len(ev))] for t in ds["train_domain"].values],
+        dims=("train_domain", "eval_domain"),
+        coords={"train_domain": ds["train_domain"]},
+    )
+    away = history.where(~is_home).mean("eval_domain", skipna=True)
+    keep = ["train_domain", "epoch"]
+    return (reduce_da(home.rename("home"), reduce, keep),
+            reduce_da(away.rename("away"), reduce, keep))  # fmt: skip
+
+
+def training_curves(
+    dbs: Mapping[str, xr.Dataset],
+    *,
+    series: Sequence[str] | None = None,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "dice",
+) -> Figure:
+    """One panel per series: for each training domain (a colour), the metric per epoch on its
+    own domain's validation images (solid) and on the other domains' (dashed, their mean),
+    ``reduce`` over the selected seeds; the grey line marks the first epoch, which findings D1
+    and D2 relate to the kept models' scores."""
+    check_reduce(reduce)
+    check_metric(metric)
+    names = _series_order(dbs, series)
+    n = len(names)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = new_figure(4.2 * cols + 0.4, 3.4 * rows + 0.4)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        home, away = curves(dbs[name], metric, select, reduce)
+        trains = home["train_domain"].values.tolist()
+        colours = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.9, max(len(trains), 1)))
+        epochs = home["epoch"].values
+        for colour, t in zip(colours, trains, strict=False):
+            label = domain_label(t)
+            ax.plot(epochs, home.sel(train_domain=t).values, "-", color=colour, lw=1.4,
+                    label=f"{label} at home")  # fmt: skip
+            ax.plot(epochs, away.sel(train_domain=t).values, "--", color=colour, lw=1.1,
+                    label=f"{label} away")  # fmt: skip
+        ax.axvline(EARLY_EPOCH, color="0.6", lw=0.8, zorder=0)
+        last = [e for e in epochs if np.isfinite(home.sel(epoch=e).values).any()]
+        if last:
+            ax.set_xlim(0.5, max(last) + 0.5)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(f"{metric_title(metric)} (validation)")
+        ax.set_title(get_series(name).title("trained on"), fontsize=9)
+        ax.legend(fontsize=6, ncols=2, frameon=False)
+    for ax in axes.ravel()[n:]:
+        ax.set_visible(False)
+    fig.suptitle(
+        f"Training without transfer: at home (solid) and away (dashed, mean of the other "
+        f"domains), {reduce} over seeds",
         fontsize=10,
     )
     return fig
