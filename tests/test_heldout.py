@@ -251,3 +251,20 @@ def test_heldout_rules_decide_on_the_numbers():
     assert size_bias_hurts_transfer(flat).verdict == FAILS
     down = {"heldout": _with_dice(ds, before, dict.fromkeys(variants, 0.65), worse)}
     assert transfer_rescues_experimental(down).verdict == FAILS
+
+
+def test_gallery_puts_one_image_of_every_heldout_domain_side_by_side(smoke_data):
+    """The figure a reader compares the variants and the experimental-like images in: one
+    panel per domain, in the series' order, each the chosen test image of that domain."""
+    from hrtem_book.figures.example_images import heldout_gallery
+
+    held = datasets.load_series("heldout", SMOKE.data, smoke_data, progress=False)
+    domains = list(dict.fromkeys(held["domain"].values.tolist()))
+    fig = heldout_gallery(held, 1)
+    axes = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title().split("\n")[0] for ax in axes] == domains
+    for ax, domain in zip(axes, domains, strict=True):
+        pos = datasets.sample_positions(held, domain, "test")[1]
+        np.testing.assert_array_equal(ax.images[0].get_array(), held["image"].values[pos])
+    with pytest.raises(ValueError, match="index=99 is not allowed; allowed: 0.."):
+        heldout_gallery(held, 99)
