@@ -1,5 +1,6 @@
-"""The held-out study: the experimental-like instrument (physics of each step), the series that
-borrows its scenes from the others, and the synthetic → experimental-like study end to end."""
+"""The held-out study: the experimental-like instrument (physics of each step), the series whose
+synthetic variants borrow their scenes from the others while its experimental-like domains have
+scenes of their own, and the synthetic → experimental-like study end to end."""
 
 from __future__ import annotations
 
@@ -109,13 +110,15 @@ def test_background_and_mtf_act_as_configured():
 
 
 # --- the series ---------------------------------------------------------------------------------
-def test_heldout_domains_borrow_scenes_from_the_other_series():
+def test_heldout_variants_borrow_scenes_and_the_experimental_like_have_their_own():
     data = SMOKE.data
     spec = get_series("heldout")
     assert data.domains("heldout") == HELDOUT_SYNTHETIC + HELDOUT_MEASURED
     sources = {d: spec.scene_source(data, d) for d in data.domains("heldout")}
-    assert sources["varied"] == sources["experimental"] == ("cdse", None)
-    assert sources["small"] == sources["experimental-small"] == ("structure", "CdSe-small")
+    assert sources["varied"] == ("cdse", None)
+    assert sources["small"] == ("structure", "CdSe-small")
+    assert sources["experimental"] == ("heldout", "experimental")
+    assert sources["experimental-small"] == ("heldout", "experimental-small")
     assert sources["fixed-support"] == ("substrate", fixed_support_nm(data))
     assert fixed_support_nm(data) in data.substrate_thickness_nm
     assert {spec.imaging(data, d) is None for d in HELDOUT_SYNTHETIC} == {True}
@@ -127,33 +130,61 @@ def test_heldout_series_needs_cdse_in_both_sizes(tmp_path):
         datasets.generate("heldout", replace(SMOKE.data, lattices=("Cu",)), tmp_path)
 
 
-def test_heldout_images_show_the_lenders_scenes(smoke_data):
-    """Same masks (the same structures) as the series the scenes come from; the experimental-like
-    recording of a scene differs from its synthetic image."""
+def test_heldout_images_show_the_lenders_scenes_and_scenes_of_their_own(smoke_data):
+    """The synthetic variants show the scenes of the series they borrow from (the same masks);
+    the experimental-like images show scenes no training series has: their masks match none of
+    the variants' (each scene a new draw), their particles span both size populations."""
     data = SMOKE.data
     held = datasets.load_series("heldout", data, smoke_data)
 
-    def masks(ds, domain):
-        pos = datasets.sample_positions(ds, domain, "train")
+    def masks(ds, domain, split="train"):
+        pos = datasets.sample_positions(ds, domain, split)
         return ds["mask"].values[pos]
 
     dose = datasets.load_series("dose", data, smoke_data)
     structure = datasets.load_series("structure", data, smoke_data)
     substrate = datasets.load_series("substrate", data, smoke_data)
     np.testing.assert_array_equal(masks(held, "varied"), masks(dose, data.doses[0]))
-    np.testing.assert_array_equal(masks(held, "experimental"), masks(held, "varied"))
-    np.testing.assert_array_equal(masks(held, "experimental-small"), masks(structure, "CdSe-small"))
+    np.testing.assert_array_equal(masks(held, "small"), masks(structure, "CdSe-small"))
     np.testing.assert_array_equal(masks(held, "large"), masks(structure, "CdSe-large"))
     np.testing.assert_array_equal(
         masks(held, "fixed-support"), masks(substrate, fixed_support_nm(data))
     )
-    pos_v = datasets.sample_positions(held, "varied", "train")
-    pos_e = datasets.sample_positions(held, "experimental", "train")
-    assert not np.allclose(held["image"].values[pos_v], held["image"].values[pos_e])
+    synthetic = np.concatenate(
+        [masks(held, d, split) for d in HELDOUT_SYNTHETIC for split in ("train", "val", "test")]
+    )
+    for domain in HELDOUT_MEASURED:
+        for split in ("train", "val", "test"):
+            for mask in masks(held, domain, split):
+                assert not (synthetic == mask).all(axis=(1, 2)).any(), (domain, split)
+    spec = get_series("heldout")
+    assert spec.scene_source(data, "experimental") == ("heldout", "experimental")
+    lattice, radii = spec.scene(data, "experimental")
+    assert radii == (data.small_radius_nm[0], data.series_radius_nm[1])
+    assert spec.scene(data, "experimental-small")[1] == data.small_radius_nm
+    sim = spec.scene_sim(data, "experimental")
+    assert sim.carbon_thickness_nm == data.measured.support_nm
+    assert sim.contamination_nm == data.measured.contamination_nm
+
+
+def test_unrecorded_focus_offset_is_uniform_and_only_experimental():
+    """Each experimental-like image's defocus carries a uniform offset within ± the range (on
+    top of every series' jitter); an ideal recording draws nothing (its stream unchanged)."""
+    m = MeasuredImaging(defocus_range_nm=3.0)
+    rng = np.random.default_rng(0)
+    offsets = np.array([datasets._focus_offset(m, rng) for _ in range(20000)])
+    assert np.abs(offsets).max() <= 3.0
+    assert offsets.mean() == pytest.approx(0.0, abs=0.05)
+    assert offsets.var() == pytest.approx(3.0**2 / 3, rel=0.05)  # uniform on ±a: a²/3
+    before = np.random.default_rng(1)
+    after = np.random.default_rng(1)
+    assert datasets._focus_offset(None, after) == 0.0
+    assert before.random() == after.random()
 
 
 def test_borrowed_scenes_are_simulated_once(tmp_path, monkeypatch):
-    """Generated together, the lenders and the held-out series run each scene's multislice once."""
+    """Generated together, the lenders and the held-out series run each scene's multislice once;
+    the experimental-like domains' own scenes are simulated for them alone."""
     calls = []
     real = simulate.simulate_scene
 
@@ -166,8 +197,9 @@ def test_borrowed_scenes_are_simulated_once(tmp_path, monkeypatch):
     series = ("heldout", "defocus", "structure", "substrate")
     datasets.generate(series[0], data, tmp_path, progress=False, with_series=series[1:])
     per_scene = data.n_train + data.n_val + data.n_test
-    # cdse (shared by defocus, dose and heldout) + 2 structure + 2 substrate scene sets
-    assert len(calls) == per_scene * (1 + 2 + len(data.substrate_thickness_nm))
+    # cdse (shared by defocus, dose and heldout) + 2 structure + 2 substrate scene sets, and
+    # the experimental-like domains' own two
+    assert len(calls) == per_scene * (1 + 2 + len(data.substrate_thickness_nm) + 2)
     for s in (*series, "dose"):
         assert datasets.series_path(s, data, tmp_path).exists()
     assert not (tmp_path / ".chunks").exists()

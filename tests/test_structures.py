@@ -302,6 +302,32 @@ def test_crowded_scene_uses_fewer_particles():
     check_scene(scene, sim, (1.0, 1.0))
 
 
+def test_contamination_layer_covers_the_scene_and_changes_nothing_below():
+    """A contamination layer (the experimental-like scenes'): amorphous carbon at the support's
+    density, as many atoms as its volume holds, over the highest particle; its draws come last,
+    so the particles and the support are those of the same scene without it."""
+    base = replace(PROFILES["smoke"].data.sim, carbon_thickness_nm=(1.0, 1.0))
+    plain = S.build_scene(base, "CdSe", (0.6, 0.8), np.random.default_rng(7))
+    dirty_sim = replace(base, contamination_nm=(1.0, 1.0))
+    dirty = S.build_scene(dirty_sim, "CdSe", (0.6, 0.8), np.random.default_rng(7))
+    n = len(plain.atoms)
+    np.testing.assert_array_equal(dirty.atoms.positions[:n], plain.atoms.positions)
+    assert dirty.info == plain.info
+    cover = dirty.atoms[n:]
+    L = base.field_nm * 10
+    assert set(cover.numbers) == {6} and set(cover.get_tags()) == {0}
+    assert len(cover) == S.carbon_atom_count(L * L, 10.0, base.carbon_density_g_cm3)
+    top = max(c["center_A"][2] + c["radius_A"] for c in plain.info)
+    z = cover.positions[:, 2]
+    assert z.min() >= top + base.carbon_min_distance_A - 1e-9
+    assert z.max() <= top + base.carbon_min_distance_A + 10.0 + 1e-9
+    assert dirty.atoms.cell[2][2] == pytest.approx(
+        top + base.carbon_min_distance_A + 10.0 + S.VACUUM_A
+    )
+    with pytest.raises(ValueError, match=r"contamination_nm=\(2.0, 1.0\) must satisfy"):
+        replace(base, contamination_nm=(2.0, 1.0))
+
+
 def test_particle_too_large_for_field():
     sim = PROFILES["smoke"].data.sim
     with pytest.raises(ValueError, match=r"radius 2\.0 nm.*3\.2 nm field"):

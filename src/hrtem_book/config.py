@@ -102,6 +102,10 @@ class SimulationConfig:
     carbon_thickness_nm: tuple[float, float] = (2.0, 8.0)  # amorphous carbon support, uniform [nm]
     carbon_density_g_cm3: float = 2.0  # amorphous carbon mass density [g/cm³]
     carbon_min_distance_A: float = 1.2  # minimum C–C distance of the random packing [Å]
+    # a contamination layer over the whole specimen, thickness uniform in this range [nm]; (0, 0):
+    # none (every training series). Amorphous carbon at carbon_density_g_cm3 over the highest
+    # particle (structures.build_scene; hydrogen, a weak scatterer, is left out)
+    contamination_nm: tuple[float, float] = (0.0, 0.0)
     particles_per_image: tuple[int, int] = (1, 5)  # inclusive range of particles per image
     particle_gap_nm: float = 1.0  # minimum surface-to-surface distance between particles [nm]
     max_stacking_faults: int = 2  # wurtzite particles carry 0..max faults
@@ -132,6 +136,9 @@ class SimulationConfig:
             raise ValueError(
                 f"carbon_thickness_nm={self.carbon_thickness_nm} must satisfy 0 <= lo <= hi"
             )
+        k_lo, k_hi = self.contamination_nm
+        if not 0 <= k_lo <= k_hi:
+            raise ValueError(f"contamination_nm={self.contamination_nm} must satisfy 0 <= lo <= hi")
         lo, hi = self.particles_per_image
         if not 1 <= lo <= hi:
             raise ValueError(
@@ -154,8 +161,24 @@ class MeasuredImaging:
     """How a simulated "experimental-like" image departs from the training simulations.
 
     We cannot ship measured images, so the held-out domains of the ``heldout`` series are
-    simulations degraded the way a real recording differs from an ideal one. This is an
-    approximation with round, plausible values, not a model of any one instrument:
+    simulations of a specimen and a recording unlike the training simulations'. This is an
+    approximation with round, plausible values, not a model of any one instrument or specimen:
+
+    * the specimen: scenes of their own (a seed stream no training series draws from), CdSe
+      particles with radii from the structure series' smallest to the defocus series' largest
+      (a population no training variant has), on a support of ``support_nm`` [nm] of amorphous
+      carbon (uniform; the training series: 2-8 nm on the laptop), under a contamination layer
+      of ``contamination_nm`` [nm] (uniform) — the hydrocarbon a specimen collects in the
+      microscope, modelled as amorphous carbon at the support's density (hydrogen, a weak
+      scatterer, left out; build-up rates of order a nanometre per minute without cleaning:
+      R. F. Egerton, P. Li & M. Malac, Micron 35, 399 (2004));
+    * the focus: each image at the nominal defocus plus a uniform offset of up to
+      ± ``defocus_range_nm`` [nm], on top of every series' jitter (focusing by eye on a thin
+      edge leaves an offset of a few nm that no label records);
+    * specimen tilt is not added: every series already orients each particle uniformly at random
+      (:func:`hrtem_book.structures.make_particle`) and the support is amorphous, so a tilt of a
+      few degrees changes no distribution the network sees (the support's projected thickness
+      grows by 1/cos θ, 0.14 % at 3°);
 
     * the lens: another spherical aberration ``cs_A`` [Å] (a corrector tuned elsewhere) and a
       residual two-fold astigmatism of magnitude ``astigmatism_A`` [Å] at ``astigmatism_angle_deg``
@@ -184,10 +207,19 @@ class MeasuredImaging:
     gain_shape: float = 2.0  # shape k of the per-electron gamma gain (mean 1, variance 1/k)
     mtf_at_nyquist: float = 0.3  # detector MTF at the output pixel's Nyquist frequency
     read_noise_e: float = 0.5  # read noise [electrons rms per pixel]
+    support_nm: tuple[float, float] = (1.0, 3.0)  # amorphous carbon support, uniform [nm]
+    contamination_nm: tuple[float, float] = (0.5, 1.5)  # contamination layer, uniform [nm]
+    defocus_range_nm: float = 3.0  # largest unrecorded focus offset, uniform ± [nm]
 
     def __post_init__(self) -> None:
-        for name in ("astigmatism_A", "drift_A", "background_fraction", "read_noise_e"):
+        for name in (
+            "astigmatism_A", "drift_A", "background_fraction", "read_noise_e", "defocus_range_nm"
+        ):  # fmt: skip
             _check_positive(name, getattr(self, name), allow_zero=True)
+        for name in ("support_nm", "contamination_nm"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi:
+                raise ValueError(f"{name}={getattr(self, name)} must satisfy 0 <= lo <= hi")
         _check_positive("gain_shape", self.gain_shape)
         if not 0 < self.mtf_at_nyquist <= 1:
             raise ValueError(

@@ -237,17 +237,27 @@ def _run_unit(unit: _Unit, data: DataConfig, root: Path, device: str, targets) -
         scene = build_scene(sim, lattice, radii, scene_rng)
         sw = simulate_scene(scene, sim, blur, scene_rng, device)
         for series, (doms, defoci, doses, pixels, imaging) in plan.items():
-            # one generator per image: its defocus jitter, then its noise
+            # one generator per image: its defocus jitter (and the unrecorded focus offset of an
+            # experimental-like recording), then its noise
             rngs = [_rng(data, series, str(dom), unit.split, index, "optics") for dom in doms]
             used = [
-                defocus + rng.normal(0.0, sim.defocus_jitter_nm)
-                for defocus, rng in zip(defoci, rngs, strict=True)
+                defocus + rng.normal(0.0, sim.defocus_jitter_nm) + _focus_offset(m, rng)
+                for defocus, rng, m in zip(defoci, rngs, imaging, strict=True)
             ]
             imgs = noisy_images(sw, used, doses, sim, rngs, pixels, out_px, imaging)
             masks = [view_mask(sw.mask, sim.pixel_A, p, out_px).cpu().numpy() for p in pixels]
             parts[series].append(_samples(series, doms, unit.split, index, imgs, masks, used, sw))
     for series, samples in parts.items():
         _atomic_netcdf(xr.concat(samples, "sample"), _chunk_file(series, data, root, unit))
+
+
+def _focus_offset(measured, rng: np.random.Generator) -> float:
+    """An experimental-like image's unrecorded focus offset [nm]: uniform within ±
+    ``measured.defocus_range_nm`` (config.MeasuredImaging); 0 and no draw for the ideal
+    recording (None), so every training image keeps its random stream."""
+    if measured is None or measured.defocus_range_nm <= 0:
+        return 0.0
+    return float(rng.uniform(-measured.defocus_range_nm, measured.defocus_range_nm))
 
 
 def _samples(series, doms, split, index, imgs, masks, used, sw) -> xr.Dataset:

@@ -186,17 +186,36 @@ def _heldout_domains(data) -> tuple:
 
 
 def _heldout_borrow(data, domain) -> tuple[str, Domain | None]:
-    """Scenes of the held-out series, borrowed: CdSe of the defocus/dose series (mixed sizes,
-    support of varied thickness), of the substrate series at one thickness, or of the structure
-    series' small or large CdSe particles (varied support)."""
+    """Scenes of the held-out series. The synthetic variants borrow theirs: CdSe of the
+    defocus/dose series (mixed sizes, support of varied thickness), of the substrate series at
+    one thickness, or of the structure series' small or large CdSe particles (varied support).
+    The experimental-like domains have scenes of their own (:func:`_heldout_scene`), which no
+    training series shows."""
     return {
         "varied": ("cdse", None),
         "fixed-support": ("substrate", float(fixed_support_nm(data))),
         "small": ("structure", f"{HELDOUT_LATTICE}-small"),
         "large": ("structure", f"{HELDOUT_LATTICE}-large"),
-        "experimental": ("cdse", None),
-        "experimental-small": ("structure", f"{HELDOUT_LATTICE}-small"),
+        "experimental": ("heldout", "experimental"),
+        "experimental-small": ("heldout", "experimental-small"),
     }[str(domain)]
+
+
+def _heldout_scene(data, domain) -> tuple[str, tuple[float, float]]:
+    """The experimental-like scenes' particles (config.MeasuredImaging): CdSe with radii from
+    the structure series' smallest to the defocus series' largest, a population no training
+    variant has; ``experimental-small`` (the size-biased transfer set) the small ones alone.
+    (The synthetic variants' scenes are borrowed: :func:`_heldout_borrow`.)"""
+    lo, hi = data.small_radius_nm[0], data.series_radius_nm[1]
+    if str(domain) == "experimental-small":
+        hi = data.small_radius_nm[1]
+    return HELDOUT_LATTICE, (lo, hi)
+
+
+def _heldout_sim(data, domain):
+    """The experimental-like scenes' support and contamination (config.MeasuredImaging)."""
+    m = data.measured
+    return replace(data.sim, carbon_thickness_nm=m.support_nm, contamination_nm=m.contamination_nm)
 
 
 SERIES_SPECS: dict[str, SeriesSpec] = {
@@ -270,15 +289,18 @@ SERIES_SPECS: dict[str, SeriesSpec] = {
         numeric=False,
         unit="",
         description="synthetic variants — CdSe of mixed sizes on supports of varied thickness "
-        "('varied'), of one thickness ('fixed-support'), small or large particles only — and "
-        "'experimental'-like recordings of the varied and the small scenes (another lens, "
-        "drift, background, an imperfect detector: config.MeasuredImaging), all at the "
-        "structure series' defocus and dose; scenes borrowed from the other series",
+        "('varied'), of one thickness ('fixed-support'), small or large particles only, "
+        "scenes borrowed from the other series — and 'experimental'-like images of scenes of "
+        "their own (another size range, a thinner support under a contamination layer, of "
+        "all sizes or small only) recorded with an unrecorded focus offset, another lens, "
+        "drift, background and an imperfect detector (config.MeasuredImaging), all at the "
+        "structure series' defocus and dose",
         domains=_heldout_domains,
         optics=lambda data, d: (data.structure_series_defocus_nm, data.structure_series_dose),
-        scene=lambda data, d: ("CdSe", data.series_radius_nm),  # (unused: scenes borrowed)
+        scene=_heldout_scene,
         scene_group="heldout",
         shared_scenes=False,
+        scene_sim=_heldout_sim,
         imaging=lambda data, d: data.measured if str(d) in HELDOUT_MEASURED else None,
         borrow=_heldout_borrow,
     ),

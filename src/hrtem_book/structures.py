@@ -396,7 +396,10 @@ def build_scene(
     radii uniform in ``radius_range_nm`` [nm], every particle inside the field and at least
     ``sim.particle_gap_nm`` from the others (surface to surface); carbon thickness uniform in
     ``sim.carbon_thickness_nm`` (0 nm: no support). Each particle sits on the slab, its lowest
-    possible atom ``sim.carbon_min_distance_A`` above the highest carbon plane.
+    possible atom ``sim.carbon_min_distance_A`` above the highest carbon plane. A contamination
+    layer (``sim.contamination_nm`` > 0, uniform thickness) of amorphous carbon covers the whole
+    field ``sim.carbon_min_distance_A`` above the highest particle (tag 0, like the support: it
+    is not particle); its draws come after every other, so a scene without one is unchanged.
     """
     get_lattice(lattice)
     r_lo, r_hi = radius_range_nm
@@ -435,7 +438,20 @@ def build_scene(
         if "stacking" in part.info:
             entry["stacking"] = part.info["stacking"]
         info.append(entry)
-    height = max(c["center_A"][2] + c["radius_A"] for c in info) + VACUUM_A
+    top = max(c["center_A"][2] + c["radius_A"] for c in info)
+    k_lo, k_hi = sim.contamination_nm
+    if k_hi > 0:  # (no draw otherwise: the scenes of every other series keep their streams)
+        layer = rng.uniform(k_lo, k_hi) * 10
+        if layer > 0:
+            cover = amorphous_carbon(
+                L, layer, sim.carbon_density_g_cm3, sim.carbon_min_distance_A, rng
+            )
+            base = top + sim.carbon_min_distance_A
+            pos.append(cover.positions + [0, 0, base])
+            num.append(cover.numbers)
+            tags.append(np.zeros(len(cover), int))
+            top = base + layer
+    height = top + VACUUM_A
     cell = [L, L, height]
     atoms = ase.Atoms(
         numbers=np.concatenate(num),

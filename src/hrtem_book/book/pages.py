@@ -235,14 +235,21 @@ def datasets(profile: str) -> Numbers:
 
 
 def _measured_text(m) -> str:
-    """The experimental-like instrument (config.MeasuredImaging) in one phrase."""
+    """The experimental-like specimen and instrument (config.MeasuredImaging) in one phrase."""
     return (
-        f"C_s = {m.cs_A / 1e4:+g} µm, {m.astigmatism_A / 10:g} nm of two-fold astigmatism, "
+        f"scenes of their own on {_range(m.support_nm)} nm of amorphous carbon under "
+        f"{_range(m.contamination_nm)} nm of contamination, a focus offset of up to "
+        f"±{m.defocus_range_nm:g} nm that no label records, C_s = {m.cs_A / 1e4:+g} µm, "
+        f"{m.astigmatism_A / 10:g} nm of two-fold astigmatism, "
         f"{m.drift_A:g} Å of drift, a background of {100 * m.background_fraction:g} % of the "
         f"beam (gradient up to ±{100 * m.background_gradient:g} %), a detector gain of shape "
         f"{m.gain_shape:g} (DQE(0) {m.gain_shape / (m.gain_shape + 1):.2f}), MTF "
         f"{m.mtf_at_nyquist:g} at Nyquist and {m.read_noise_e:g} e⁻ of read noise"
     )
+
+
+def _range(r) -> str:
+    return f"{r[0]:g}–{r[1]:g}"
 
 
 def lattice_table():
@@ -572,9 +579,15 @@ def heldout_numbers(ds) -> Numbers:
         after=case("after"),
         biased=case("after-biased"),
         n=str(int(ds.attrs["n_transfer"])) if "n_transfer" in ds.attrs else "a few",
-        sizes=_radii(profile.data.series_radius_nm) if profile else "n/a",
-        small=_radii(profile.data.small_radius_nm) if profile else "n/a",
+        sizes=_radii(_heldout_radii(profile.data, "experimental")) if profile else "n/a",
+        small=_radii(_heldout_radii(profile.data, "experimental-small")) if profile else "n/a",
     )
+
+
+def _heldout_radii(data, domain) -> tuple[float, float]:
+    from ..series import get_series
+
+    return get_series("heldout").scene(data, domain)[1]
 
 
 def _radii(r) -> str:
