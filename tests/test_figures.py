@@ -145,6 +145,33 @@ def test_baseline_roles_come_from_the_cell_not_the_sorted_pair(dbs):
     assert d["a"]["mixture"].sel(mix="128:384").item() == pytest.approx(expected)
 
 
+def test_mixture_curves_place_every_model_on_the_share_of_b(dbs):
+    """The study's axes: a loss that encodes the evaluation domain and the share of b puts each
+    model where it belongs — the ends are the models trained on a or b alone (the defocus
+    study's pretrainings), the mixtures in between, each transfer at the share of the mixture
+    holding as many images of b; the values are reduced over the filtered models."""
+    base = _loss_is_eval_domain(dbs["baseline"])
+    transfer = _loss_is_eval_domain(dbs["defocus"])
+    a, b = -10.0, 0.0
+    c = ic.mixture_curve(base, transfer, (a, b), select={"seed": [1]}, reduce="median")
+    assert sorted(c["b"]) == [0.0, 0.25, 0.5, 0.75, 1.0]  # 128:384 … and the two ends
+    for role, dom in (("a", a), ("b", b)):
+        assert all(v == pytest.approx(1 + dom / 100) for v in c[role].values())
+        assert sorted(c["transfer"][role]) == [64 / 512, 128 / 512]
+    raw = dbs["baseline"]["final_loss"].sel(domain_a=a, domain_b=b, mix="256:256", seed=1)
+    plain = ic.mixture_curve(dbs["baseline"], dbs["defocus"], (a, b), select={"seed": [1]},
+                             reduce="median")  # fmt: skip
+    assert plain["b"][0.5] == pytest.approx(float(np.nanmedian(raw.sel(eval_domain=b).values)))
+    ends = dbs["defocus"]["final_loss"].sel(stage="pretrain", pretrain_domain=b, seed=1)
+    assert plain["b"][1.0] == pytest.approx(float(np.nanmedian(ends.sel(eval_domain=b).values)))
+    fig = ic.mixture_curves(base, transfer=transfer, select={"domain_a": [a], "domain_b": [b]})
+    (ax,) = fig.axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert set(lines) == {"from scratch, on b (0 nm)", "from scratch, on a (-10 nm)",
+                          "transfer a → b, on b", "transfer a → b, on a"}  # fmt: skip
+    np.testing.assert_allclose(lines["from scratch, on b (0 nm)"].get_xdata(), sorted(c["b"]))
+
+
 # --- per-domain bars respect every filter -----------------------------------------------------
 @pytest.mark.parametrize("select", [{"freeze": ["encoder"]}, {"n_transfer": [64], "seed": [0]}])
 def test_ood_bars_respect_filters(dbs, select):

@@ -420,9 +420,32 @@ def imaging_conditions(results_dir: str | Path, reduction: str) -> Numbers:
             "(finding F6 compares, pair by pair, each "
             "mixture with the transfers that saw as many target images instead)"
         ),
+        curve_pairs=_curve_pairs(base, ds),
         F=found["loss"],
         Fd=found["dice"],
         **{k.lower(): verdict_sentence(found["loss"][k]) for k in ("F1", "F2", "F6", "F7")},
+    )
+
+
+STUDY_CURVE_PAIR_NM = (-10.0, 5.0)  # the study's example of a mixture curve (a → b)
+
+
+def _curve_pairs(base, transfer) -> str:
+    """Which (a → b) pairs the mixture curves of this build show, and where the study's own
+    example pair is among them."""
+    a0, b0 = STUDY_CURVE_PAIR_NM
+    pairs = [(a, b) for a in base["domain_a"].values.tolist()
+             for b in base["domain_b"].values.tolist() if a != b]  # fmt: skip
+    names = ", ".join(f"{a:g} → {b:g} nm" for a, b in pairs).replace("-", "−")
+    if (a0, b0) in pairs:
+        return f"This build's pairs are {names}, the study's example among them."
+    targets = {b for a, b in pairs if a == a0} or {b for _, b in pairs}
+    nearest = sorted(targets, key=lambda b: (abs(b - b0), b))
+    near = " and ".join((f"+{b:g}" if b > 0 else f"{b:g}").replace("-", "−") + " nm"
+                        for b in nearest[:2])  # fmt: skip
+    return (
+        f"The study's own example pair, −10 → +5 nm, needs a defocus this profile does not "
+        f"simulate; this build's pairs are {names}, whose targets {near} are the nearest to it."
     )
 
 

@@ -3,7 +3,8 @@
 ``transfer_heatmaps`` draws, for a transfer study, the loss on each target domain of the model
 pretrained on each domain, after pretraining and after transfer, side by side on one colour
 scale. ``baseline_comparison`` compares sequential transfer (pretrain on domain a, transfer to b)
-with one model trained on a mixture of a and b.
+with one model trained on a mixture of a and b; ``mixture_curves`` puts the same models on the
+study's axes (the share of b in the training set, the models trained on a or b alone at its ends).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from matplotlib.figure import Figure
 
 from ..metrics import get_metric
 from ..results import on_domain
+from ..series import match_index
+from ..studies import parse_mix
 from ._common import (
     axis_title,
     best_of,
@@ -238,6 +241,97 @@ def baseline_comparison(
                 ax.set_xlabel("mixture: images of a : b")
     axes[0, 1].legend(fontsize=8, loc="best")
     fig.suptitle(f"Mixture baseline vs transfer; {reduce} over the filtered models")
+    return fig
+
+
+def mixture_curve(
+    ds: xr.Dataset,
+    transfer: xr.Dataset,
+    pair: tuple[Any, Any],
+    *,
+    select: Mapping[str, list],
+    reduce: str,
+    metric: str = "loss",
+) -> dict[str, Any]:
+    """One (a, b) pair on the study's axes: the ``metric`` on b (``"b"``) and on a (``"a"``)
+    against the share of b among the images a model trained on, each ``{share: value}``.
+
+    The mixtures of the baseline database give the shares in between (``n_b / (n_a + n_b)``);
+    the ends are the defocus study's models trained from scratch on a alone (share 0) and on b
+    alone (share 1), which saw as many images (the profile's pretraining size). ``transfer``:
+    ``{share: value}`` of the transfers a → b of each size N, placed at the share of the mixture
+    holding N images of b out of as many in all — equal target images, as finding F6 compares.
+    NaN where a database lacks the model."""
+    a, b = pair
+    var = var_of(metric)
+    mixture = selected(ds, var, {**select, "domain_a": [a], "domain_b": [b]})
+    out: dict[str, Any] = {"a": {}, "b": {}, "transfer": {"a": {}, "b": {}}}
+    mixes = select.get("mix", ds["mix"].values.tolist())
+    total = None
+    for mix in mixes:
+        n_a, n_b = parse_mix(mix)
+        total = n_a + n_b
+        cell = mixture.sel(mix=[mix])
+        for role, axis in (("a", "domain_a"), ("b", "domain_b")):
+            value = reduce_da(on_domain(cell, axis), reduce, keep=[])
+            out[role][n_b / total] = float(value.values)
+    seeds = {"seed": select["seed"]} if "seed" in select else {}
+    pre = transfer["pretrain_domain"].values.tolist()
+    for share, home in ((0.0, a), (1.0, b)):
+        if home not in pre:
+            continue
+        da = selected(transfer, var, {**seeds, "stage": ["pretrain"], "pretrain_domain": [home]})
+        for role, dom in (("a", a), ("b", b)):
+            at = da.isel(eval_domain=[match_index(da["eval_domain"].values, dom)])
+            out[role][share] = float(reduce_da(at, reduce, keep=[]).values)
+    if a in pre and b in transfer["target_domain"].values.tolist() and total:
+        tsel = {**seeds, "stage": ["transfer"], "pretrain_domain": [a], "target_domain": [b]}
+        for n in transfer["n_transfer"].values.tolist():
+            da = selected(transfer, var, {**tsel, "n_transfer": [n]})
+            for role, dom in (("a", a), ("b", b)):
+                at = da.isel(eval_domain=[match_index(da["eval_domain"].values, dom)])
+                out["transfer"][role][int(n) / total] = float(reduce_da(at, reduce, keep=[]).values)
+    return out
+
+
+def mixture_curves(
+    ds: xr.Dataset,
+    *,
+    transfer: xr.Dataset,
+    select: Mapping[str, Any] | None = None,
+    reduce: str = "median",
+    metric: str = "loss",
+) -> Figure:
+    """The study's mixture-versus-transfer curve, one panel per selected (a, b) pair: the
+    metric on b (solid) and on a (dotted) against the share of b in the training set — trained
+    on a alone, on mixtures, on b alone — with the transfers a → b (crosses) at the share that
+    holds as many images of b (:func:`mixture_curve`)."""
+    check_reduce(reduce)
+    sel = clean_select(ds, select)
+    pairs = baseline_pairs(ds, sel)[:MAX_BASELINE_PAIRS]
+    if not pairs:
+        raise ValueError("the selection holds no pair of different domains a and b")
+    unit = domain_unit(str(ds.attrs.get("series", "")))
+    fig = new_figure(4.3 * len(pairs) + 0.4, 3.6)
+    axes = np.atleast_1d(fig.subplots(1, len(pairs), squeeze=False)[0])
+    for ax, pair in zip(axes, pairs, strict=True):
+        c = mixture_curve(ds, transfer, pair, select=sel, reduce=reduce, metric=metric)
+        for role, style, colour in (("b", "o-", "C0"), ("a", "s:", "C2")):
+            shares = sorted(c[role])
+            name = f"{domain_label(pair[1] if role == 'b' else pair[0])} {unit}".strip()
+            ax.plot(shares, [c[role][x] for x in shares], style, color=colour,
+                    label=f"from scratch, on {role} ({name})")  # fmt: skip
+            t = c["transfer"][role]
+            if t:
+                ax.plot(sorted(t), [t[x] for x in sorted(t)], "x", color=colour, ms=9, mew=2,
+                        label=f"transfer a → b, on {role}")  # fmt: skip
+        ax.set_xlabel("share of b among the training images")
+        ax.set_ylabel(metric_title(metric))
+        ax.set_title(f"a = {domain_label(pair[0])} {unit}, b = {domain_label(pair[1])} {unit}",
+                     fontsize=9)  # fmt: skip
+        ax.set_xlim(-0.04, 1.04)
+        ax.legend(fontsize=7, frameon=False)
+    fig.suptitle(f"Mixtures against transfer ({reduce} over the filtered models)", fontsize=10)
     return fig
 
 
