@@ -76,6 +76,15 @@ def _clean(ds: xr.Dataset, select: Mapping[str, Any] | None) -> dict:
     return out
 
 
+def _panels(n: int, width: tuple[float, float], height: tuple[float, float]):
+    """A figure of ``n`` panels, three to a row: ``(figure, axes [rows, cols])``; ``width`` and
+    ``height`` are (per panel, margin) in inches."""
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = new_figure(width[0] * cols + width[1], height[0] * rows + height[1])
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def matrices(
     dbs: Mapping[str, xr.Dataset],
     *,
@@ -112,10 +121,7 @@ def confusion_matrices(
     devs = devs[np.isfinite(devs)]
     lim = float(np.abs(devs).max()) if devs.size and np.abs(devs).max() > 0 else 0.05
     n = len(tables)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig = new_figure(4.2 * cols + 0.8, 3.9 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panels(n, (4.2, 0.8), (3.9, 0.0))
     cmap = matplotlib.colormaps[DEVIATION_CMAP].with_extremes(bad="0.85")
     im = None
     for ax, (name, (m, dev)) in zip(axes.ravel(), tables.items(), strict=False):
@@ -194,10 +200,7 @@ def training_curves(
     check_metric(metric)
     names = _series_order(dbs, series)
     n = len(names)
-    cols = min(n, 3)
-    rows = -(-n // cols)
-    fig = new_figure(4.2 * cols + 0.4, 3.4 * rows + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _panels(n, (4.2, 0.4), (3.4, 0.4))
     for ax, name in zip(axes.ravel(), names, strict=False):
         home, away = curves(dbs[name], metric, select, reduce)
         trains = home["train_domain"].values.tolist()

@@ -140,6 +140,19 @@ def baseline_pairs(ds: xr.Dataset, select: Mapping[str, list]) -> list[tuple[Any
     return [(a, b) for a in a_vals for b in b_vals if a != b]
 
 
+def _pairs_to_draw(
+    ds: xr.Dataset, select: Mapping[str, Any] | None, reduce: str
+) -> tuple[dict[str, list], list[tuple[Any, Any]], str]:
+    """The checked selection of a baseline figure, its (a, b) pairs (at most
+    :data:`MAX_BASELINE_PAIRS`) and the unit of the series' domains."""
+    check_reduce(reduce)
+    sel = clean_select(ds, select)
+    pairs = baseline_pairs(ds, sel)[:MAX_BASELINE_PAIRS]
+    if not pairs:
+        raise ValueError("the selection holds no pair of different domains a and b")
+    return sel, pairs, domain_unit(str(ds.attrs.get("series", "")))
+
+
 def baseline_data(
     ds: xr.Dataset,
     transfer: xr.Dataset | None,
@@ -200,12 +213,7 @@ def baseline_comparison(
     ``ds`` is the baseline database; ``transfer`` the defocus study, reduced over every model
     with pretraining domain a and target b (and ``transfer_select``).
     """
-    check_reduce(reduce)
-    sel = clean_select(ds, select)
-    pairs = baseline_pairs(ds, sel)[:MAX_BASELINE_PAIRS]
-    if not pairs:
-        raise ValueError("the selection holds no pair of different domains a and b")
-    unit = domain_unit(str(ds.attrs.get("series", "")))
+    sel, pairs, unit = _pairs_to_draw(ds, select, reduce)
     fig = new_figure(9.0, 0.6 + 2.4 * len(pairs))
     axes = np.atleast_2d(fig.subplots(len(pairs), 2, sharex=True, squeeze=False))
     mixes = sel.get("mix", ds["mix"].values.tolist())
@@ -306,12 +314,7 @@ def mixture_curves(
     metric on b (solid) and on a (dotted) against the share of b in the training set — trained
     on a alone, on mixtures, on b alone — with the transfers a → b (crosses) at the share that
     holds as many images of b (:func:`mixture_curve`)."""
-    check_reduce(reduce)
-    sel = clean_select(ds, select)
-    pairs = baseline_pairs(ds, sel)[:MAX_BASELINE_PAIRS]
-    if not pairs:
-        raise ValueError("the selection holds no pair of different domains a and b")
-    unit = domain_unit(str(ds.attrs.get("series", "")))
+    sel, pairs, unit = _pairs_to_draw(ds, select, reduce)
     fig = new_figure(4.3 * len(pairs) + 0.4, 3.6)
     axes = np.atleast_1d(fig.subplots(1, len(pairs), squeeze=False)[0])
     for ax, pair in zip(axes, pairs, strict=True):
