@@ -132,6 +132,7 @@ class Scale:
     text: Callable[[float], str]
     what: str  # the summary's words for a contrast value ({error} names the error scale)
     images: bool  # the test images are a second sampling unit of its intervals
+    symbol: str = ""  # what a value is named before it ("ρ = "), if anything
 
 
 @dataclass(frozen=True)
@@ -160,9 +161,8 @@ class Interval:
     def text(self) -> str:
         """``"+12 % [+3 %, +21 %]"`` (a relative change of the error) or ``"ρ = +0.41 [−0.05,
         +0.74]"`` (a rank correlation): the estimate with its interval."""
-        show = SCALES[self.scale].text
-        head = "ρ = " if self.scale == "correlation" else ""
-        return f"{head}{show(self.estimate)} [{show(self.low)}, {show(self.high)}]"
+        s = SCALES[self.scale]
+        return f"{s.symbol}{s.text(self.estimate)} [{s.text(self.low)}, {s.text(self.high)}]"
 
 
 @dataclass(frozen=True)
@@ -233,17 +233,16 @@ SCALES = {
     "correlation": Scale(
         "correlation", math.atanh(RHO_DELTA), rho_text,
         "Spearman's rank correlation across the models (error: {error}), on Fisher's z scale",
-        False,
+        False, "ρ = ",
     ),
 }  # fmt: skip
 
 
 def effect_text(scale: str, value: float) -> str:
     """An effect on ``scale`` (a log-error difference, or a Fisher z) in words: ``+21 %``,
-    ``ρ = 0.54``."""
-    if scale == "correlation":
-        return f"ρ = {rho_text(value).lstrip('+')}"
-    return pct_change(value)
+    ``ρ = 0.54`` (a named value without its plus sign)."""
+    s = SCALES[scale]
+    return f"{s.symbol}{s.text(value).lstrip('+')}" if s.symbol else s.text(value)
 
 
 def t_intervals(rows: np.ndarray, confidence: float = CONFIDENCE):

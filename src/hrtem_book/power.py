@@ -51,7 +51,7 @@ from . import findings
 from .layout import cached_json
 from .profiles import get_profile
 from .results import empty_database
-from .series import split_structure_domain
+from .series import match_index, split_structure_domain
 from .studies import build_grid, get_study
 
 SIGMA_MODEL = 0.10  # sd of a model's log error shared by all its scores
@@ -85,6 +85,12 @@ def _centred(values, value) -> float:
         return 0.0
     v = np.arange(len(values), dtype=float)
     return float(((v - v.mean()) / v.std(ddof=1))[values.index(value)])
+
+
+def _as_metrics(error):
+    """A simulated error (the loss) as each metric's value: loss, Dice = 1 − error and IoU =
+    Dice / (2 − Dice); numbers and arrays alike."""
+    return {"loss": error, "dice": 1.0 - error, "iou": (1.0 - error) / (1.0 + error)}
 
 
 def _size(name) -> str:
@@ -125,17 +131,12 @@ def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator
         noise = rng.standard_normal(centred[study].shape)
         early = rho * np.nan_to_num(centred[study] / (sd or 1.0)) + math.sqrt(1 - rho**2) * noise
         error = np.exp(math.log(EARLY_ERROR) + SIGMA_EARLY * early)  # trains × seeds
-        names = [findings._name(d) for d in ds["eval_domain"].values.tolist()]
+        ev = ds["eval_domain"].values
         for i, train in enumerate(t["trains"]):
-            at = {
-                "train_domain": train,
-                "stage": "pretrain",
-                "epoch": findings.EARLY_EPOCH,
-                "eval_domain": ds["eval_domain"].values[names.index(findings._name(train))],
-            }
-            ds["history_loss"].loc[at] = error[i]
-            ds["history_dice"].loc[at] = 1.0 - error[i]
-            ds["history_iou"].loc[at] = (1.0 - error[i]) / (1.0 + error[i])
+            at = {"train_domain": train, "stage": "pretrain", "epoch": findings.EARLY_EPOCH,
+                  "eval_domain": ev[match_index(ev, train)]}  # fmt: skip
+            for m, value in _as_metrics(error[i]).items():
+                ds[f"history_{m}"].loc[at] = value
 
 
 def _transfer(stage) -> bool:
@@ -297,9 +298,8 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
         log_err = log_err + xr.DataArray(per_seed, dims=("seed", "eval_domain"))
     mask = xr.DataArray(~excluded, dims=axes)
     err = np.exp(log_err).where(mask).transpose(*var.dims)
-    ds["final_loss"].values[...] = err.values
-    ds["final_dice"].values[...] = 1.0 - err.values
-    ds["final_iou"].values[...] = (1.0 - err.values) / (1.0 + err.values)
+    for m, value in _as_metrics(err.values).items():
+        ds[f"final_{m}"].values[...] = value
     ok = mask.broadcast_like(ds["status"]).transpose(*ds["status"].dims).values
     ds["status"].values[...] = np.where(ok, "ok", "excluded")
     ds.attrs.update(findings.stamp_attrs())

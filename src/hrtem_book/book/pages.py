@@ -30,8 +30,8 @@ from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, stud
 from ..figures.structure import domains_of_size, size_numbers
 from ..layout import analysis_cache
 from ..profiles import PROFILES, get_profile
-from ..results import load_databases
-from ..series import fixed_support_nm
+from ..results import generalization_databases, load_databases, on_domain
+from ..series import fixed_support_nm, get_series
 
 # models of the published study, per study (its text and tables)
 # (the companion study's abstract gives no model counts)
@@ -525,8 +525,6 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     """Chapter "Generalization without transfer": the companion study's matrices, the training
     dynamics, the held-out study and G1-G6, D1-D2."""
     from ..figures.companion import companion_numbers
-    from ..results import generalization_databases
-    from ..series import get_series
 
     dbs = load_databases(results_dir)
     found = _findings(dbs, results_dir)
@@ -560,8 +558,6 @@ def _first_epoch_numbers(gen: dict) -> dict[str, str]:
     """The Dice of the models trained without transfer on their own domain: after the first
     epoch (validation images) and as kept (test images), each the mean over the models of a
     seed, with the interval over seeds."""
-    from ..results import on_domain
-
     first, kept = [], []
     for ds in gen.values():
         history = ds["history_dice"].sel(stage="pretrain", epoch=findings_mod.EARLY_EPOCH)
@@ -608,13 +604,11 @@ def heldout_numbers(ds) -> Numbers:
 
 
 def _heldout_radii(data, domain) -> tuple[float, float]:
-    from ..series import get_series
-
     return get_series("heldout").scene(data, domain)[1]
 
 
 def _radii(r) -> str:
-    return f"radii {r[0]:g}–{r[1]:g} nm"
+    return f"radii {_range(r)} nm"
 
 
 def findings(results_dir: str | Path) -> Numbers:

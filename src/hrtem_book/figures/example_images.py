@@ -29,6 +29,20 @@ def _domain_label(ds: xr.Dataset, domain) -> str:
     return f"{spec.display(domain)}{unit} {spec.name}" if spec.numeric else str(domain)
 
 
+def _image(ds: xr.Dataset, domain, index: int, split: str):
+    """Image ``index`` of ``split`` of ``domain``: ``(sample, image, mask, extent [nm])``, the
+    extent from the image's own pixel (the magnification series has several); older files: the
+    series'. A one-line error for an index the split does not have."""
+    pos = sample_positions(ds, domain, split)
+    if not 0 <= index < len(pos):
+        raise ValueError(f"index={index} is not allowed; allowed: 0..{len(pos) - 1}")
+    sample = ds.isel(sample=int(pos[index]))
+    image, mask = sample["image"].values, sample["mask"].values
+    pixel = float(sample["pixel_A"]) if "pixel_A" in sample.coords else float(ds.attrs["pixel_A"])
+    extent_nm = (0, image.shape[1] * pixel / 10, image.shape[0] * pixel / 10, 0)
+    return sample, image, mask, extent_nm
+
+
 def heldout_gallery(ds: xr.Dataset, index: int = 0, split: str = "test") -> Figure:
     """Image ``index`` of ``split`` of every domain of the ``heldout`` series, in the series'
     order (the synthetic training variants, then the experimental-like domains), each on its
@@ -38,15 +52,7 @@ def heldout_gallery(ds: xr.Dataset, index: int = 0, split: str = "test") -> Figu
     fig = Figure(figsize=(2.3 * len(domains) + 0.2, 3.3), layout="constrained")
     axes = fig.subplots(1, len(domains), squeeze=False)[0]
     for ax, domain in zip(axes, domains, strict=True):
-        pos = sample_positions(ds, domain, split)
-        if not 0 <= index < len(pos):
-            raise ValueError(f"index={index} is not allowed; allowed: 0..{len(pos) - 1}")
-        sample = ds.isel(sample=int(pos[index]))
-        image, mask = sample["image"].values, sample["mask"].values
-        pixel = (
-            float(sample["pixel_A"]) if "pixel_A" in sample.coords else float(ds.attrs["pixel_A"])
-        )
-        extent_nm = (0, image.shape[1] * pixel / 10, image.shape[0] * pixel / 10, 0)
+        sample, image, mask, extent_nm = _image(ds, domain, index, split)
         ax.imshow(image, cmap="gray", extent=extent_nm)
         ax.contour(mask, levels=[0.5], colors=[_OUTLINE], linewidths=0.8, extent=extent_nm,
                    origin="upper")  # fmt: skip
@@ -62,14 +68,7 @@ def example_images_figure(
     ds: xr.Dataset, domain, index: int = 0, overlay: bool = True, split: str = "train"
 ) -> Figure:
     """Image ``index`` of ``domain`` (counts per pixel) and its particle mask, side by side."""
-    pos = sample_positions(ds, domain, split)
-    if not 0 <= index < len(pos):
-        raise ValueError(f"index={index} is not allowed; allowed: 0..{len(pos) - 1}")
-    sample = ds.isel(sample=int(pos[index]))
-    image, mask = sample["image"].values, sample["mask"].values
-    # the image's own pixel (the magnification series has several); older files: the series'
-    pixel = float(sample["pixel_A"]) if "pixel_A" in sample.coords else float(ds.attrs["pixel_A"])
-    extent_nm = (0, image.shape[1] * pixel / 10, image.shape[0] * pixel / 10, 0)
+    sample, image, mask, extent_nm = _image(ds, domain, index, split)
     used = float(sample["defocus_nm"])
 
     fig = Figure(figsize=(7.6, 3.8), layout="constrained")

@@ -284,21 +284,24 @@ def mixture_curve(
             value = reduce_da(on_domain(cell, axis), reduce, keep=[])
             out[role][n_b / total] = float(value.values)
     seeds = {"seed": select["seed"]} if "seed" in select else {}
+
+    def on_each_role(sel: dict) -> dict[str, float]:  # the transfer study's models of ``sel``
+        da = selected(transfer, var, {**seeds, **sel})
+        ev = da["eval_domain"].values
+        return {role: float(reduce_da(da.isel(eval_domain=[match_index(ev, dom)]), reduce,
+                                      keep=[]).values)
+                for role, dom in (("a", a), ("b", b))}  # fmt: skip
+
     pre = transfer["pretrain_domain"].values.tolist()
     for share, home in ((0.0, a), (1.0, b)):
-        if home not in pre:
-            continue
-        da = selected(transfer, var, {**seeds, "stage": ["pretrain"], "pretrain_domain": [home]})
-        for role, dom in (("a", a), ("b", b)):
-            at = da.isel(eval_domain=[match_index(da["eval_domain"].values, dom)])
-            out[role][share] = float(reduce_da(at, reduce, keep=[]).values)
+        if home in pre:
+            for role, v in on_each_role({"stage": ["pretrain"], "pretrain_domain": [home]}).items():
+                out[role][share] = v
     if a in pre and b in transfer["target_domain"].values.tolist() and total:
-        tsel = {**seeds, "stage": ["transfer"], "pretrain_domain": [a], "target_domain": [b]}
+        tsel = {"stage": ["transfer"], "pretrain_domain": [a], "target_domain": [b]}
         for n in transfer["n_transfer"].values.tolist():
-            da = selected(transfer, var, {**tsel, "n_transfer": [n]})
-            for role, dom in (("a", a), ("b", b)):
-                at = da.isel(eval_domain=[match_index(da["eval_domain"].values, dom)])
-                out["transfer"][role][int(n) / total] = float(reduce_da(at, reduce, keep=[]).values)
+            for role, v in on_each_role({**tsel, "n_transfer": [n]}).items():
+                out["transfer"][role][int(n) / total] = v
     return out
 
 
