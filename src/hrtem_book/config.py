@@ -59,6 +59,13 @@ def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name}={value!r} is not allowed: it must be {bound}")
 
 
+def _check_range(name: str, value: tuple[float, float]) -> None:
+    """A (lo, hi) range of thicknesses drawn uniformly: 0 <= lo <= hi."""
+    lo, hi = value
+    if not 0 <= lo <= hi:
+        raise ValueError(f"{name}={value} must satisfy 0 <= lo <= hi")
+
+
 # seconds of a GPU campaign's budget kept for collecting and the benchmark (hrtem_book.campaign)
 CAMPAIGN_RESERVE_S = 60.0
 DEVICE_NAMES = "cpu, cuda, cuda:N"
@@ -131,14 +138,8 @@ class SimulationConfig:
                 f"sampling_A={self.sampling_A} Å is too coarse for HRTEM of crystals: "
                 "allowed is <= 0.25 Å (images at 0.4 Å correlate only ~0.5 with a 0.05 Å reference)"
             )
-        c_lo, c_hi = self.carbon_thickness_nm
-        if not 0 <= c_lo <= c_hi:
-            raise ValueError(
-                f"carbon_thickness_nm={self.carbon_thickness_nm} must satisfy 0 <= lo <= hi"
-            )
-        k_lo, k_hi = self.contamination_nm
-        if not 0 <= k_lo <= k_hi:
-            raise ValueError(f"contamination_nm={self.contamination_nm} must satisfy 0 <= lo <= hi")
+        for name in ("carbon_thickness_nm", "contamination_nm"):
+            _check_range(name, getattr(self, name))
         lo, hi = self.particles_per_image
         if not 1 <= lo <= hi:
             raise ValueError(
@@ -217,9 +218,7 @@ class MeasuredImaging:
         ):  # fmt: skip
             _check_positive(name, getattr(self, name), allow_zero=True)
         for name in ("support_nm", "contamination_nm"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise ValueError(f"{name}={getattr(self, name)} must satisfy 0 <= lo <= hi")
+            _check_range(name, getattr(self, name))
         _check_positive("gain_shape", self.gain_shape)
         if not 0 < self.mtf_at_nyquist <= 1:
             raise ValueError(
