@@ -496,8 +496,13 @@ def test_notebook_without_parameters_cell_is_refused(tmp_path):
 # --- the real book ----------------------------------------------------------------------------
 def test_every_figure_notebook_is_thin_and_labelled():
     """Conventions the build relies on: a parameters cell with the shared names, embeddable
-    (app:/txt:) labels, no committed outputs."""
+    (app:/txt:) labels, no committed outputs, and cell ids unique across the book (MyST makes
+    them page identifiers and warns on each one two notebooks share)."""
+    cell_ids: dict[str, str] = {}
     for nb in book.figure_notebooks(ROOT):
+        for cell in nbformat.read(nb, 4).cells:
+            assert cell.id not in cell_ids, f"{nb.name} repeats {cell_ids.get(cell.id)}'s {cell.id}"
+            cell_ids[cell.id] = nb.name
         # each declares what it uses (example_images reads no database); the build passes only those
         assert "profile" in book.declared_parameters(nb), nb.name
         labels = book.notebook_labels(nb)
