@@ -342,6 +342,8 @@ CAMPAIGN = ["campaign", "--profile", "smoke", "--device", "cpu"]
         # values argparse accepts and the pipeline cannot use (3, 4, 12)
         (TRAIN + ["--seed", str(2**64)], [f"seed={2**64}", "0..9223372036854775807"]),
         (TRAIN + ["--freeze", "bogus"], ["--freeze 'bogus' without --transfer"]),
+        (["train", "--series", "heldout", "--pretrain", "experimental", "--profile", "laptop"],
+         ["--pretrain 'experimental' has 8 training images", "allowed: varied"]),
         (["live", "--profile", "smoke", "--port", "-5"], ["--port -5", "1..65535"]),
         (["live", "--profile", "smoke", "--port", "99999"], ["--port 99999", "1..65535"]),
         (CAMPAIGN + ["--out", "o", "--budget-s", "nan", "--bench-steps", "0"],

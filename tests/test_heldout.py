@@ -184,7 +184,8 @@ def test_unrecorded_focus_offset_is_uniform_and_only_experimental():
 
 def test_borrowed_scenes_are_simulated_once(tmp_path, monkeypatch):
     """Generated together, the lenders and the held-out series run each scene's multislice once;
-    the experimental-like domains' own scenes are simulated for them alone."""
+    the experimental-like domains' own scenes are simulated for them alone, their training split
+    only as many as their recordings (MeasuredImaging.n_train), the other splits in full."""
     calls = []
     real = simulate.simulate_scene
 
@@ -193,16 +194,34 @@ def test_borrowed_scenes_are_simulated_once(tmp_path, monkeypatch):
         return real(scene, *args, **kwargs)
 
     monkeypatch.setattr(simulate, "simulate_scene", counting)
-    data = replace(SMOKE.data, n_train=2, n_val=1, n_test=1, lattices=("CdSe",))
+    measured = replace(SMOKE.data.measured, n_train=1)
+    data = replace(SMOKE.data, n_train=2, n_val=1, n_test=1, lattices=("CdSe",), measured=measured)
     series = ("heldout", "defocus", "structure", "substrate")
     datasets.generate(series[0], data, tmp_path, progress=False, with_series=series[1:])
     per_scene = data.n_train + data.n_val + data.n_test
+    recorded = measured.n_train + data.n_val + data.n_test
     # cdse (shared by defocus, dose and heldout) + 2 structure + 2 substrate scene sets, and
     # the experimental-like domains' own two
-    assert len(calls) == per_scene * (1 + 2 + len(data.substrate_thickness_nm) + 2)
+    assert len(calls) == per_scene * (1 + 2 + len(data.substrate_thickness_nm)) + 2 * recorded
     for s in (*series, "dose"):
         assert datasets.series_path(s, data, tmp_path).exists()
+        assert datasets.series_problem(s, data, tmp_path) is None, s
     assert not (tmp_path / ".chunks").exists()
+    ds = datasets.load_series("heldout", data, tmp_path)
+    for domain in HELDOUT_MEASURED + HELDOUT_SYNTHETIC:
+        n = data.n_train if domain in HELDOUT_SYNTHETIC else measured.n_train
+        assert datasets.sample_positions(ds, domain, "train").size == n, domain
+        assert datasets.sample_positions(ds, domain, "test").size == data.n_test, domain
+
+
+def test_a_transfer_set_larger_than_the_recordings_is_refused():
+    """A profile whose held-out transfers ask for more images than its experimental-like
+    domains record is refused when its grid is built, naming the domain and its count."""
+    laptop = get_profile("laptop")
+    assert laptop.data.measured.n_train == laptop.studies["heldout"]["n_transfer"]
+    studies = {**laptop.studies, "heldout": {**laptop.studies["heldout"], "n_transfer": 9}}
+    with pytest.raises(ValueError, match="n_transfer=9 exceeds the 8 train images of 'experim"):
+        build_grid("heldout", replace(laptop, studies=studies))
 
 
 # --- the study ---------------------------------------------------------------------------------

@@ -211,8 +211,14 @@ class MeasuredImaging:
     support_nm: tuple[float, float] = (1.0, 3.0)  # amorphous carbon support, uniform [nm]
     contamination_nm: tuple[float, float] = (0.5, 1.5)  # contamination layer, uniform [nm]
     defocus_range_nm: float = 3.0  # largest unrecorded focus offset, uniform ± [nm]
+    # recordings of the training split per experimental-like domain (None: DataConfig.n_train).
+    # A measured set is a few images, and only transfers train on them: the profiles simulate
+    # as many as their largest transfer set (their validation and test images in full)
+    n_train: int | None = None
 
     def __post_init__(self) -> None:
+        if self.n_train is not None and self.n_train < 1:
+            raise ValueError(f"n_train={self.n_train} is not allowed: None or >= 1")
         for name in (
             "astigmatism_A", "drift_A", "background_fraction", "read_noise_e", "defocus_range_nm"
         ):  # fmt: skip
@@ -289,6 +295,10 @@ class DataConfig:
             raise ValueError(
                 f"n_train={self.n_train}, n_val={self.n_val}, n_test={self.n_test}: "
                 "each must be >= 1"
+            )
+        if self.measured.n_train is not None and self.measured.n_train > self.n_train:
+            raise ValueError(
+                f"measured.n_train={self.measured.n_train}; allowed: 1..n_train ({self.n_train})"
             )
         (s_lo, s_hi), (l_lo, l_hi) = self.small_radius_nm, self.large_radius_nm
         if not (0 < s_lo <= s_hi < l_lo <= l_hi):

@@ -171,10 +171,12 @@ class _Unit:
 def _units(series: str, data: DataConfig) -> list[_Unit]:
     """The chunks of scenes that the domains of ``series`` show, each source once."""
     spec = get_series(series)
-    sources = dict.fromkeys(spec.scene_source(data, d) for d in data.domains(series))
+    sources: dict[tuple, dict[str, int]] = {}
+    for d in data.domains(series):  # a source's first domain sizes it (they agree)
+        sources.setdefault(spec.scene_source(data, d), spec.split_sizes(data, d))
     out = []
-    for group, key in sources:
-        for split, n in data.split_sizes.items():
+    for (group, key), sizes in sources.items():
+        for split, n in sizes.items():
             for s in range(0, n, CHUNK_SCENES):
                 out.append(_Unit(group, key, split, s, min(s + CHUNK_SCENES, n)))
     return out
@@ -469,7 +471,8 @@ def series_problem(series: str, data: DataConfig, root: str | Path) -> str | Non
     path = series_path(series, data, root)
     if not path.exists():
         return None
-    expected = len(data.domains(series)) * sum(data.split_sizes.values())
+    spec = get_series(series)
+    expected = sum(sum(spec.split_sizes(data, d).values()) for d in data.domains(series))
     try:
         with xr.open_dataset(path) as ds:
             if ds.attrs.get("config_hash") != series_hash(series, data):

@@ -63,6 +63,16 @@ class SeriesSpec:
     # where a domain's scenes come from when they are another series' (see scene_source)
     borrow: Callable[[Any, Domain], tuple[str, Domain | None]] | None = None
 
+    def split_sizes(self, data, domain) -> dict[str, int]:
+        """Images of ``domain`` in each split (train, val, test): the profile's, except the
+        training split of an experimental-like domain, which holds its recordings
+        (``MeasuredImaging.n_train``) when that is set."""
+        sizes = dict(data.split_sizes)
+        measured = self.imaging(data, domain)
+        if measured is not None and measured.n_train is not None:
+            sizes["train"] = measured.n_train
+        return sizes
+
     def scene_source(self, data, domain) -> tuple[str, Domain | None]:
         """``(scene group, scene key)`` of the scenes a domain shows: key None for scenes
         shared by the whole group, else the domain of the group's own series whose scenes they

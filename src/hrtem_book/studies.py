@@ -60,7 +60,7 @@ from .config import (
     config_hash,
     normalize_domain,
 )
-from .series import GENERALIZATION_SERIES, HELDOUT_MEASURED, HELDOUT_SYNTHETIC
+from .series import GENERALIZATION_SERIES, HELDOUT_MEASURED, HELDOUT_SYNTHETIC, get_series
 
 STAGES_TRANSFER = ("pretrain", "transfer")
 STAGES_MIXTURE = ("mixture",)
@@ -347,12 +347,18 @@ def build_grid(study: str, profile) -> StudyGrid:
     coords, fixed = _resolve_values(spec, profile.data, overrides)
     data, model, stage = profile.data, profile.model, profile.stage
     transfer_stage = profile.transfer
-    n_max = data.n_train
+    series = get_series(spec.series)
+
+    def n_train(domain) -> int:  # training images of a domain (fewer for the recorded ones)
+        return series.split_sizes(data, domain)["train"]
 
     @functools.cache  # one object per pretraining, shared by its transfer runs
     def pretrain(domain, lr, seed) -> PretrainConfig:
-        if profile.n_pretrain > n_max:
-            raise ValueError(f"n_pretrain={profile.n_pretrain} exceeds the {n_max} train images")
+        if profile.n_pretrain > n_train(domain):
+            raise ValueError(
+                f"n_pretrain={profile.n_pretrain} exceeds the {n_train(domain)} train images of "
+                f"{domain!r}"
+            )
         return PretrainConfig(
             data=data,
             series=spec.series,
@@ -374,8 +380,10 @@ def build_grid(study: str, profile) -> StudyGrid:
             if v["domain_a"] == v["domain_b"]:
                 continue
             n_a, n_b = parse_mix(v["mix"])
-            if max(n_a, n_b) > n_max:
-                raise ValueError(f"mix={v['mix']!r} needs more than the {n_max} train images")
+            if n_a > n_train(v["domain_a"]) or n_b > n_train(v["domain_b"]):
+                raise ValueError(f"mix={v['mix']!r} needs more than the train images of "
+                                 f"{v['domain_a']!r} ({n_train(v['domain_a'])}) and "
+                                 f"{v['domain_b']!r} ({n_train(v['domain_b'])})")  # fmt: skip
             # canonical order (sorted domains) so the mirrored cell is the same config
             pairs = sorted([(v["domain_a"], n_a), (v["domain_b"], n_b)], key=lambda p: p[0])
             cells[cell] = MixtureConfig(
@@ -392,8 +400,11 @@ def build_grid(study: str, profile) -> StudyGrid:
         if v["pretrain_domain"] == v["target_domain"]:
             continue
         n_transfer = v.get("n_transfer", fixed.get("n_transfer"))
-        if n_transfer > n_max:
-            raise ValueError(f"n_transfer={n_transfer} exceeds the {n_max} train images per domain")
+        if n_transfer > n_train(v["target_domain"]):
+            raise ValueError(
+                f"n_transfer={n_transfer} exceeds the {n_train(v['target_domain'])} train images "
+                f"of {v['target_domain']!r}"
+            )
         cells[cell] = TransferConfig(
             pretrain=pretrain(
                 v["pretrain_domain"], v.get("pretrain_lr", fixed.get("pretrain_lr")), v["seed"]

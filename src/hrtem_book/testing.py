@@ -19,7 +19,7 @@ import xarray as xr
 from .findings import stamp_attrs
 from .metrics import METRICS
 from .results import COUNTS, empty_database
-from .series import split_structure_domain
+from .series import get_series, split_structure_domain
 from .studies import get_study, parse_mix
 
 _SYNTHETIC_COORDS = {
@@ -205,8 +205,9 @@ def random_series(series: str, data, seed: int = 0) -> xr.Dataset:
     rng = np.random.default_rng(seed)
     px = data.sim.image_px
     doms, splits, index = [], [], []
+    spec = get_series(series)
     for d in data.domains(series):
-        for split, n in data.split_sizes.items():
+        for split, n in spec.split_sizes(data, d).items():
             doms += [d] * n
             splits += [split] * n
             index += list(range(n))
