@@ -474,6 +474,32 @@ def test_ensure_database_sweeps_only_when_incomplete(tmp_path, monkeypatch):
     assert len(list(path.parent.glob("dose.nc.invalid-*"))) == 1
 
 
+def test_error_rates_are_simulated_beside_the_sweep_at_the_lowest_priority(tmp_path, monkeypatch):
+    """The rules' error rates (they need no result) are made by a child at nice 19 into the cache
+    the chapters' numbers read, which then need not make them again; an error in the build stops
+    the child and leaves nothing behind."""
+    from hrtem_book import power
+    from hrtem_book.book import processes
+
+    cache = tmp_path / "results" / "smoke" / ".cache-power.json"
+    with processes.error_rates_beside("smoke", cache) as child:
+        assert os.getpriority(os.PRIO_PROCESS, child.proc.pid) == processes.IDLE_NICE
+        child.hurry()
+        child.wait()
+    assert child.proc.returncode == 0 and cache.is_file()
+    made = power.table("smoke")
+    monkeypatch.setattr(power, "table", lambda profile: pytest.fail("error rates made again"))
+    # (as JSON: a rule the smoke grid cannot measure has NaN rates, and NaN != NaN)
+    assert json.dumps(power.cached_table("smoke", cache)) == json.dumps(made)
+
+    # the laptop's take ~20 s: an error in the block stops the child long before
+    other = tmp_path / "other" / ".cache-power.json"
+    with pytest.raises(RuntimeError), processes.error_rates_beside("laptop", other) as child:
+        raise RuntimeError("the sweep failed")
+    assert child.proc.returncode is not None and child.proc.returncode < 0
+    assert list(other.parent.iterdir()) == []
+
+
 def test_bad_inputs_fail_with_one_clear_line(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown reduction 'avg'; allowed: min, mean"):
         book.build_book(SMOKE, tmp_path, results_dir=tmp_path, reduction="avg")

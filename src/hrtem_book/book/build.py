@@ -19,6 +19,7 @@ mystmd starts one per build, refuses to run it as root, and leaves it running.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -35,6 +36,7 @@ from .. import findings, results
 from ..layout import (
     GENERATED_FOLDERS,
     Layout,
+    analysis_cache,
     database_file,
     myst_build_dir,
     myst_execution_cache,
@@ -53,7 +55,7 @@ from .notebooks import (
     inject_page_parameters,
 )
 from .pages import prepare as prepare_numbers
-from .processes import jupyter_server
+from .processes import Background, error_rates_beside, jupyter_server
 
 DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
 SHIPPED_PROFILE = "gpu"  # preferred once defined and its databases are committed under results/
@@ -327,6 +329,14 @@ def build_site(
         return "site", site
 
 
+def _prepare_numbers(results_dir: str | Path, rates: Background | None) -> None:
+    """The chapters' shared numbers, once the error rates simulated beside the sweep (if any)
+    are in their cache."""
+    if rates is not None:
+        rates.wait()
+    prepare_numbers(results_dir)
+
+
 def _timed(fn, *args) -> float:
     """Seconds ``fn(*args)`` took."""
     t0 = time.perf_counter()
@@ -352,14 +362,18 @@ def build_book(
 
     ``results_dir`` given: use that database as is (tests); otherwise ``results/<profile>/``,
     completed by the sweep where a study is missing. ``offline``: None tries HTML first.
-    ``jobs``: notebooks executed at once (default: the CPU count, at most 4). ``parameters``:
-    more notebook parameters (e.g. ``project_root``), given to the notebooks that declare them.
+    ``jobs``: notebooks executed at once (default: one more than the CPU count, at most 4).
+    ``parameters``: more notebook parameters (e.g. ``project_root``), given to the notebooks that
+    declare them. Where the sweep runs, the rules' error rates are simulated beside it
+    (:func:`~hrtem_book.book.processes.error_rates_beside`).
     ``theme_installer``: a script that installs the book-theme into the staged book (the HTML
     build then needs no network). ``engine``: ``myst`` (mystmd) or ``jupyter-book`` (Jupyter
     Book 2, the same MyST engine) builds the HTML. A notebook still running after
     ``notebook_timeout_s`` is stopped and run once more (:func:`execute_notebooks`).
     """
-    jobs = jobs or min(4, os.cpu_count() or 1)
+    # one more than the cores: a kernel waits (start-up, messages, files) for part of its time.
+    # Two AVX2 cores, the laptop book from its databases: 118-119 s with 3, 132-133 s with 2
+    jobs = jobs or min(4, (os.cpu_count() or 1) + 1)
     check_reduction(reduction, name="reduction")
     myst_executable(engine)  # a bad engine or a missing tool: before any work
     root = Path(root).resolve()
@@ -367,29 +381,37 @@ def build_book(
     notebooks = figure_notebooks(root)
     if not notebooks:
         raise FileNotFoundError(f"no figure notebooks in {root / 'notebooks'}")
-    if results_dir is None:
-        results_dir = ensure_database(profile, root, log)
-    elif missing := missing_studies(results_dir):
-        raise FileNotFoundError(f"no database for {', '.join(missing)} in {results_dir}")
-    values = {
-        "profile": profile.name,
-        "results_dir": relative_to_notebooks(Path(results_dir), root),
-        "reduction": reduction,
-        **(parameters or {}),
-    }
+    with contextlib.ExitStack() as stack:
+        rates = None
+        if results_dir is None:
+            # the rules' error rates need no result: simulated beside the sweep in its idle
+            # moments (a child at the lowest priority), they are ready when the chapters'
+            # numbers are computed beside the notebooks
+            cache = analysis_cache(layout.results_dir, "power")
+            rates = stack.enter_context(error_rates_beside(profile.name, cache))
+            results_dir = ensure_database(profile, root, log)
+            rates.hurry()
+        elif missing := missing_studies(results_dir):
+            raise FileNotFoundError(f"no database for {', '.join(missing)} in {results_dir}")
+        values = {
+            "profile": profile.name,
+            "results_dir": relative_to_notebooks(Path(results_dir), root),
+            "reduction": reduction,
+            **(parameters or {}),
+        }
+        started = time.time() - 1.0  # file systems with 1 s mtime resolution
+        log(f"book: executing {len(notebooks)} notebooks with papermill ({values})")
+        out = myst_build_dir(layout.book_stage) / "papermill"
+        # meanwhile, in this otherwise waiting process: the numbers several chapters read (the
+        # findings' bootstrap over test images, the rules' error rates), computed once
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            numbers = pool.submit(_timed, _prepare_numbers, results_dir, rates)
+            executed = execute_notebooks(
+                notebooks, out, values, jobs=jobs, log=log, timeout_s=notebook_timeout_s
+            )
+            log(f"book: the chapters' shared numbers (bootstrap, error rates) in "
+                f"{numbers.result():.1f} s, beside the notebooks")  # fmt: skip
     stage = layout.book_stage
-    started = time.time() - 1.0  # file systems with 1 s mtime resolution
-    log(f"book: executing {len(notebooks)} notebooks with papermill ({values})")
-    out = myst_build_dir(stage) / "papermill"
-    # meanwhile, in this otherwise waiting process: the numbers several chapters read (the
-    # findings' bootstrap over test images, the rules' error rates), computed once
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        numbers = pool.submit(_timed, prepare_numbers, results_dir)
-        executed = execute_notebooks(
-            notebooks, out, values, jobs=jobs, log=log, timeout_s=notebook_timeout_s
-        )
-        log(f"book: the chapters' shared numbers (bootstrap, error rates) in "
-            f"{numbers.result():.1f} s, beside the notebooks")  # fmt: skip
     chapters = sorted((root / "chapters").glob("*.md"))
     if problems := check_placeholders(chapters, started):
         raise BookCheckError(problems, where="placeholders")

@@ -98,3 +98,55 @@ def jupyter_server(root_dir: Path, log_path: Path, timeout: float = 60.0) -> Ite
         yield {"JUPYTER_BASE_URL": base, "JUPYTER_TOKEN": token}
     finally:
         stop_process(proc)
+
+
+# the rules' error rates depend on the rules and the profile only (hrtem_book.power), not on any
+# result: a child process simulates them into their cache while the sweep runs
+_ERROR_RATES = (
+    "import sys; from pathlib import Path; from hrtem_book import power; "
+    "power.cached_table(sys.argv[1], Path(sys.argv[2]), log=lambda msg: None)"
+)
+IDLE_NICE = 19  # the lowest CPU priority: the child runs where the sweep leaves a core idle
+
+
+class Background:
+    """A child process started at the lowest CPU priority (``nice`` 19): it takes the moments a
+    core is idle and yields the cores to the work around it."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=lambda: os.nice(IDLE_NICE),
+        )
+
+    def hurry(self) -> None:
+        """Give the child its normal priority now that it is awaited (where the system allows
+        lowering a nice value: root); else stop it — whoever needs its output makes it."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, 0)
+        except OSError:
+            stop_process(self.proc)
+
+    def wait(self) -> None:
+        self.proc.wait()
+
+
+@contextmanager
+def error_rates_beside(profile: str, cache: Path) -> Iterator[Background]:
+    """The rules' error rates for ``profile`` simulated into ``cache`` by a :class:`Background`
+    child for the duration of the block (the block calls :meth:`Background.hurry` and
+    :meth:`Background.wait` before reading the cache). An error in the block stops the child."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    child = Background([sys.executable, "-c", _ERROR_RATES, profile, str(cache)])
+    try:
+        yield child
+    except BaseException:
+        stop_process(child.proc)
+        raise
+    child.hurry()
+    child.wait()
