@@ -10,13 +10,16 @@ PIP := $(PY) -m pip
 # 40 s on two cores; the pipeline imports about a third. This workplace sets
 # PYTHONDONTWRITEBYTECODE=1, under which every process would compile its imports again (make
 # test took 13:21 instead of 9:14): the recipes run without it, so each module is compiled once,
-# by its first importer, and one process imports the pipeline's modules right after install.
+# by its first importer, and two processes import the pipeline's modules right after install:
+# torch and the sweep's in one, the book's (Jupyter, matplotlib) in the other, side by side
+# (one process took 21-23 s of a fresh `make book`, with the second core idle).
 unexport PYTHONDONTWRITEBYTECODE
 INSTALL := $(PIP) install -q --no-compile
 COMPILE := $(PY) -c "import hrtem_book.cli, hrtem_book.sweep, hrtem_book.executors, \
-	hrtem_book.runs, hrtem_book.simulate, hrtem_book.datasets, hrtem_book.power, \
-	hrtem_book.book.build, hrtem_book.book.pages, hrtem_book.widgets, distributed, \
-	ipykernel.kernelapp, papermill, matplotlib.pyplot, seaborn, ipywidgets"
+	hrtem_book.runs, hrtem_book.simulate, hrtem_book.datasets, hrtem_book.power, distributed" & \
+	compiling=$$!; \
+	$(PY) -c "import hrtem_book.book.build, hrtem_book.book.pages, hrtem_book.widgets, \
+	ipykernel.kernelapp, papermill, matplotlib.pyplot, seaborn, ipywidgets" && wait $$compiling
 CONSTRAINTS := requirements/constraints.txt
 # uv installs the same pinned set as pip several times faster (the test and book extras: 7 s
 # instead of 49 s on two cores); pip itself takes over wherever uv fails (no uv for the
