@@ -576,8 +576,8 @@ def test_real_book_from_a_real_smoke_sweep(tmp_path, smoke_data):
     HTML is served on loopback and read in Chromium: every figure of every page shows a loaded
     image, and no page shows a kernel-connection box, an unexecuted expression, a citation
     without a year, doubled parentheses or a Python repr. Screenshots of chapters 7, 10 and 11
-    are left in _build/html-check/ for a reader. `jupyter-book build --html` of the same stage
-    then passes the same reading."""
+    are left in _build/html-check/ for a reader. (`jupyter-book build --html` passes the same
+    reading in the next test, on a small book.)"""
     root = tmp_path / "book"
     root.mkdir()
     for name in book.BOOK_SOURCES:

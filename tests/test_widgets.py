@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -16,6 +18,7 @@ from hrtem_book.widgets import (  # noqa: E402
     axis_options,
     figure_app,
     grid_axes,
+    save_placeholder,
 )
 
 
@@ -167,6 +170,8 @@ def test_placeholder_records_its_reduction(defocus, tmp_path):
 
 
 def test_placeholder_reuses_the_figure_drawn_on_start(defocus, tmp_path):
+    from PIL import Image
+
     calls = []
 
     def counted(ds, **kwargs):
@@ -174,8 +179,20 @@ def test_placeholder_reuses_the_figure_drawn_on_start(defocus, tmp_path):
         return imaging_conditions(ds, **kwargs)
 
     app = figure_app(counted, defocus, reduction="mean")
-    app.save_placeholder(tmp_path / "fig.png")
+    app.save_placeholder(tmp_path / "fig.png", profile="synthetic")
     assert len(calls) == 1  # the notebooks save right after start: one render, not two
+    # the image the app shows, pixel for pixel, with the text a rendered placeholder records
+    again = save_placeholder(app.figure, tmp_path / "again.png", reduction="mean",
+                             profile="synthetic")  # fmt: skip
+    with (
+        Image.open(tmp_path / "fig.png") as reused,
+        Image.open(again) as rendered,
+        Image.open(io.BytesIO(app.png)) as shown,
+    ):
+        reused.load()  # PIL checks every chunk's CRC
+        assert reused.text == rendered.text
+        assert reused.text["reduction"] == "mean" and reused.text["Software"] == "hrtem-book"
+        assert np.array_equal(np.asarray(reused), np.asarray(shown))
     app.reduction.value = "max"
     app.save_placeholder(tmp_path / "fig.png")
     assert len(calls) == 3 and calls[-1]["reduce"] == "mean"
