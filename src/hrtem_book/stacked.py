@@ -34,6 +34,7 @@ from .train import (
     _batches,
     _generator,
     _peak_memory_mb,
+    adam,
     autocast,
     batch_starts,
     kept_momentum,
@@ -172,7 +173,7 @@ def train_stack(
         raise ValueError("stacked models train on equally many images")
     device = train_sets[0][0].device
     stack = Stack(models)
-    optimizer = torch.optim.Adam(stack.trainable, lr=lr, foreach=True)
+    optimizer = adam(stack.trainable, lr, stage.adam)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gens = [_generator(s, name) for s in seeds]
     M = len(models)
