@@ -68,7 +68,7 @@ def step_rate(
 ) -> float:
     """Images/s of forward + backward + Adam step on random images."""
     model = model.to(device, memory_format=layout)
-    opt = train.adam([p for p in model.parameters() if p.requires_grad], 1e-4)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x = torch.randn(batch, 1, px, px, device=device).contiguous(memory_format=layout)
     y = torch.randint(0, 2, (batch, px, px), device=device)
     model.train()

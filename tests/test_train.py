@@ -23,7 +23,6 @@ import xarray as xr
 from hrtem_book import checkpoints, runs, train
 from hrtem_book.cli import main as cli_main
 from hrtem_book.config import (
-    ADAM_KERNELS,
     MixtureConfig,
     PretrainConfig,
     StageConfig,
@@ -535,25 +534,3 @@ def test_cuda_run_matches_the_cpu_run_closely(data, tmp_path):
         g, c = gpu["stages"][stage]["train_loss"], cpu["stages"][stage]["train_loss"]
         # bf16 keeps ~3 significant digits; a few optimiser steps keep the curves within 10 %
         assert np.allclose(g, c, rtol=0.1), (stage, g, c)
-
-
-def test_the_two_adam_kernels_make_the_same_update_and_hash_apart():
-    """StageConfig.adam picks the kernel of Adam's update: on one step of the laptop U-Net from
-    the same weights and batch, fused and foreach move every weight alike to float rounding
-    (a first Adam step moves each by about the learning rate), records of the two never share
-    a hash, and an unknown kernel is refused in one line naming the allowed ones."""
-    lr = 3e-3
-    x = torch.randn(8, 1, 64, 64).contiguous(memory_format=train.LAYOUT)
-    y = (torch.rand(8, 64, 64) > 0.5).long()
-    updates = {}
-    for kernel in ADAM_KERNELS:
-        torch.manual_seed(0)
-        model = build_model(NARROW_MODEL).to(memory_format=train.LAYOUT)
-        before = torch.cat([p.detach().flatten() for p in model.parameters()])
-        train.step(model, x, y, train.adam(model.parameters(), lr, kernel))
-        updates[kernel] = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
-    assert updates["fused"].abs().max() > 0.5 * lr
-    assert (updates["fused"] - updates["foreach"]).abs().max() < 1e-4 * lr
-    assert config_hash(StageConfig(adam="fused")) != config_hash(StageConfig(adam="foreach"))
-    with pytest.raises(ValueError, match="adam='sgd'; allowed: fused, foreach"):
-        StageConfig(adam="sgd")

@@ -92,7 +92,7 @@ def stacked_rate(
         torch.manual_seed(seed)
         models.append(build_model(model_cfg).to(dev, memory_format=train.LAYOUT))
     stack = Stack(models)
-    opt = train.adam(stack.trainable, 1e-4)
+    opt = torch.optim.Adam(stack.trainable, lr=1e-4, foreach=True)
     images = train.to_device(torch.randn(4 * batch, 1, px, px), dev)
     masks = torch.randint(0, 2, (4 * batch, px, px), device=dev)
     gen = torch.Generator().manual_seed(0)

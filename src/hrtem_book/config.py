@@ -342,9 +342,6 @@ class ModelConfig:
 
 AUGMENTATIONS = ("none", "d4", "d4-random")
 PRECISIONS = ("fp32", "bf16")
-# how Adam computes its update: torch's fused kernel (one for all parameters) or its
-# multi-tensor ("foreach") path; the same update up to float rounding
-ADAM_KERNELS = ("fused", "foreach")
 
 
 @dataclass(frozen=True)
@@ -362,10 +359,7 @@ class StageConfig:
     D4 augmentation; an epoch is 8 passes), ``"d4-random"`` one random orientation per image and
     epoch (an epoch is one pass), ``"none"`` the images as they are. ``precision``: ``"bf16"``
     runs forward and backward passes under bfloat16 autocast (the loss is computed in float32),
-    ``"fp32"`` in float32 throughout. ``adam``: the kernel of Adam's update (``ADAM_KERNELS``):
-    the same arithmetic up to rounding, so records of the two never mix (the config hash); on the
-    laptop U-Net (AVX2, one thread) the fused kernel took 40 % less time per update (3.8 against
-    6.4 ms at batch 8), where the update was 7 % of a transfer run's time.
+    ``"fp32"`` in float32 throughout.
 
     ``recalibrate_bn``: before every evaluation, the population statistics of the BatchNorm
     layers the stage trains are recomputed from its training images under the current weights
@@ -394,7 +388,6 @@ class StageConfig:
     recalibrate_bn: bool = False  # exact BatchNorm statistics before every evaluation
     # the training images those statistics are computed from: the first this many (None: all)
     recalibrate_images: int | None = None
-    adam: str = "fused"
 
     def __post_init__(self) -> None:
         if self.max_epochs < 1 or self.batch_size < 1:
@@ -405,8 +398,6 @@ class StageConfig:
             raise ValueError(f"augment={self.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        if self.adam not in ADAM_KERNELS:
-            raise ValueError(f"adam={self.adam!r}; allowed: {', '.join(ADAM_KERNELS)}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience={self.patience}; allowed: None or >= 1")
         if not 1 <= self.min_epochs <= self.max_epochs:

@@ -34,7 +34,6 @@ from .train import (
     _batches,
     _generator,
     _peak_memory_mb,
-    adam,
     autocast,
     batch_starts,
     kept_momentum,
@@ -173,7 +172,7 @@ def train_stack(
         raise ValueError("stacked models train on equally many images")
     device = train_sets[0][0].device
     stack = Stack(models)
-    optimizer = adam(stack.trainable, lr, stage.adam)
+    optimizer = torch.optim.Adam(stack.trainable, lr=lr, foreach=True)
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
     gens = [_generator(s, name) for s in seeds]
     M = len(models)
