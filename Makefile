@@ -61,13 +61,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(call install_venv,test$(,)book)
 	@touch $(BOOK_STAMP) $@
 
-# one test process more than the cores: many tests wait on a child (myst, Dask, SLURM, a
-# browser, a kernel), and with one per core the CPUs stood idle 40 % of `make test`
-TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 test: $(STAMP) browser slurm
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
+	$(PY) -m pytest -q -n auto --dist worksteal --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
