@@ -229,7 +229,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "laptop": Profile(
         name="laptop",
-        description="Every study end to end on a 2-core CPU in under 20 minutes, converged: "
+        description="Every study end to end on a 2-core CPU in about 20 minutes, converged: "
         "6.4 nm field, 1 Å pixels, one phonon, a 0.9 M-parameter U-Net in fp32, 64 images "
         "per pretraining, 3 seeds, every stage to a plateau of its in-domain validation loss and "
         "scored on test images apart.",
