@@ -89,18 +89,17 @@ def config_from_args(args: argparse.Namespace, profile: Profile) -> RunConfig:
             shown = ", ".join(map(str, allowed))
             raise ValueError(f"--{flag} {text!r}; allowed for {args.series}: {shown}")
         domains[flag] = value
-
-    def n_max(domain) -> int:  # training images the domain has (fewer for the recorded ones)
-        return spec.split_sizes(profile.data, domain)["train"]
-
-    if profile.n_pretrain > n_max(domains["pretrain"]):
+    n_pretrain_max = spec.n_train(profile.data, domains["pretrain"])
+    if profile.n_pretrain > n_pretrain_max:
         raise ValueError(
-            f"--pretrain {args.pretrain!r} has {n_max(domains['pretrain'])} training images, "
+            f"--pretrain {args.pretrain!r} has {n_pretrain_max} training images, "
             f"fewer than a pretraining's {profile.n_pretrain} ({profile.name}); allowed: "
-            + ", ".join(str(d) for d in allowed if n_max(d) >= profile.n_pretrain)
+            + ", ".join(
+                str(d) for d in allowed if spec.n_train(profile.data, d) >= profile.n_pretrain
+            )  # fmt: skip
         )
     if "transfer" in domains:
-        n_max = n_max(domains["transfer"])
+        n_max = spec.n_train(profile.data, domains["transfer"])
         if args.n_transfer is None:
             raise ValueError(f"--transfer needs --n-transfer; allowed: 1..{n_max} ({profile.name})")
         if not 1 <= args.n_transfer <= n_max:

@@ -73,6 +73,10 @@ class SeriesSpec:
             sizes["train"] = measured.n_train
         return sizes
 
+    def n_train(self, data, domain) -> int:
+        """Training images of ``domain`` (:meth:`split_sizes`)."""
+        return self.split_sizes(data, domain)["train"]
+
     def scene_source(self, data, domain) -> tuple[str, Domain | None]:
         """``(scene group, scene key)`` of the scenes a domain shows: key None for scenes
         shared by the whole group, else the domain of the group's own series whose scenes they

@@ -350,7 +350,7 @@ def build_grid(study: str, profile) -> StudyGrid:
     series = get_series(spec.series)
 
     def n_train(domain) -> int:  # training images of a domain (fewer for the recorded ones)
-        return series.split_sizes(data, domain)["train"]
+        return series.n_train(data, domain)
 
     @functools.cache  # one object per pretraining, shared by its transfer runs
     def pretrain(domain, lr, seed) -> PretrainConfig:
