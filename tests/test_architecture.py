@@ -156,19 +156,22 @@ def test_a_chapter_kernel_imports_neither_the_build_step_nor_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-# the stopping and divergence rules of a stage (train.StoppingRule) and the direction of a
-# metric (metrics.Metric) each have one home; no engine, figure or finding derives them again
+# the stopping and divergence rules of a stage (train.StoppingRule), the training loop
+# (train.train_models, which the stacked engine runs too) and the direction of a metric
+# (metrics.Metric) each have one home; no engine, figure or finding derives them again
 RULE_PATTERNS = {
     "the plateau's improvement test": re.compile(r"\(1(\.0)? - [\w.]*min_delta\)"),
     "the plateau's patience test": re.compile(r">= [\w.]*patience\b"),
     "the divergence test": re.compile(r"> DIVERGED_LOSS\b"),
     "a metric's direction from its name": re.compile(r"""\b(metric|m)\s*[!=]=\s*["']loss["']"""),
+    "a training loop over epochs": re.compile(r"for epoch in range\("),
 }
 RULE_HOMES = {
     "the plateau's improvement test": "hrtem_book.train",
     "the plateau's patience test": "hrtem_book.train",
     "the divergence test": "hrtem_book.train",
     "a metric's direction from its name": None,
+    "a training loop over epochs": "hrtem_book.train",  # train_models: every engine's loop
 }
 
 

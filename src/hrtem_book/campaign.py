@@ -108,7 +108,7 @@ def stacked_rate(
             ks = torch.randint(0, 8, (batch,), generator=gen)
             xs.append(train._augment(images[idx], ks))
             ys.append(train._augment(masks[idx], ks))
-        stack.step(torch.stack(xs), torch.stack(ys), opt, precision)
+        stack.step(xs, ys, opt, precision)
     _sync(dev)
     return n_models * batch * steps / (time.perf_counter() - start)
 

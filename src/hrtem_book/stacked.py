@@ -8,8 +8,10 @@ along a leading model axis (``torch.func.stack_module_state``), one ``vmap`` of
 parameters (Adam is elementwise, so this is M independent Adams). Each model keeps everything
 that makes it itself: its own shuffling and D4 draws (its seed), its own training images, its own
 stopping rule and best epoch. Models that stop early keep training in the stack, but nothing they
-do afterwards is recorded or kept, so every result is the one :func:`hrtem_book.train.train_stage`
-gives the model alone — ``tests/test_stacked.py`` checks this on the CPU, BatchNorm included.
+do afterwards is recorded or kept. The loop is :func:`hrtem_book.train.train_models`, the one of
+every engine (a :class:`Stack` in place of one module), so every result is the one
+:func:`hrtem_book.train.train_stage` gives the model alone — ``tests/test_stacked.py`` checks
+this on the CPU, BatchNorm included.
 
 On this project's 2-core CPU a stack is slower than a loop at 64² (shared/README); the engine is
 for accelerators, where one small U-Net leaves most of the device idle.
@@ -18,7 +20,6 @@ for accelerators, where one small U-Net leaves most of the device idle.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,10 @@ from .config import StageConfig
 from .train import (
     EVAL_BATCH,
     EvalSet,
-    StoppingRule,
-    _augment,
-    _batches,
-    _generator,
-    _peak_memory_mb,
     autocast,
     batch_starts,
     kept_momentum,
+    train_models,
     trained_norms,
 )
 
@@ -79,12 +76,11 @@ class Stack:
             self.params, self.buffers, x
         )
 
-    def step(
-        self, x: torch.Tensor, y: torch.Tensor, optimizer: torch.optim.Optimizer, precision: str
-    ) -> torch.Tensor:
-        """:func:`hrtem_book.train.step` for every model at once (``x`` ``[M, B, 1, H, W]``,
-        ``y`` ``[M, B, H, W]``): each model's gradient is that of its own mean loss. The losses
-        ``[M]`` (detached)."""
+    def step(self, xs, ys, optimizer: torch.optim.Optimizer, precision: str) -> torch.Tensor:
+        """:func:`hrtem_book.train.step` for every model at once: ``xs`` one batch per model
+        (``[B, 1, H, W]`` each, or stacked ``[M, B, 1, H, W]``), ``ys`` their masks; each model's
+        gradient is that of its own mean loss. The losses ``[M]`` (detached)."""
+        x, y = torch.stack(list(xs)), torch.stack(list(ys))
         with autocast(x.device, precision):
             logits = self.forward(x)
         per_model = torch.stack([F.cross_entropy(logits[m].float(), y[m]) for m in range(len(y))])
@@ -123,27 +119,27 @@ class Stack:
         for m, model in enumerate(self.models):
             model.load_state_dict(self.state_dict(m), strict=False)
 
-
-@torch.no_grad()
-def _evaluate(stack: Stack, eval_set: EvalSet, precision: str) -> list[dict[str, dict]]:
-    """``[{metric: {domain: value}}]`` per model, one shared pass over the evaluation images."""
-    stack.train(False)
-    losses, stats = [], []
-    for start in range(0, len(eval_set.images), EVAL_BATCH):
-        x = eval_set.images[start : start + EVAL_BATCH]
-        y = eval_set.masks[start : start + EVAL_BATCH]
-        with autocast(x.device, precision):
-            logits = stack.forward(x, shared_input=True)  # [M, B, C, H, W]
-        losses.append(torch.stack([metrics.image_losses(lg, y) for lg in logits]))
-        stats.append(torch.stack([metrics.confusion(lg, y) for lg in logits]))
-    stack.train(True)
-    loss = torch.cat(losses, dim=1).cpu()  # [M, N]
-    stat = torch.cat(stats, dim=1).cpu()  # [M, N, 4]
-    out = []
-    for m in range(len(stack)):
-        per = {k: metrics.scores(loss[m, r], stat[m, r]) for k, r in eval_set.groups.items()}
-        out.append({name: {k: s[name] for k, s in per.items()} for name in metrics.METRICS})
-    return out
+    @torch.no_grad()
+    def evaluate(self, eval_set: EvalSet, precision: str) -> list[dict[str, dict]]:
+        """``[{metric: {domain: value}}]`` per model, one shared pass over the evaluation
+        images."""
+        self.train(False)
+        losses, stats = [], []
+        for start in range(0, len(eval_set.images), EVAL_BATCH):
+            x = eval_set.images[start : start + EVAL_BATCH]
+            y = eval_set.masks[start : start + EVAL_BATCH]
+            with autocast(x.device, precision):
+                logits = self.forward(x, shared_input=True)  # [M, B, C, H, W]
+            losses.append(torch.stack([metrics.image_losses(lg, y) for lg in logits]))
+            stats.append(torch.stack([metrics.confusion(lg, y) for lg in logits]))
+        self.train(True)
+        loss = torch.cat(losses, dim=1).cpu()  # [M, N]
+        stat = torch.cat(stats, dim=1).cpu()  # [M, N, 4]
+        out = []
+        for m in range(len(self)):
+            per = {k: metrics.scores(loss[m, r], stat[m, r]) for k, r in eval_set.groups.items()}
+            out.append({name: {k: s[name] for k, s in per.items()} for name in metrics.METRICS})
+        return out
 
 
 def train_stack(
@@ -170,54 +166,4 @@ def train_stack(
     n = len(train_sets[0][0])
     if any(len(ts[0]) != n for ts in train_sets):
         raise ValueError("stacked models train on equally many images")
-    device = train_sets[0][0].device
-    stack = Stack(models)
-    optimizer = torch.optim.Adam(stack.trainable, lr=lr, foreach=True)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=stage.lr_decay)
-    gens = [_generator(s, name) for s in seeds]
-    M = len(models)
-    rules = [StoppingRule(stage, name, eval_set.groups, mon) for mon in monitors]
-    best_state: list[dict | None] = [None] * M
-    train_s = eval_s = 0.0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    stack.train(True)
-    for epoch in range(1, stage.max_epochs + 1):
-        if all(r.done for r in rules):
-            break
-        t0 = time.perf_counter()
-        loss_sums = torch.zeros(M, device=device, dtype=torch.float64)
-        plans = [list(_batches(n, stage, g)) for g in gens]
-        for step in zip(*plans, strict=True):
-            xs, ys = [], []
-            for (idx, ks), (images, masks) in zip(step, train_sets, strict=True):
-                idx = idx.to(device, non_blocking=True)
-                xs.append(_augment(images[idx], ks))
-                ys.append(_augment(masks[idx], ks))
-            x, y = torch.stack(xs), torch.stack(ys)  # [M, B, ...]
-            per_model = stack.step(x, y, optimizer, stage.precision)
-            loss_sums += per_model.double() * x.shape[1]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the steps ran asynchronously: time them whole
-        train_s += time.perf_counter() - t0
-        schedule.step()
-        t1 = time.perf_counter()
-        if stage.recalibrate_bn:
-            k = stage.recalibrate_images
-            stack.recalibrate_bn([(x[:k], y[:k]) for x, y in train_sets], stage.precision)
-        vals = _evaluate(stack, eval_set, stage.precision)
-        eval_s += time.perf_counter() - t1
-        for m, rule in enumerate(rules):
-            if rule.done:
-                continue
-            train_loss = float(loss_sums[m]) / (n * stage.copies)
-            if rule.training(epoch, train_loss) and rule.epoch(epoch, train_loss, vals[m]):
-                best_state[m] = stack.state_dict(m)
-    peak = _peak_memory_mb(device)
-    summaries = []
-    for m, rule in enumerate(rules):
-        if best_state[m] is not None:
-            stack.load(m, best_state[m])
-        summaries.append(rule.finish(train_s, eval_s, peak))
-    stack.write_back()
-    return [(summary, rule.error) for summary, rule in zip(summaries, rules, strict=True)]
+    return train_models(Stack(models), train_sets, eval_set, stage, lr, seeds, name, monitors)
