@@ -14,20 +14,15 @@ import xarray as xr
 from conftest import smoke_project
 
 from hrtem_book import datasets
-from hrtem_book.findings import generalization_gaps
+from hrtem_book.analysis import deviation_from_ideal, generalization_matrix
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
-from hrtem_book.results import (
-    collect,
-    deviation_from_ideal,
-    generalization_databases,
-    generalization_matrix,
-    load_database,
-)
+from hrtem_book.results import collect, generalization_databases, load_database
 from hrtem_book.series import get_series
 from hrtem_book.simulate import Images, simulate_scene, view
 from hrtem_book.structures import build_scene, carbon_atom_count
 from hrtem_book.studies import STUDY_GROUPS, build_grid, expand_studies
+from hrtem_book.studies.generalization import generalization_gaps
 from hrtem_book.sweep import run_sweep
 
 SMOKE = get_profile("smoke")

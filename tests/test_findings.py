@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hrtem_book import findings, power
+from hrtem_book import evidence, findings, power
 from hrtem_book.profiles import get_profile
-from hrtem_book.studies import STUDY_NAMES, build_grid
+from hrtem_book.studies import STUDY_NAMES, build_grid, generalization
 
 SEEDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 # claims of the published study whose sentence is not among the excerpts in ../shared/seeds
@@ -62,10 +62,10 @@ def test_a_large_effect_holds_and_its_reverse_does_not(key):
     big = findings.evaluate(_simulated(key, "laptop", 30.0))[key]
     assert big.intervals and all(t.n_seeds == 3 for t in big.intervals)
     if key not in SMALL_PART:
-        assert big.verdict == findings.HOLDS, big.summary
+        assert big.verdict == evidence.HOLDS, big.summary
     if key in SIGNED:
         reverse = findings.evaluate(_simulated(key, "laptop", -30.0))[key]
-        assert reverse.verdict == findings.FAILS, reverse.summary
+        assert reverse.verdict == evidence.FAILS, reverse.summary
 
 
 def test_dynamics_rules_relate_the_first_epoch_at_home_either_way():
@@ -74,11 +74,11 @@ def test_dynamics_rules_relate_the_first_epoch_at_home_either_way():
     for scale in (30.0, -30.0):
         f = findings.evaluate(_simulated("D1", "laptop", scale))["D1"]
         (t,) = f.intervals
-        assert f.verdict == findings.HOLDS and t.scale == "correlation", f.summary
+        assert f.verdict == evidence.HOLDS and t.scale == "correlation", f.summary
         assert (t.estimate > 0) == (scale > 0) and t.images == 0
         assert "ρ = " in f.summary and "interval over seeds —" in f.summary
     dbs = _simulated("D2", "laptop", 30.0)
-    table = findings.first_epoch_table(dbs, "loss")
+    table = generalization.first_epoch_table(dbs, "loss")
     ds, row = dbs["generalization-structure"], table["generalization-structure"]
     assert len(row["trains"]) == 4
     home = row["trains"][2]
@@ -87,9 +87,9 @@ def test_dynamics_rules_relate_the_first_epoch_at_home_either_way():
     kept = ds["final_loss"].sel(train_domain=home, eval_domain=home, stage="pretrain")
     assert np.allclose(row["own"][2], np.log(kept.values))
     # fewer models than a rank correlation needs, or no variation: no value
-    assert np.isnan(findings.rank_z(np.ones((3, 2)), np.arange(6.0).reshape(3, 2))).all()
+    assert np.isnan(evidence.rank_z(np.ones((3, 2)), np.arange(6.0).reshape(3, 2))).all()
     x = np.arange(8.0).reshape(4, 2)
-    assert np.allclose(findings.rank_z(x, x), np.arctanh(0.999))
+    assert np.allclose(evidence.rank_z(x, x), np.arctanh(0.999))
     # the vectorised ranks are scipy's Spearman, ties and missing models included
     rng = np.random.default_rng(5)
     a, b = rng.integers(0, 5, (9, 40)).astype(float), rng.normal(size=(9, 40))
@@ -99,7 +99,7 @@ def test_dynamics_rules_relate_the_first_epoch_at_home_either_way():
         ok = np.isfinite(a[:, s]) & np.isfinite(b[:, s])
         rho = stats.spearmanr(a[ok, s], b[ok, s]).statistic if ok.sum() >= 4 else np.nan
         want.append(np.arctanh(np.clip(rho, -0.999, 0.999)))
-    assert np.allclose(findings.rank_z(a, b), want, equal_nan=True)
+    assert np.allclose(evidence.rank_z(a, b), want, equal_nan=True)
 
 
 def test_f6_equivalence_fails_with_a_large_difference():
@@ -112,70 +112,70 @@ def test_f6_equivalence_fails_with_a_large_difference():
 
     dbs = {s: power.simulate(s, g.coords, g.eval_domains, mixture_worse, 1, rng)
            for s, g in grids.items()}  # fmt: skip
-    assert findings.evaluate(dbs)["F6"].verdict == findings.FAILS
+    assert findings.evaluate(dbs)["F6"].verdict == evidence.FAILS
 
 
 def test_one_seed_is_not_measurable():
     """The smoke profile trains one seed: no interval, so no verdict."""
     for key in findings.RULE_KEYS:
         f = findings.evaluate(_simulated(key, "smoke", 30.0))[key]
-        assert f.verdict == findings.UNMEASURABLE, (key, f.summary)
+        assert f.verdict == evidence.UNMEASURABLE, (key, f.summary)
         assert "seed" in f.summary
 
 
 @pytest.mark.parametrize(
     ("kind", "low", "high", "verdict"),
     [
-        ("greater", 0.01, 0.5, findings.HOLDS),
-        ("greater", -0.3, 0.05, findings.FAILS),  # a 10 % effect is excluded
-        ("greater", -0.1, 0.3, findings.INCONCLUSIVE),
-        ("below", -0.2, 0.05, findings.HOLDS),
-        ("below", 0.2, 0.5, findings.FAILS),
-        ("below", 0.0, 0.2, findings.INCONCLUSIVE),
-        ("within", -0.05, 0.05, findings.HOLDS),
-        ("within", 0.2, 0.4, findings.FAILS),
-        ("within", -0.2, 0.05, findings.INCONCLUSIVE),
-        ("differs", -0.4, -0.1, findings.HOLDS),
-        ("differs", -0.05, 0.05, findings.FAILS),
-        ("differs", -0.2, 0.3, findings.INCONCLUSIVE),
+        ("greater", 0.01, 0.5, evidence.HOLDS),
+        ("greater", -0.3, 0.05, evidence.FAILS),  # a 10 % effect is excluded
+        ("greater", -0.1, 0.3, evidence.INCONCLUSIVE),
+        ("below", -0.2, 0.05, evidence.HOLDS),
+        ("below", 0.2, 0.5, evidence.FAILS),
+        ("below", 0.0, 0.2, evidence.INCONCLUSIVE),
+        ("within", -0.05, 0.05, evidence.HOLDS),
+        ("within", 0.2, 0.4, evidence.FAILS),
+        ("within", -0.2, 0.05, evidence.INCONCLUSIVE),
+        ("differs", -0.4, -0.1, evidence.HOLDS),
+        ("differs", -0.05, 0.05, evidence.FAILS),
+        ("differs", -0.2, 0.3, evidence.INCONCLUSIVE),
     ],
 )
 def test_decision_table(kind, low, high, verdict):
-    assert findings.decide(kind, low, high) == verdict
+    assert evidence.decide(kind, low, high) == verdict
 
 
 def test_combined_verdicts_hold_only_when_every_contrast_holds():
-    H, F, I = findings.HOLDS, findings.FAILS, findings.INCONCLUSIVE  # noqa: E741
-    assert findings.combine([H, H]) == H
-    assert findings.combine([H, I]) == I
-    assert findings.combine([H, I, F]) == F
+    H, F, I = evidence.HOLDS, evidence.FAILS, evidence.INCONCLUSIVE  # noqa: E741
+    assert evidence.combine([H, H]) == H
+    assert evidence.combine([H, I]) == I
+    assert evidence.combine([H, I, F]) == F
     with pytest.raises(ValueError, match="kind='most'; allowed: greater, below, within, differs"):
-        findings.decide("most", 0.0, 1.0)
+        evidence.decide("most", 0.0, 1.0)
 
 
 def test_the_interval_is_the_student_t_interval_of_the_seed_mean():
     v = np.array([0.12, 0.05, 0.2])
-    mean, low, high = findings.t_interval(np.append(v, np.nan))  # NaN: a seed without the pair
+    mean, low, high = evidence.t_interval(np.append(v, np.nan))  # NaN: a seed without the pair
     half = stats.t.ppf(0.975, 2) * v.std(ddof=1) / np.sqrt(3)
     assert mean == pytest.approx(v.mean())
     assert (low, high) == pytest.approx((v.mean() - half, v.mean() + half))
-    assert findings.pct_change(np.log(1.1)) == "+10 %"
-    assert np.isnan(findings.t_interval(np.array([0.1]))[1])
+    assert evidence.pct_change(np.log(1.1)) == "+10 %"
+    assert np.isnan(evidence.t_interval(np.array([0.1]))[1])
 
 
 def test_two_level_interval_adds_the_images_variance():
     rows = np.array([[0.12, 0.05, 0.2], [0.3, 0.3, 0.3]])
     # no image variance: the Student-t interval of the seed mean
-    got = findings.two_level_intervals(rows, 0.0, 16)
-    want = findings.t_intervals(rows)
+    got = evidence.two_level_intervals(rows, 0.0, 16)
+    want = evidence.t_intervals(rows)
     assert np.allclose(got, want)
     # images only (seeds agree): t with n_images - 1 degrees of freedom
-    mean, low, high = findings.two_level_intervals(rows[1:], 0.01, 16)
+    mean, low, high = evidence.two_level_intervals(rows[1:], 0.01, 16)
     assert high[0] - mean[0] == pytest.approx(stats.t.ppf(0.975, 15) * 0.1)
     # both: wider than either alone, Welch-Satterthwaite degrees of freedom
     a, v = rows[0].var(ddof=1) / 3, 0.004
     df = (a + v) ** 2 / (a**2 / 2 + v**2 / 15)
-    mean, low, high = findings.two_level_intervals(rows[:1], v, 16)
+    mean, low, high = evidence.two_level_intervals(rows[:1], v, 16)
     assert high[0] - mean[0] == pytest.approx(stats.t.ppf(0.975, df) * np.sqrt(a + v))
 
 
@@ -243,10 +243,10 @@ def test_rule_set_hash_is_recorded_and_stamped():
     assert findings.ruleset_sha() == findings.RULESET_SHA
     dbs = _simulated("G6", "laptop", 30.0)
     assert dbs["heldout"].attrs[findings.RULESET_ATTR] == findings.RULESET_SHA
-    assert findings.evaluate(dbs)["G6"].verdict == findings.HOLDS
+    assert findings.evaluate(dbs)["G6"].verdict == evidence.HOLDS
     dbs["heldout"].attrs[findings.RULESET_ATTR] = "0123456789abcdef"
     old = findings.evaluate(dbs)["G6"]
-    assert old.verdict == findings.STALE
+    assert old.verdict == evidence.STALE
     assert "heldout (stamp 0123456789abcdef)" in old.summary and "hrtem-book collect" in old.summary
 
 
@@ -257,7 +257,7 @@ def test_every_finding_reports_a_verdict_and_its_rule():
         "D2",
     ]
     for f in out.values():
-        assert f.verdict == findings.UNMEASURABLE and f.rule and f.claim
+        assert f.verdict == evidence.UNMEASURABLE and f.rule and f.claim
     with pytest.raises(ValueError, match="metric='accuracy'; allowed: loss, dice, iou"):
         findings.evaluate({}, metric="accuracy")
 
@@ -267,7 +267,7 @@ def test_failed_runs_are_skipped_not_counted():
     ds = dbs["defocus"]
     ds["final_loss"].loc[{"target_domain": 0.0, "seed": 0, "freeze": "none"}] = np.nan
     f = findings.evaluate(dbs)["F1"]
-    assert f.verdict == findings.HOLDS and f.intervals[0].n_seeds == 3
+    assert f.verdict == evidence.HOLDS and f.intervals[0].n_seeds == 3
 
 
 @pytest.mark.skipif(not SEEDS_DIR.is_dir(), reason="../shared/seeds not beside the checkout")
@@ -286,7 +286,7 @@ def test_findings_read_only_the_test_split():
     every other variable dropped, each finding says exactly what it said before — except the
     dynamics rules (D1, D2), whose predictor is each model's validation score after its first
     epoch and which read nothing else of the histories."""
-    from hrtem_book.results import METRIC_SPLITS
+    from hrtem_book.database import METRIC_SPLITS
     from hrtem_book.testing import synthetic_database
 
     assert METRIC_SPLITS["final"] == "test"
@@ -302,7 +302,8 @@ def test_findings_read_only_the_test_split():
 
     bare = keep(("final_",))
     first = {
-        s: ds.sel(epoch=[findings.EARLY_EPOCH]) for s, ds in keep(("final_", "history_")).items()
+        s: ds.sel(epoch=[generalization.EARLY_EPOCH])
+        for s, ds in keep(("final_", "history_")).items()
     }
     for metric in ("loss", "dice"):
         full = findings.evaluate(dbs, metric)
@@ -312,7 +313,7 @@ def test_findings_read_only_the_test_split():
         }
         for key, f in full.items():
             if key in dynamics:
-                assert only[key].verdict == findings.UNMEASURABLE
+                assert only[key].verdict == evidence.UNMEASURABLE
                 assert "no per-epoch scores" in only[key].summary
             else:
                 assert f.summary == only[key].summary

@@ -16,11 +16,12 @@ from conftest import smoke_project
 
 from hrtem_book import datasets, simulate
 from hrtem_book.config import MeasuredImaging
-from hrtem_book.findings import FAILS, HOLDS, UNMEASURABLE, collect, get_rule, score
+from hrtem_book.evidence import FAILS, HOLDS, UNMEASURABLE
+from hrtem_book.findings import collect, get_rule, score
 from hrtem_book.findings import ruleset_sha as findings_ruleset_sha
 from hrtem_book.layout import Layout
 from hrtem_book.profiles import get_profile
-from hrtem_book.results import heldout_table, load_database
+from hrtem_book.results import load_database
 from hrtem_book.series import HELDOUT_MEASURED, HELDOUT_SYNTHETIC, fixed_support_nm, get_series
 from hrtem_book.simulate import (
     CTF,
@@ -31,6 +32,7 @@ from hrtem_book.simulate import (
     wavelength_A,
 )
 from hrtem_book.studies import build_grid
+from hrtem_book.studies.heldout import heldout_table
 from hrtem_book.sweep import run_sweep
 from hrtem_book.testing import synthetic_database
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from hrtem_book.database import METRIC_VARS, query
 from hrtem_book.results import (
-    METRIC_VARS,
     empty_database,
     load_database,
-    query,
     save_database,
     validate_database,
 )

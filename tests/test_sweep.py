@@ -95,7 +95,10 @@ def fake_run(cfg, *, layout, device="cpu"):
 
 
 @pytest.fixture
-def fake():
+def fake(tmp_path, smoke_data):
+    """The cheap run function's state, cleared; ``tmp_path`` a project with the smoke series
+    (a sweep prepares its data whatever executes the runs)."""
+    smoke_project(tmp_path, smoke_data)
     for s in (CALLS, FAIL, RAISE):
         s.clear()
     yield
@@ -112,7 +115,7 @@ def _sweep(root, **kw):
 def test_the_stacked_engine_refuses_a_run_function_instead_of_ignoring_it(tmp_path, fake):
     with pytest.raises(ValueError, match="run_fn with executor='stacked'"):
         _sweep(tmp_path, run_fn=fake_run, executor="stacked")
-    assert CALLS == [] and not any(tmp_path.iterdir())  # refused before any work
+    assert CALLS == [] and not (tmp_path / "results").exists()  # refused before any work
 
 
 def test_sweep_records_every_run_once_pretrainings_first(tmp_path, fake):
@@ -250,23 +253,25 @@ def test_a_record_of_the_wrong_shape_is_moved_aside_and_redone(tmp_path, fake):
 
 
 def test_write_record_is_atomic_and_read_checks_identity(tmp_path, fake):
+    folder = tmp_path / "records"
+    folder.mkdir()
     cfg = next(iter(build_grid("dose", SMOKE).pretrains.values()))
     record = fake_run(cfg, layout=None)
     h = record["config_hash"]
-    path = tmp_path / f"{h}.json"
+    path = folder / f"{h}.json"
     write_record(path, record)
     assert read_record(path) == record
-    assert [p.name for p in tmp_path.iterdir()] == [f"{h}.json"]
+    assert [p.name for p in folder.iterdir()] == [f"{h}.json"]
     lines: list[str] = []
-    write_record(tmp_path / "other.json", record)  # a record filed under another id
-    assert read_record(tmp_path / "other.json", log=lines.append) is None
+    write_record(folder / "other.json", record)  # a record filed under another id
+    assert read_record(folder / "other.json", log=lines.append) is None
     write_record(path, {**record, "status": "running"})
     assert read_record(path, log=lines.append) is None
     # invalid files are moved aside, never deleted, and named in one line each
     assert len(lines) == 2 and all(len(line.splitlines()) == 1 for line in lines)
     assert "other.json is invalid (config_hash" in lines[0]
     assert "is invalid (status 'running'" in lines[1]
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in folder.iterdir())
     assert len(names) == 2 and all(".json.invalid-" in n for n in names)
 
 

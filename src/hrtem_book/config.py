@@ -422,8 +422,11 @@ FREEZE_OPTIONS = ("none", "encoder", "decoder")
 class PretrainConfig:
     """Stage 1: train from scratch on ``n_train`` images of one domain."""
 
-    # what every kind of run answers (a class constant and properties: not fields, not hashed)
+    # what every kind of run answers (class constants and properties: not fields, not hashed)
     kind: ClassVar[str] = "pretrain"
+    stage_names: ClassVar[tuple[str, ...]] = ("pretrain",)  # the stages its record holds
+    makes_checkpoint: ClassVar[bool] = True  # other runs load the model it keeps
+    freeze: ClassVar[str] = "none"  # the part of the model its stage leaves unchanged
     data: DataConfig
     series: str
     domain: Domain
@@ -458,6 +461,16 @@ class PretrainConfig:
         """Every domain a stage of the run trains on."""
         return (self.domain,)
 
+    @property
+    def monitored(self) -> tuple:
+        """The domains whose validation loss stops the run and picks its kept epoch."""
+        return (self.domain,)
+
+    @property
+    def n_images(self) -> int:
+        """The training images of its (last) stage."""
+        return self.n_train
+
 
 @dataclass(frozen=True)
 class TransferConfig:
@@ -468,6 +481,8 @@ class TransferConfig:
     """
 
     kind: ClassVar[str] = "transfer"
+    stage_names: ClassVar[tuple[str, ...]] = ("pretrain", "transfer")
+    makes_checkpoint: ClassVar[bool] = False
     pretrain: PretrainConfig
     domain: Domain
     n_train: int
@@ -501,12 +516,18 @@ class TransferConfig:
     def trained_domains(self) -> tuple:
         return (self.pretrain.domain, self.domain)
 
+    monitored = PretrainConfig.monitored
+    n_images = PretrainConfig.n_images
+
 
 @dataclass(frozen=True)
 class MixtureConfig:
     """Baseline: one stage on a mixture of two domains, ``n_images[i]`` images of ``domains[i]``."""
 
     kind: ClassVar[str] = "mixture"
+    stage_names: ClassVar[tuple[str, ...]] = ("mixture",)
+    makes_checkpoint: ClassVar[bool] = False
+    freeze: ClassVar[str] = "none"
     data: DataConfig
     series: str
     domains: tuple[Domain, Domain]
@@ -529,6 +550,12 @@ class MixtureConfig:
     @property
     def trained_domains(self) -> tuple:
         return self.domains
+
+    @property
+    def monitored(self) -> tuple:
+        """Its target (the second domain), as a transfer to that domain is stopped, so that
+        the two methods the baseline study compares are selected alike."""
+        return (self.domains[1],)
 
 
 RunConfig = PretrainConfig | TransferConfig | MixtureConfig

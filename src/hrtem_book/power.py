@@ -2,7 +2,7 @@
 
 For each rule of :mod:`hrtem_book.findings` and a profile's grid, databases are simulated many
 times over — the profile's axes and seeds, seed noise at the level measured on a laptop build,
-and either **no effect** or the **smallest effect the claim means** (:data:`findings.DELTA`, a
+and either **no effect** or the **smallest effect the claim means** (:data:`evidence.DELTA`, a
 10 % relative change of the error) planted where the claim puts it — and the rule is run on each.
 The share of draws that *hold* with no effect is the rule's **false-pass rate**; with the
 smallest effect, its **power**; the share that *does not hold* with that effect, its
@@ -18,7 +18,7 @@ relative sd of the kept models' error 0.09-0.15 by study and stage (loss), 0.06-
 The test images add a **test-set term** of sd :data:`SIGMA_SET` per (series, evaluation domain)
 and draw, shared by every model scored on those images (the sampling error of one set of test
 images). The rule's interval then takes the images as a second unit
-(:func:`findings.two_level_intervals`): its image variance is, per contrast, SIGMA_SET² times the
+(:func:`evidence.two_level_intervals`): its image variance is, per contrast, SIGMA_SET² times the
 sum of the squared sensitivities of the contrast to each domain's term (finite differences on
 :data:`N_DESIGN_DRAWS` draws with the smallest claimed effect, once per rule and profile), with
 the sampling noise of a variance estimated from the domain's test images (χ² with n − 1 degrees
@@ -29,7 +29,7 @@ Draws are simulated at once: draw ``d`` holds seeds ``d·S … d·S + S − 1`` 
 The dynamics rules (D1, D2) relate a model's first-epoch error to a final score. Their databases
 add that first-epoch validation error on each model's own domain, :data:`SIGMA_EARLY` around
 :data:`EARLY_ERROR` (log error), drawn independently of everything else (no effect) or with
-the smallest claimed rank correlation, :data:`findings.RHO_DELTA`, to the final score the rule
+the smallest claimed rank correlation, :data:`evidence.RHO_DELTA`, to the final score the rule
 reads (:func:`plant_first_epoch`).
 """
 
@@ -47,12 +47,14 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import findings
+from . import evidence, findings
+from .analysis import domain_name, quiet
 from .layout import cached_json
 from .profiles import get_profile
 from .results import empty_database
 from .series import match_index, split_structure_domain
 from .studies import build_grid, get_study
+from .studies.generalization import EARLY_EPOCH, first_epoch_table
 
 SIGMA_MODEL = 0.10  # sd of a model's log error shared by all its scores
 SIGMA_SCORE = 0.10  # sd of one score's log error (one evaluation domain)
@@ -114,14 +116,14 @@ class Scenario:
 
 def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator) -> None:
     """Write each generalization model's first-epoch log error on its own domain
-    (``history_<m>`` at :data:`findings.EARLY_EPOCH`): ``tanh(z)`` times the model's ``target``
-    score of :func:`findings.first_epoch_table` ("own", "gap"; centred within its series and
+    (``history_<m>`` at :data:`EARLY_EPOCH`): ``tanh(z)`` times the model's ``target``
+    score of :func:`first_epoch_table` ("own", "gap"; centred within its series and
     seed, scaled to unit sd over every model and draw), plus independent noise making up the
     rest of a unit variance; then × :data:`SIGMA_EARLY` around log :data:`EARLY_ERROR`. The
     population rank correlation is then about ``tanh(z)`` (Pearson's of a normal pair)."""
     try:
-        table = findings.first_epoch_table(dbs, "loss")
-    except findings.NotMeasurable:  # (one seed: the rule cannot be decided, nothing to plant)
+        table = first_epoch_table(dbs, "loss")
+    except evidence.NotMeasurable:  # (one seed: the rule cannot be decided, nothing to plant)
         return
     rho = math.tanh(z)
     centred = {s: t[target] - np.nanmean(t[target], axis=0) for s, t in table.items()}
@@ -133,7 +135,7 @@ def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator
         error = np.exp(math.log(EARLY_ERROR) + SIGMA_EARLY * early)  # trains × seeds
         ev = ds["eval_domain"].values
         for i, train in enumerate(t["trains"]):
-            at = {"train_domain": train, "stage": "pretrain", "epoch": findings.EARLY_EPOCH,
+            at = {"train_domain": train, "stage": "pretrain", "epoch": EARLY_EPOCH,
                   "eval_domain": ev[match_index(ev, train)]}  # fmt: skip
             for m, value in _as_metrics(error[i]).items():
                 ds[f"history_{m}"].loc[at] = value
@@ -152,7 +154,7 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
 
     def first_epoch(target: str, sign: float):
         def after(dbs: dict, scale: float, rng: np.random.Generator) -> None:
-            z = sign * scale * findings.SCALES["correlation"].delta
+            z = sign * scale * evidence.SCALES["correlation"].delta
             plant_first_epoch(dbs, target, z, rng)
 
         return after
@@ -239,7 +241,7 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
         "G5": ([none], Scenario("every variant δ better after transfer", g5)),
         "G6": ([none], Scenario("the size-biased transfer δ worse", g6)),
         **{key: ([Scenario("first epoch unrelated", _zero, first_epoch(target, 0.0))],
-                 Scenario(f"a rank correlation of {findings.RHO_DELTA:g} with the {what}",
+                 Scenario(f"a rank correlation of {evidence.RHO_DELTA:g} with the {what}",
                           _zero, first_epoch(target, 1.0)))
            for key, target, what in (("D1", "gap", "gap away from home"),
                                      ("D2", "own", "error at home"))},
@@ -250,7 +252,7 @@ def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scena
 
 
 def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
-             rng: np.random.Generator, delta: float = findings.DELTA,
+             rng: np.random.Generator, delta: float = evidence.DELTA,
              offsets: dict[str, np.ndarray] | None = None) -> xr.Dataset:  # fmt: skip
     """``n_draws`` databases of ``study`` on ``coords`` as one, seeds stacked (module doc);
     ``offsets``: each evaluation domain's test-set term per draw (by domain name), if any."""
@@ -262,7 +264,7 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
     sizes = dict(var.sizes)
     axes = [a for a in spec.axes if a != "seed"]
     own_dims = [*spec.axes]
-    if spec.kind == "transfer":
+    if spec.kind.loads_pretraining:
         pre_dims = [a for a in spec.axes if a in _MODEL_AXES]
     else:
         pre_dims = own_dims
@@ -271,7 +273,7 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
         return xr.DataArray(rng.standard_normal([sizes[d] for d in dims]), dims=dims)
 
     z_pre = SIGMA_MODEL * normal(pre_dims) + SIGMA_SCORE * normal([*pre_dims, "eval_domain"])
-    if spec.kind == "transfer":
+    if spec.kind.loads_pretraining:
         own = SIGMA_MODEL * (RHO * normal(pre_dims) + math.sqrt(1 - RHO**2) * normal(own_dims))
         z_own = own + SIGMA_SCORE * normal([*own_dims, "eval_domain"])
         noise = xr.concat([z_pre.broadcast_like(z_own), z_own], "stage")
@@ -285,13 +287,13 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
         at = dict(zip(dims_wo_seed, idx, strict=True))
         cell = {a: coords[a][at[a]] for a in axes}
         first, second = (cell.get(a, cell.get("train_domain")) for a in (spec.domain_axes * 2)[:2])
-        if spec.kind != "pretrain" and first == second:
+        if spec.kind.excludes_diagonal and first == second:
             excluded[tuple(at[a] for a in axes)] = True
         stage = spec.stages[at["stage"]]
         effect[idx] = plant(cell, stage, ds["eval_domain"].values[at["eval_domain"]], delta)
     log_err = math.log(BASE_ERROR) + noise + xr.DataArray(effect, dims=dims_wo_seed)
     if offsets:
-        names = [findings._name(d) for d in ds["eval_domain"].values.tolist()]
+        names = [domain_name(d) for d in ds["eval_domain"].values.tolist()]
         per_seed = np.stack(
             [np.repeat(offsets.get(n, np.zeros(n_draws)), n_seeds) for n in names], axis=-1
         )
@@ -318,7 +320,7 @@ def simulate_rule(
     ``scenario`` planted at ``scale`` × the smallest claimed effect (:func:`simulate`, then
     the scenario's ``after``); ``offsets``: the test-set terms (:func:`_offsets`), if any."""
     dbs = {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n_draws, rng,
-                       findings.DELTA * scale, (offsets or {}).get(s))
+                       evidence.DELTA * scale, (offsets or {}).get(s))
            for s, g in grids.items()}  # fmt: skip
     if scenario.after is not None:
         scenario.after(dbs, scale, rng)
@@ -343,12 +345,12 @@ class ErrorRates:
         return self.power < 0.8
 
 
-def _seed_means(rule: findings.Rule, dbs: dict, n_draws: int) -> dict[str, np.ndarray]:
+def _seed_means(rule: evidence.Rule, dbs: dict, n_draws: int) -> dict[str, np.ndarray]:
     """Each contrast's mean over the seeds of every draw (NaN where a draw lacks it)."""
     out = {}
     for c in rule.contrasts(dbs, "loss"):
         rows = np.asarray(c.per_seed, float).reshape(n_draws, -1)
-        with findings._quiet():
+        with quiet():
             out[c.name] = np.nanmean(rows, axis=1)
     return out
 
@@ -358,7 +360,7 @@ def _keys(grids: dict) -> dict[tuple[str, str], list[str]]:
     out: dict[tuple[str, str], list[str]] = {}
     for study, g in grids.items():
         for d in g.eval_domains:
-            out.setdefault((get_study(study).series, findings._name(d)), []).append(study)
+            out.setdefault((get_study(study).series, domain_name(d)), []).append(study)
     return out
 
 
@@ -373,13 +375,13 @@ def _offsets(grids: dict, n_draws: int, rng: np.random.Generator) -> dict[str, d
     return out
 
 
-def image_design(rule: findings.Rule, dbs: dict, grids: dict, n_draws: int) -> dict[str, float]:
+def image_design(rule: evidence.Rule, dbs: dict, grids: dict, n_draws: int) -> dict[str, float]:
     """Each contrast's variance from the test-set terms: SIGMA_SET² × Σ over (series, domain)
     of the squared sensitivity of its seed mean to that domain's term, by finite differences on
     the simulated ``dbs`` (loss), averaged over the draws."""
     try:
         base = _seed_means(rule, dbs, n_draws)
-    except findings.NotMeasurable:
+    except evidence.NotMeasurable:
         return {}
     total = {name: np.zeros(n_draws) for name in base}
     for (_, name), studies in _keys(grids).items():
@@ -387,17 +389,17 @@ def image_design(rule: findings.Rule, dbs: dict, grids: dict, n_draws: int) -> d
         for study in studies:
             ds = dbs[study].copy()
             loss = ds["final_loss"].copy(deep=True)
-            e = [findings._name(d) for d in ds["eval_domain"].values.tolist()].index(name)
+            e = [domain_name(d) for d in ds["eval_domain"].values.tolist()].index(name)
             loss[{"eval_domain": e}] = loss[{"eval_domain": e}] * math.exp(_STEP)
             moved[study] = ds.assign(final_loss=loss)
         for c, value in _seed_means(rule, moved, n_draws).items():
             total[c] += ((value - base[c]) / _STEP) ** 2
-    with findings._quiet():
+    with quiet():
         return {c: SIGMA_SET**2 * float(np.nanmean(v)) for c, v in total.items()}
 
 
 def _verdicts(
-    rule: findings.Rule,
+    rule: evidence.Rule,
     dbs: dict,
     n_draws: int,
     image_var: dict[str, float] | None = None,
@@ -409,23 +411,23 @@ def _verdicts(
     as a second unit, each draw's image variance estimated with χ²(n_images − 1) noise."""
     try:
         contrasts = rule.contrasts(dbs, "loss")
-    except findings.NotMeasurable:
-        return np.full(n_draws, findings.UNMEASURABLE)
+    except evidence.NotMeasurable:
+        return np.full(n_draws, evidence.UNMEASURABLE)
     rng = rng or np.random.default_rng(0)
-    delta = findings.SCALES[rule.scale].delta
+    delta = evidence.SCALES[rule.scale].delta
     per_draw = []
     for c in contrasts:
         rows = np.asarray(c.per_seed, float).reshape(n_draws, -1)
         v = (image_var or {}).get(c.name, math.nan)
         if math.isfinite(v) and n_images >= 2:
             v_hat = v * rng.chisquare(n_images - 1, n_draws) / (n_images - 1)
-            mean, low, high = findings.two_level_intervals(rows, v_hat, n_images)
+            mean, low, high = evidence.two_level_intervals(rows, v_hat, n_images)
         else:
-            mean, low, high = findings.t_intervals(rows)
+            mean, low, high = evidence.t_intervals(rows)
         per_draw.append(
-            [findings.decide(c.kind, lo, hi, delta) for lo, hi in zip(low, high, strict=True)]
+            [evidence.decide(c.kind, lo, hi, delta) for lo, hi in zip(low, high, strict=True)]
         )
-    return np.array([findings.combine(list(v)) for v in zip(*per_draw, strict=True)])
+    return np.array([evidence.combine(list(v)) for v in zip(*per_draw, strict=True)])
 
 
 @functools.cache
@@ -472,20 +474,20 @@ def error_rates(
 
     # the test-set terms are in every simulated database; the intervals take the images as a
     # unit where the rule's scale does (the dynamics rules' take the seeds alone)
-    design = _design(key, profile) if images and findings.SCALES[rule.scale].images else {}
+    design = _design(key, profile) if images and evidence.SCALES[rule.scale].images else {}
 
     def rates(scenario: Scenario) -> np.ndarray:
         return _verdicts(rule, databases(scenario, n_draws), n_draws, design, n_images, rng)
 
     def share(verdicts: np.ndarray, verdict: str) -> float:
-        if np.all(verdicts == findings.UNMEASURABLE):
+        if np.all(verdicts == evidence.UNMEASURABLE):
             return math.nan  # the grid cannot decide the rule (one seed, a missing axis)
         return float(np.mean(verdicts == verdict))
 
-    false_pass = max(share(rates(n), findings.HOLDS) for n in nulls)
+    false_pass = max(share(rates(n), evidence.HOLDS) for n in nulls)
     alt = rates(alternative)
     return ErrorRates(key, profile, n_seeds, n_draws, false_pass,
-                      share(alt, findings.HOLDS), share(alt, findings.FAILS),
+                      share(alt, evidence.HOLDS), share(alt, evidence.FAILS),
                       alternative.what)  # fmt: skip
 
 
@@ -497,9 +499,9 @@ def detectable(
 ) -> float:
     """The smallest planted effect among :data:`DETECTABLE_SCALES` × δ that the rule calls
     *holds* in ≥ 80 % of draws, on the rule's scale (a log-error difference, or a Fisher z:
-    :func:`findings.effect_text` says it in words); NaN if none. ``at_delta``: the rule's
+    :func:`evidence.effect_text` says it in words); NaN if none. ``at_delta``: the rule's
     :func:`error_rates` at δ, already measured (its scale is not simulated again)."""
-    delta = findings.SCALES[findings.get_rule(key).scale].delta
+    delta = evidence.SCALES[findings.get_rule(key).scale].delta
     for k in DETECTABLE_SCALES:
         if k == 1 and at_delta is not None:
             power = at_delta.power

@@ -81,8 +81,7 @@ def write_record(path: Path, record: dict) -> Path:
     return atomic_write_text(path, text)
 
 
-STAGES_OF_KIND = {"pretrain": ("pretrain",), "transfer": ("pretrain", "transfer"),
-                  "mixture": ("mixture",)}  # fmt: skip
+STAGES_OF_KIND = {t.kind: t.stage_names for t in RUN_TYPES}
 _STAGE_CURVES = ("val_loss",)
 _STAGE_VALUES = ("best_loss", "final_loss", "test_loss")
 

@@ -51,7 +51,6 @@ and torch versions its records were computed with) and the study's fixed setting
 from __future__ import annotations
 
 import datetime as _dt
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,63 +59,26 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .database import (
+    COUNTS,
+    IMAGE_VARS,
+    METRIC_KINDS,
+    METRIC_SPLITS,
+    METRIC_VARS,
+    REQUIRED_ATTRS,
+    SCHEMA_VERSION,
+    STATUS_VALUES,
+    STOP_REASONS,
+    STRING_VARS,
+    metric_var,
+    var_dims,
+)
 from .layout import Layout, atomic_write, database_file, git_commit, move_aside
 from .metrics import METRIC, METRICS
 from .profiles import Profile
 from .records import read_record
-from .series import get_series, match_index, match_mask
-from .studies import STUDIES, build_grid, get_study
-
-SCHEMA_VERSION = 4  # 3: final_<m> on test images apart from selection; 4: + per test image
-STATUS_VALUES = ("ok", "failed", "missing", "excluded")
-STOP_REASONS = ("plateau", "max_epochs", "")
-REDUCTIONS = ("min", "mean", "median", "max")
-REQUIRED_ATTRS = ("study", "series", "profile", "package_version", "git_commit", "created")
-STRING_VARS = ("status", "config_hash", "stop_reason")
-STAGE_VARS = ("epochs_run", "best_epoch", "train_time_s", "eval_time_s", "trainable_params")
-IMAGE_VARS = ("image_loss", "image_counts")  # the final scores per test image
-COUNTS = ("tp", "fp", "fn")  # the particle-pixel counts of image_counts
-METRIC_KINDS = ("final", "history")
-METRIC_VARS = tuple(f"{kind}_{m}" for kind in METRIC_KINDS for m in METRICS)
-# which images each kind of metric variable is measured on (its ``split`` attr)
-METRIC_SPLITS = {"final": "test", "history": "validation"}
-
-
-def metric_var(metric: str, kind: str = "final") -> str:
-    """The variable of ``metric`` (loss, dice, iou): ``final_dice``, ``history_loss``, ..."""
-    if metric not in METRICS:
-        raise ValueError(f"metric={metric!r}; allowed: {', '.join(METRICS)}")
-    if kind not in METRIC_KINDS:
-        raise ValueError(f"kind={kind!r}; allowed: {', '.join(METRIC_KINDS)}")
-    return f"{kind}_{metric}"
-
-
-def _var_dims(axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    per_domain = axes + ("stage", "eval_domain")
-    dims = {}
-    for m in METRICS:
-        dims[f"final_{m}"] = per_domain
-        dims[f"history_{m}"] = per_domain + ("epoch",)
-    for var in (*STAGE_VARS, "stop_reason"):
-        dims[var] = axes + ("stage",)
-    dims["image_loss"] = per_domain + ("test_image",)
-    dims["image_counts"] = per_domain + ("test_image", "count")
-    dims["status"] = axes
-    dims["config_hash"] = axes
-    return dims
-
-
-def check_reduction(
-    reduce: str | None, *, name: str = "reduce", allow_none: bool = False
-) -> str | None:
-    """``reduce`` if it is one of :data:`REDUCTIONS` (or None where allowed); otherwise a
-    ValueError naming the argument ``name``, the value and what is allowed."""
-    if reduce is None and allow_none:
-        return None
-    if reduce not in REDUCTIONS:
-        allowed = ", ".join(REDUCTIONS) + (", None" if allow_none else "")
-        raise ValueError(f"{name}={reduce!r}: unknown reduction {reduce!r}; allowed: {allowed}")
-    return reduce
+from .series import get_series
+from .studies import STUDIES, STUDY_GROUPS, build_grid, get_study
 
 
 def empty_database(
@@ -150,7 +112,7 @@ def empty_database(
     all_coords["count"] = list(COUNTS)
     sizes = {name: len(values) for name, values in all_coords.items()}
     data_vars = {}
-    for var, dims in _var_dims(spec.axes).items():
+    for var, dims in var_dims(spec.axes).items():
         shape = tuple(sizes[d] for d in dims)
         if var == "status":
             values = np.full(shape, "missing", dtype=object)
@@ -297,7 +259,7 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
         fail(f"stage values {ds['stage'].values.tolist()}, expected {list(spec.stages)}")
     if tuple(ds["count"].values.tolist()) != COUNTS:
         fail(f"count values {ds['count'].values.tolist()}, expected {list(COUNTS)}")
-    for var, dims in _var_dims(spec.axes).items():
+    for var, dims in var_dims(spec.axes).items():
         if var not in ds.data_vars:
             fail(f"variable {var!r} missing")
         if set(ds[var].dims) != set(dims):
@@ -330,135 +292,6 @@ def validate_database(ds: xr.Dataset, source: str = "dataset", study: str | None
         fail(f"stop_reason values {bad} are not allowed; allowed: plateau, max_epochs, ''")
 
 
-# --- query ------------------------------------------------------------------------------------
-def _match_indices(coord: xr.DataArray, wanted: Iterable) -> list[int]:
-    values = coord.values
-    out = []
-    for w in wanted:
-        hits = np.flatnonzero(match_mask(values, w))
-        if hits.size == 0:
-            raise ValueError(
-                f"{coord.name}={w!r} is not in the database; allowed: {values.tolist()}"
-            )
-        out.append(int(hits[0]))
-    return out
-
-
-def query(
-    ds: xr.Dataset,
-    var: str,
-    select: Mapping[str, Any] | None = None,
-    reduce: str | None = "min",
-    keep: Iterable[str] = (),
-) -> xr.DataArray:
-    """Select cells by axis values, then reduce every other dim except ``keep``.
-
-    ``select`` maps a dim to one value or a list of values (floats match to 1e-9 relative).
-    ``reduce`` is one of min / mean / median / max (NaN-aware: failed and missing runs are
-    skipped; an all-NaN group gives NaN) or None to return the selection unreduced. The result
-    has the ``keep`` dims, in that order.
-
-    >>> query(ds, "final_loss", {"stage": "transfer", "freeze": "none"}, "mean",
-    ...       keep=["pretrain_domain", "eval_domain"])  # doctest: +SKIP
-    """
-    if var not in ds.data_vars:
-        raise ValueError(f"unknown variable {var!r}; allowed: {', '.join(ds.data_vars)}")
-    da = ds[var]
-    keep = list(keep)
-    for dim in list(select or {}) + keep:
-        if dim not in da.dims:
-            raise ValueError(f"{var} has no axis {dim!r}; allowed: {', '.join(da.dims)}")
-    if len(set(keep)) != len(keep):
-        raise ValueError(f"keep={keep} repeats an axis")
-    check_reduction(reduce, allow_none=True)
-    for dim, wanted in (select or {}).items():
-        if isinstance(wanted, str) or not isinstance(wanted, Iterable):
-            wanted = [wanted]
-        da = da.isel({dim: _match_indices(ds[dim], wanted)})
-    if reduce is None:
-        return da
-    if da.dtype.kind != "f":
-        raise ValueError(f"{var} holds {da.dtype} values; reduce applies to numeric variables")
-    dims = [d for d in da.dims if d not in keep]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN groups → NaN, by design
-        out = getattr(da, reduce)(dim=dims, skipna=True) if dims else da
-    return out.transpose(*keep)
-
-
-def on_domain(da: xr.DataArray, axis: str) -> xr.DataArray:
-    """The value evaluated on the domain named by ``axis`` (e.g. each cell's target domain).
-
-    ``da`` has an ``eval_domain`` dim; the result drops it and holds, for every value ``v`` of
-    ``axis``, the value at ``eval_domain == v`` (NaN where ``v`` is not an evaluation domain).
-    The role of each value comes from the axis, never from sorting domain values.
-    """
-    ev = da["eval_domain"].values
-    idx = np.array([match_index(ev, v) for v in da[axis].values])
-    take = xr.DataArray(np.clip(idx, 0, None), dims=axis)
-    out = da.isel(eval_domain=take).drop_vars("eval_domain", errors="ignore")
-    return out.where(xr.DataArray(idx >= 0, dims=axis))
-
-
-def generalization_matrix(
-    ds: xr.Dataset,
-    metric: str = "dice",
-    select: Mapping[str, Any] | None = None,
-    reduce: str = "median",
-) -> xr.DataArray:
-    """The (train_domain, test_domain) table of a ``generalization-<series>`` database: the
-    ``metric`` of the model each pretraining kept, trained on the row's domain and evaluated on
-    the column's, reduced (``reduce``) over the seeds and any other selected cells. Its diagonal
-    — trained and tested on one domain — is the in-domain ideal of the companion study."""
-    if "train_domain" not in ds.dims:
-        raise ValueError(
-            f"study {ds.attrs.get('study')!r} has no train_domain axis; allowed: the "
-            "generalization-<series> databases"
-        )
-    da = query(
-        ds,
-        metric_var(metric, "final"),
-        {**dict(select or {}), "stage": "pretrain"},
-        reduce,
-        keep=["train_domain", "eval_domain"],
-    )
-    return da.rename(eval_domain="test_domain")
-
-
-HELDOUT_TEST = "experimental"  # the held-out domain every case is measured on
-# (case, stage, transfer target): before transfer, after transfer on a few unbiased images,
-# after transfer on as many images of small particles only
-HELDOUT_CASES = (
-    ("before", "pretrain", "experimental"),
-    ("after", "transfer", "experimental"),
-    ("after-biased", "transfer", "experimental-small"),
-)
-
-
-def heldout_table(ds: xr.Dataset, metric: str = "dice") -> xr.DataArray:
-    """``metric`` on the experimental-like validation images of the ``heldout`` database, by
-    synthetic variant (``pretrain_domain``), seed and case: ``before`` transfer (the model the
-    pretraining kept), ``after`` transfer on a few experimental-like images and
-    ``after-biased`` transfer on as many images of small particles only."""
-    if ds.attrs.get("study") != "heldout":
-        raise ValueError(
-            f"study {ds.attrs.get('study')!r} is not the held-out study; allowed: heldout"
-        )
-    var = ds[metric_var(metric, "final")]
-    test = _match_indices(ds["eval_domain"], [HELDOUT_TEST])
-    if not test:
-        raise ValueError(f"the heldout database has no {HELDOUT_TEST!r} evaluation domain")
-    parts = []
-    for case, stage, target in HELDOUT_CASES:
-        hit = _match_indices(ds["target_domain"], [target])
-        if not hit:
-            continue
-        da = var.isel(target_domain=hit[0], eval_domain=test[0]).sel(stage=stage, drop=True)
-        parts.append(da.drop_vars(["target_domain", "eval_domain"]).expand_dims(case=[case]))
-    table = xr.concat(parts, "case").transpose("pretrain_domain", "seed", "case")
-    return table.rename(f"{metric} on {HELDOUT_TEST}")
-
-
 def load_databases(
     results_dir: str | Path, studies: Iterable[str] | None = None
 ) -> dict[str, xr.Dataset]:
@@ -473,7 +306,7 @@ def load_databases(
 def generalization_databases(results_dir: str | Path) -> dict[str, xr.Dataset]:
     """``{series: database}`` of every ``generalization-<series>`` study found in
     ``results_dir``; a FileNotFoundError saying how to make them when there is none."""
-    studies = [study for study, spec in STUDIES.items() if spec.kind == "pretrain"]
+    studies = STUDY_GROUPS["generalization"]
     out = {STUDIES[s].series: ds for s, ds in load_databases(results_dir, studies).items()}
     if not out:
         raise FileNotFoundError(
@@ -481,20 +314,6 @@ def generalization_databases(results_dir: str | Path) -> dict[str, xr.Dataset]:
             "--study generalization --profile NAME` then `hrtem-book collect --profile NAME`"
         )
     return out
-
-
-def deviation_from_ideal(matrix: xr.DataArray) -> xr.DataArray:
-    """Each cell of a :func:`generalization_matrix` minus the cell on its column's diagonal
-    (the model trained on the test domain itself); NaN for a test domain no model trained on.
-    For Dice a negative deviation is a loss of overlap against the ideal."""
-    trains = matrix["train_domain"].values
-    ideal = np.array(
-        [
-            matrix.values[i, j] if (i := match_index(trains, t)) >= 0 else np.nan
-            for j, t in enumerate(matrix["test_domain"].values.tolist())
-        ]
-    )
-    return matrix - xr.DataArray(ideal, dims="test_domain")
 
 
 # --- records → database -----------------------------------------------------------------------

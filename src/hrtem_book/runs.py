@@ -206,16 +206,14 @@ def _mixture_set(cfg: MixtureConfig, ctx: Context) -> tuple[torch.Tensor, torch.
 
 
 def mixture_monitor(cfg: MixtureConfig) -> dict:
-    """The domain whose validation loss stops a mixture and picks its kept epoch: its target
-    (the second domain), as a transfer to that domain is stopped, so that the two methods the
-    baseline study compares are selected alike."""
-    return {cfg.domains[1]: 1}
+    """The domains that stop a mixture (:attr:`MixtureConfig.monitored`), equally weighted."""
+    return dict.fromkeys(cfg.monitored, 1)
 
 
-RUNNERS: dict[str, Callable[[RunConfig, Layout, Context], dict]] = {
-    "pretrain": run_pretrain,
-    "transfer": run_transfer,
-    "mixture": run_mixture,
+RUNNERS: dict[type, Callable[[RunConfig, Layout, Context], dict]] = {
+    PretrainConfig: run_pretrain,
+    TransferConfig: run_transfer,
+    MixtureConfig: run_mixture,
 }
 
 
@@ -225,22 +223,11 @@ def stack_key(cfg: RunConfig) -> str:
     architecture, stage, learning rate, training-set size and freezing option; their domains
     and seeds may differ. Where a stage reads fewer validation images off its own domain, the
     evaluation set depends on the domain, which then joins the key."""
-    kind = kind_of(cfg)
-    if isinstance(cfg, TransferConfig):
-        base = cfg.pretrain
-        key = {"n": cfg.n_train, "freeze": cfg.freeze, "stage": cfg.stage, "lr": cfg.lr}
-        own = (cfg.domain,)
-    elif isinstance(cfg, MixtureConfig):
-        base = cfg
-        key = {"n": cfg.n_images, "stage": cfg.stage, "lr": cfg.lr}
-        own = tuple(mixture_monitor(cfg))
-    else:
-        base = cfg
-        key = {"n": cfg.n_train, "stage": cfg.stage, "lr": cfg.lr}
-        own = (cfg.domain,)
-    key.update(kind=kind, data=base.data, series=base.series, model=base.model)
-    if key["stage"].n_eval_ood not in (None, key["stage"].n_eval):
-        key["own"] = own
+    base = cfg.base
+    key = {"kind": kind_of(cfg), "n": cfg.n_images, "freeze": cfg.freeze, "stage": cfg.stage,
+           "lr": cfg.lr, "data": base.data, "series": base.series, "model": base.model}  # fmt: skip
+    if cfg.stage.n_eval_ood not in (None, cfg.stage.n_eval):
+        key["own"] = cfg.monitored
     return config_hash(key)
 
 
@@ -309,8 +296,8 @@ def _mixture_group(cfgs: list[MixtureConfig], layout: Layout, ctx: Context) -> l
     ]
 
 
-GROUP_RUNNERS = {"pretrain": _pretrain_group, "transfer": _transfer_group,
-                 "mixture": _mixture_group}  # fmt: skip
+GROUP_RUNNERS = {PretrainConfig: _pretrain_group, TransferConfig: _transfer_group,
+                 MixtureConfig: _mixture_group}  # fmt: skip
 
 
 def run_group(
@@ -332,7 +319,8 @@ def run_group(
     for c in cfgs:
         _check_domains(c, data)
     ctx = Context(device, data, None)
-    records = GROUP_RUNNERS[kind_of(cfgs[0])](cfgs, layout, ctx)
+    kind_of(cfgs[0])  # a one-line error for anything but a run config
+    records = GROUP_RUNNERS[type(cfgs[0])](cfgs, layout, ctx)
     for record in records:
         record.setdefault("compute", ctx.compute)
     return records
@@ -378,7 +366,8 @@ def run(
     missing). A non-finite loss gives status "failed" with the reason; invalid input (unknown
     domain, too many images, a checkpoint of another config) raises ValueError.
     """
-    runner = RUNNERS[kind_of(cfg)]
+    kind_of(cfg)  # a one-line error for anything but a run config
+    runner = RUNNERS[type(cfg)]
     train.set_threads_from_env()
     check_compute([cfg], device)
     series, data_cfg = series_and_data(cfg)

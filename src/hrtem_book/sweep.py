@@ -128,6 +128,248 @@ def check_profile_compute(profile: Profile, device: str) -> None:
     check_precision(profile.precisions, device, what=f"--profile {profile.name}", allowed=allowed)
 
 
+@dataclass
+class Resumed:
+    """What a sweep finds on disk: the record of every finished run (by config hash), the runs
+    still to do (one task per distinct config) and, per config, the tasks of every study that
+    shares it (each keeps a copy of the record in its own folder)."""
+
+    records: dict[str, dict]
+    todo: list[_Task]
+    shared: dict[str, list[_Task]]
+    skipped: int
+
+
+def resume(
+    tasks: list[_Task], layout: Layout, retry_failed: bool, log: Callable[[str], None]
+) -> Resumed:
+    """The finished runs among ``tasks`` and those left to do; a config that several studies
+    share (a generalization model that is a transfer study's pretraining) runs once, and a
+    study that lacks its record gets a copy. A failed pretraining retried loses its checkpoint."""
+    shared: dict[str, list[_Task]] = {}
+    for task in tasks:
+        shared.setdefault(task.hash, []).append(task)
+    records: dict[str, dict] = {}
+    todo: list[_Task] = []
+    for h, group in shared.items():
+        recs = [read_record(t.path, log=log) for t in group]
+        kept = [r for r in recs if r is not None and (r["status"] == "ok" or not retry_failed)]
+        if kept:
+            for t, r in zip(group, recs, strict=True):
+                if r is None:
+                    write_record(t.path, kept[0])  # the same run, recorded by another study
+            records[h] = kept[0]
+        else:
+            if any(r is not None for r in recs) and group[0].cfg.makes_checkpoint:
+                drop_failed_checkpoint(layout, group[0].cfg)
+            todo.append(group[0])
+    return Resumed(records, todo, shared, skipped=len(records))
+
+
+def make_executor(
+    executor: str,
+    layout: Layout,
+    device: str,
+    run_fn: RunFn | None = None,
+    *,
+    workers: int = 2,
+    cluster_config: dict | None = None,
+    scheduler_address: str | None = None,
+    max_stack: int = 64,
+):
+    """The executor named ``executor`` (:data:`~hrtem_book.executors.EXECUTORS`); ``run_fn``
+    replaces :func:`~hrtem_book.executors.train_run` where runs execute one by one."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if executor == "stacked":
+        if run_fn is not None:
+            raise ValueError(
+                "run_fn with executor='stacked': the stacked engine trains groups of runs, not "
+                "one run at a time; allowed: executor 'inprocess' or 'dask'"
+            )
+        return StackedExecutor(layout, device, max_stack=max_stack)
+    if executor == "inprocess":
+        return InProcessExecutor(layout, device, run_fn)
+    return DaskExecutor(
+        layout,
+        device,
+        run_fn,
+        workers=workers,
+        cluster_config=cluster_config,
+        scheduler_address=scheduler_address,
+    )
+
+
+class _Scheduler:
+    """Runs the tasks left to do on an executor: pretrainings first, each transfer released
+    when the pretraining it loads has finished (failed with it, when that failed); records
+    written by this process only; a run claimed (a lock file beside the records) from its
+    submission until its record is written, so that a second sweep on the same folder leaves it
+    to the first and, once nothing else is left, waits for it and takes its record (or runs it,
+    if the first died)."""
+
+    def __init__(
+        self,
+        resumed: Resumed,
+        layout: Layout,
+        summary: SweepSummary,
+        *,
+        retry_failed: bool,
+        log: Callable[[str], None],
+        progress: bool,
+    ) -> None:
+        self.shared, self.records = resumed.shared, resumed.records
+        self.layout, self.summary, self.retry_failed, self.log = layout, summary, retry_failed, log
+        todo = resumed.todo
+        pending_pre = {t.hash for t in todo if t.cfg.makes_checkpoint}
+        self.waiting: dict[str, list[_Task]] = {}
+        self.ready: deque[_Task] = deque()
+        for task in todo:
+            dep = config_hash(task.cfg.loads) if task.cfg.loads is not None else None
+            if dep in pending_pre:
+                self.waiting.setdefault(dep, []).append(task)
+            else:
+                self.ready.append(task)
+        self.claims: dict[str, FileClaim] = {}
+        self.deferred: list[_Task] = []
+        self.bar = _progress(len(todo), progress and bool(todo))
+
+    # --- outcomes of a run ------------------------------------------------------------------
+    def give_up(self, task: _Task, message: str) -> None:
+        """An infrastructure failure: nothing is recorded; dependents wait for the next run."""
+        self.summary.errors += 1
+        self.summary.failures.append(f"{task.study}/{task.hash}: error, not recorded: {message}")
+        self.bar.update(1)
+        self.release(task)  # free for the next sweep (or another one running now) to retry
+        for dep in self.waiting.pop(task.hash, []):
+            self.give_up(dep, f"its pretraining {task.hash} did not finish")
+
+    def finish(self, task: _Task, record: dict) -> None:
+        if INFRASTRUCTURE in record:
+            self.give_up(task, record[INFRASTRUCTURE])
+            return
+        record = dict(record)
+        record.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        record.setdefault("host", socket.gethostname())
+        for t in self.shared[task.hash]:
+            write_record(t.path, record)
+        self.records[task.hash] = record
+        if record["status"] == "ok":
+            self.summary.done += 1
+        else:
+            self.summary.failed += 1
+            first = (record.get("error") or "").splitlines()[:1]
+            self.summary.failures.append(f"{task.study}/{task.hash}: failed: {' '.join(first)}")
+        self.bar.update(1)
+        self.release(task)
+        self.release_dependents(task, record)
+
+    def release_dependents(self, task: _Task, record: dict) -> None:
+        """The transfers waiting for pretraining ``task``: ready, or failed with it."""
+        for dep in self.waiting.pop(task.hash, []):
+            if record["status"] == "ok":
+                self.ready.append(dep)
+            else:
+                self.finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
+
+    # --- claims shared with other sweeps on the same folder ----------------------------------
+    def claim(self, task: _Task) -> bool:
+        if task.hash not in self.claims:
+            held = FileClaim(self.layout.run_claim(task.hash))
+            if not held.acquire(blocking=False):
+                return False
+            self.claims[task.hash] = held
+        return True
+
+    def release(self, task: _Task) -> None:
+        held = self.claims.pop(task.hash, None)
+        if held is not None:
+            held.release()
+
+    def recorded(self, task: _Task) -> dict | None:
+        """The record another sweep wrote for ``task`` since this one planned."""
+        for t in self.shared[task.hash]:
+            r = read_record(t.path, log=self.log)
+            if r is not None and (r["status"] == "ok" or not self.retry_failed):
+                return r
+        return None
+
+    def adopt(self, task: _Task, record: dict) -> None:
+        for t in self.shared[task.hash]:
+            if not t.path.exists():
+                write_record(t.path, record)
+        self.records[task.hash] = record
+        self.summary.skipped += 1
+        self.bar.update(1)
+        self.release(task)
+        self.release_dependents(task, record)
+
+    def take_over(self) -> None:
+        """The deferred runs another sweep has finished (or abandoned) since; a short pause
+        when there is none."""
+        progressed = False
+        for task in list(self.deferred):
+            if self.claim(task):
+                self.deferred.remove(task)
+                progressed = True
+                record = self.recorded(task)
+                if record is None:
+                    self.ready.append(task)  # its claim is held: run it here
+                else:
+                    self.adopt(task, record)
+        if not progressed:
+            time.sleep(0.5)
+
+    # --- the loop ---------------------------------------------------------------------------
+    def run(self, ex, t0: float, deadline_s: float | None) -> None:
+        """Submit, wait and record until nothing is left (or the deadline passes: no new run
+        starts, the unstarted are counted); the executor is closed in every case."""
+        in_flight: dict[Any, _Task] = {}
+        told = False
+        interrupted = True  # until the loop ends normally or with an error of its own
+        try:
+            while self.ready or in_flight or self.deferred:
+                if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
+                    self.summary.unstarted = (
+                        len(self.ready) + len(self.deferred)
+                        + sum(len(w) for w in self.waiting.values())
+                    )  # fmt: skip
+                    self.ready.clear()
+                    self.deferred.clear()
+                    if not in_flight:
+                        break
+                while self.ready and len(in_flight) < ex.capacity:
+                    task = self.ready.popleft()
+                    if not self.claim(task):
+                        self.deferred.append(task)
+                        continue
+                    record = self.recorded(task)  # finished by another sweep since the plan
+                    if record is not None:
+                        self.adopt(task, record)
+                        continue
+                    priority = 1 if task.cfg.makes_checkpoint else 0
+                    in_flight[ex.submit(task.cfg, priority=priority)] = task
+                if in_flight:
+                    for handle, record in ex.wait_any(list(in_flight)):
+                        self.finish(in_flight.pop(handle), record)
+                elif self.deferred and not self.ready:
+                    if not told:
+                        n, where = len(self.deferred), self.layout.results_dir
+                        self.log(f"sweep: {n} run(s) are being run by another sweep on {where}; "
+                                 "waiting for their records")  # fmt: skip
+                        told = True
+                    self.take_over()
+            interrupted = False
+        except Exception:
+            interrupted = False
+            raise
+        finally:
+            ex.close(interrupted)  # Ctrl-C: a bounded shutdown
+            self.bar.close()
+            for held in self.claims.values():  # an interrupted sweep's runs are free for the next
+                held.release()
+
+
 def run_sweep(
     studies: str | Sequence[str],
     profile: Profile,
@@ -150,27 +392,22 @@ def run_sweep(
     runs: a config that several studies share runs once and is recorded in each).
 
     ``root`` is the project folder holding ``data/`` and ``results/`` (see
-    :class:`~hrtem_book.layout.Layout`). ``run_fn(cfg, *, layout, device) -> record`` replaces
-    :func:`hrtem_book.executors.train_run`; tests inject cheap functions (on Dask it must be
-    importable by the workers; the stacked engine trains groups, not single runs, and refuses
-    one). Missing dataset series are simulated first, in ``sim_workers``
-    processes (on ``device`` when it is a GPU). ``executor="stacked"`` trains the runs in this
-    process as stacks of up to ``max_stack`` models (:mod:`hrtem_book.stacked`). With
-    ``deadline_s``, no new run starts after that many seconds: a campaign with a fixed budget
-    stops cleanly, its unstarted runs left missing (``SweepSummary.unstarted``).
+    :class:`~hrtem_book.layout.Layout`). Missing dataset series are simulated first, in
+    ``sim_workers`` processes (on ``device`` when it is a GPU). The runs execute as
+    :func:`make_executor` says (``run_fn`` replaces the training of one run; the stacked engine,
+    which trains groups of up to ``max_stack`` models, refuses one). With ``deadline_s``, no new
+    run starts after that many seconds: a campaign with a fixed budget stops cleanly, its
+    unstarted runs left missing (``SweepSummary.unstarted``).
     """
     t0 = time.perf_counter()
     log = log or (lambda msg: print(msg, file=sys.stderr))
     studies = expand_studies(studies)
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
-    if run_fn is not None and executor == "stacked":
-        raise ValueError(
-            "run_fn with executor='stacked': the stacked engine trains groups of runs, not one "
-            "run at a time; allowed: executor 'inprocess' or 'dask'"
-        )
-    check_profile_compute(profile, device)
     layout = Layout.of(root, profile)
+    opts = dict(workers=workers, cluster_config=cluster_config,
+                scheduler_address=scheduler_address, max_stack=max_stack)  # fmt: skip
+    if executor not in EXECUTORS or (run_fn is not None and executor == "stacked"):
+        make_executor(executor, layout, device, run_fn, **opts)  # its one-line refusal
+    check_profile_compute(profile, device)
     tasks = plan(studies, profile, layout)
     # temporary and lock files of killed processes: records, checkpoints, series being merged
     for folder in {t.path.parent for t in tasks} | {layout.checkpoints_dir, layout.data_dir}:
@@ -179,191 +416,14 @@ def run_sweep(
     for folder in (layout.records_root, layout.checkpoints_dir, layout.data_dir):
         if folder.is_dir():
             remove_stale_locks(folder)
-
-    summary = SweepSummary()
-    records: dict[str, dict] = {}
-    todo: list[_Task] = []
-    if run_fn is None:
-        prepare_data(
-            studies, profile, layout, workers=sim_workers, progress=progress, device=device
-        )
-    # one run per config: studies that share a config (a generalization model that is a transfer
-    # study's pretraining) share its run, and each keeps a copy of the record in its own folder
-    shared: dict[str, list[_Task]] = {}
-    for task in tasks:
-        shared.setdefault(task.hash, []).append(task)
-    for h, group in shared.items():
-        recs = [read_record(t.path, log=log) for t in group]
-        kept = [r for r in recs if r is not None and (r["status"] == "ok" or not retry_failed)]
-        if kept:
-            for t, r in zip(group, recs, strict=True):
-                if r is None:
-                    write_record(t.path, kept[0])  # the same run, recorded by another study
-            records[h] = kept[0]
-            summary.skipped += 1
-        else:
-            if any(r is not None for r in recs) and group[0].cfg.kind == "pretrain":
-                drop_failed_checkpoint(layout, group[0].cfg)
-            todo.append(group[0])
-
-    # transfer runs wait for the pretraining whose checkpoint they load
-    pending_pre = {t.hash for t in todo if t.cfg.kind == "pretrain"}
-    waiting: dict[str, list[_Task]] = {}
-    ready: deque[_Task] = deque()
-    for task in todo:
-        dep = config_hash(task.cfg.loads) if task.cfg.loads is not None else None
-        if dep in pending_pre:
-            waiting.setdefault(dep, []).append(task)
-        else:
-            ready.append(task)
-
-    if executor == "inprocess" or not todo:
-        ex: Any = InProcessExecutor(layout, device, run_fn)
-    elif executor == "stacked":
-        ex = StackedExecutor(layout, device, max_stack=max_stack)
-    else:
-        ex = DaskExecutor(
-            layout,
-            device,
-            run_fn,
-            workers=workers,
-            cluster_config=cluster_config,
-            scheduler_address=scheduler_address,
-        )
-    bar = _progress(len(todo), progress and bool(todo))
-
-    def give_up(task: _Task, message: str) -> None:
-        """An infrastructure failure: nothing is recorded; dependents wait for the next run."""
-        summary.errors += 1
-        summary.failures.append(f"{task.study}/{task.hash}: error, not recorded: {message}")
-        bar.update(1)
-        release(task)  # free for the next sweep (or another one running now) to retry
-        for dep in waiting.pop(task.hash, []):
-            give_up(dep, f"its pretraining {task.hash} did not finish")
-
-    def finish(task: _Task, record: dict) -> None:
-        if INFRASTRUCTURE in record:
-            give_up(task, record[INFRASTRUCTURE])
-            return
-        record = dict(record)
-        record.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        record.setdefault("host", socket.gethostname())
-        for t in shared[task.hash]:
-            write_record(t.path, record)
-        records[task.hash] = record
-        if record["status"] == "ok":
-            summary.done += 1
-        else:
-            summary.failed += 1
-            first = (record.get("error") or "").splitlines()[:1]
-            summary.failures.append(f"{task.study}/{task.hash}: failed: {' '.join(first)}")
-        bar.update(1)
-        release(task)
-        release_dependents(task, record)
-
-    def release_dependents(task: _Task, record: dict) -> None:
-        """The transfers waiting for pretraining ``task``: ready, or failed with it."""
-        for dep in waiting.pop(task.hash, []):
-            if record["status"] == "ok":
-                ready.append(dep)
-            else:
-                finish(dep, failure_record(dep.cfg, f"pretraining {task.hash} failed"))
-
-    # a run is claimed (a lock file beside the records) from its submission until its record
-    # is written: a second sweep on the same folder leaves it to the first and, once nothing
-    # else is left to do, waits for it and takes its record (or runs it, if the first died)
-    claims: dict[str, FileClaim] = {}
-    deferred: list[_Task] = []
-
-    def claim(task: _Task) -> bool:
-        if task.hash not in claims:
-            held = FileClaim(layout.run_claim(task.hash))
-            if not held.acquire(blocking=False):
-                return False
-            claims[task.hash] = held
-        return True
-
-    def release(task: _Task) -> None:
-        held = claims.pop(task.hash, None)
-        if held is not None:
-            held.release()
-
-    def recorded(task: _Task) -> dict | None:
-        """The record another sweep wrote for ``task`` since this one planned."""
-        for t in shared[task.hash]:
-            r = read_record(t.path, log=log)
-            if r is not None and (r["status"] == "ok" or not retry_failed):
-                return r
-        return None
-
-    def adopt(task: _Task, record: dict) -> None:
-        for t in shared[task.hash]:
-            if not t.path.exists():
-                write_record(t.path, record)
-        records[task.hash] = record
-        summary.skipped += 1
-        bar.update(1)
-        release(task)
-        release_dependents(task, record)
-
-    def take_over() -> None:
-        """The deferred runs another sweep has finished (or abandoned) since; a short pause
-        when there is none."""
-        progressed = False
-        for task in list(deferred):
-            if claim(task):
-                deferred.remove(task)
-                progressed = True
-                record = recorded(task)
-                if record is None:
-                    ready.append(task)  # its claim is held: run it here
-                else:
-                    adopt(task, record)
-        if not progressed:
-            time.sleep(0.5)
-
-    in_flight: dict[Any, _Task] = {}
-    told = False
-    interrupted = True  # until the loop ends normally or with an error of its own
-    try:
-        while ready or in_flight or deferred:
-            if deadline_s is not None and time.perf_counter() - t0 > deadline_s:
-                summary.unstarted = (
-                    len(ready) + len(deferred) + sum(len(w) for w in waiting.values())
-                )
-                ready.clear()
-                deferred.clear()
-                if not in_flight:
-                    break
-            while ready and len(in_flight) < ex.capacity:
-                task = ready.popleft()
-                if not claim(task):
-                    deferred.append(task)
-                    continue
-                record = recorded(task)  # finished by another sweep since the plan
-                if record is not None:
-                    adopt(task, record)
-                    continue
-                priority = 1 if task.cfg.kind == "pretrain" else 0
-                in_flight[ex.submit(task.cfg, priority=priority)] = task
-            if in_flight:
-                for handle, record in ex.wait_any(list(in_flight)):
-                    finish(in_flight.pop(handle), record)
-            elif deferred and not ready:
-                if not told:
-                    log(f"sweep: {len(deferred)} run(s) are being run by another sweep on "
-                        f"{layout.results_dir}; waiting for their records")  # fmt: skip
-                    told = True
-                take_over()
-        interrupted = False
-    except Exception:
-        interrupted = False
-        raise
-    finally:
-        ex.close(interrupted)  # Ctrl-C: a bounded shutdown
-        bar.close()
-        for held in claims.values():  # an interrupted sweep's runs are free for the next
-            held.release()
+    prepare_data(studies, profile, layout, workers=sim_workers, progress=progress, device=device)
+    resumed = resume(tasks, layout, retry_failed, log)
+    summary = SweepSummary(skipped=resumed.skipped)
+    # nothing to do: no cluster started for it
+    ex = make_executor(executor if resumed.todo else "inprocess", layout, device, run_fn, **opts)
+    scheduler = _Scheduler(resumed, layout, summary, retry_failed=retry_failed, log=log,
+                           progress=progress)  # fmt: skip
+    scheduler.run(ex, t0, deadline_s)
     summary.wall_s = time.perf_counter() - t0
     log(summary.line(f"sweep {','.join(studies)} (profile {profile.name})"))
     for line in summary.failures[:10]:

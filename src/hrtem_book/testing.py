@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .database import COUNTS
 from .findings import stamp_attrs
 from .metrics import METRICS
-from .results import COUNTS, empty_database
+from .results import empty_database
 from .series import get_series, split_structure_domain
 from .studies import get_study, parse_mix
 
@@ -115,7 +116,7 @@ def synthetic_database(study: str, seed: int = 0, n_epochs: int = 4) -> xr.Datas
     for idx in np.ndindex(status.shape):
         cell = {a: coords[a][i] for a, i in zip(spec.axes, idx, strict=True)}
         a, b = (cell[d] for d in (spec.domain_axes * 2)[:2])  # one domain axis: a = b
-        if a == b and spec.kind != "pretrain":
+        if a == b and spec.kind.excludes_diagonal:
             status[idx] = "excluded"
             continue
         hashes[idx] = f"{rng.integers(0, 2**63):016x}"[:16]

@@ -28,6 +28,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from .database import REDUCTIONS, check_reduction
 from .figures._common import (
     AXIS_LABELS,
     axis_label,
@@ -36,7 +37,6 @@ from .figures._common import (
     value_range,
     var_of,
 )
-from .results import REDUCTIONS, check_reduction
 
 # dimensions that index *what* a model is evaluated on or *when*, not which model it is: they
 # never become filters (a figure decides which stage and evaluation domain it shows)

@@ -118,7 +118,7 @@ def _cli_live(args: argparse.Namespace) -> int:
 
 
 def register_cli(subparsers) -> None:
-    from ..results import REDUCTIONS
+    from ..database import REDUCTIONS
     from .build import DEFAULT_PROFILE, ENGINES
     from .notebooks import NOTEBOOK_TIMEOUT_S
 

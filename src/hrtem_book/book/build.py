@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import findings, results
+from ..database import check_reduction
 from ..layout import (
     GENERATED_FOLDERS,
     Layout,
@@ -43,7 +44,6 @@ from ..layout import (
     theme_dir,
 )
 from ..profiles import PROFILES, Profile
-from ..results import check_reduction
 from ..studies import STUDY_NAMES
 from .check import BookCheckError, check_site
 from .notebooks import (

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..results import REDUCTIONS
+from ..database import REDUCTIONS
 from .check import BookCheckError
 
 Log = Callable[[str], None]

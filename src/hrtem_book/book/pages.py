@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .. import evidence
 from .. import findings as findings_mod
+from ..database import on_domain
 from ..figures import plural
 from ..figures._common import format_value
 from ..figures.generalization import ood_numbers
@@ -30,8 +32,10 @@ from ..figures.imaging_conditions import baseline_numbers, heatmap_numbers, stud
 from ..figures.structure import domains_of_size, size_numbers
 from ..layout import analysis_cache
 from ..profiles import PROFILES, get_profile
-from ..results import generalization_databases, load_databases, on_domain
+from ..results import generalization_databases, load_databases
 from ..series import fixed_support_nm, get_series
+from ..studies import generalization as generalization_study
+from ..studies import heldout as heldout_study
 
 # models of the published study, per study (its text and tables)
 # (the companion study's abstract gives no model counts)
@@ -62,9 +66,9 @@ def by_seed(fn, ds: xr.Dataset, *args, **kwargs) -> list:
 
 def iv(values, fmt=f3) -> str:
     """A number the text states from the database: the mean over seeds of the per-seed values
-    and its 95 % Student-t interval (the verdicts' own :func:`~hrtem_book.findings.t_interval`):
+    and its 95 % Student-t interval (the verdicts' own :func:`~hrtem_book.evidence.t_interval`):
     ``"0.870 [0.850, 0.890]"``; one seed has no interval and says so."""
-    mean, low, high = findings_mod.t_interval(np.asarray(list(values), float))
+    mean, low, high = evidence.t_interval(np.asarray(list(values), float))
     if not math.isfinite(mean):
         return "n/a"
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -72,33 +76,33 @@ def iv(values, fmt=f3) -> str:
     return f"{fmt(mean)} [{fmt(low)}, {fmt(high)}]"
 
 
-VERDICT_ORDER = findings_mod.VERDICTS
+VERDICT_ORDER = evidence.VERDICTS
 VERDICT_WORD = {  # how a tally says a verdict that one finding has
-    findings_mod.HOLDS: "holds",
-    findings_mod.FAILS: "does not",
-    findings_mod.INCONCLUSIVE: "is inconclusive at this scale",
-    findings_mod.UNMEASURABLE: "cannot be tested on its grid",
-    findings_mod.STALE: "was not scored (a database of another rule set)",
+    evidence.HOLDS: "holds",
+    evidence.FAILS: "does not",
+    evidence.INCONCLUSIVE: "is inconclusive at this scale",
+    evidence.UNMEASURABLE: "cannot be tested on its grid",
+    evidence.STALE: "was not scored (a database of another rule set)",
 }
 VERDICT_WORDS = {  # how a tally says each verdict
-    findings_mod.HOLDS: "hold",
-    findings_mod.FAILS: "do not",
-    findings_mod.INCONCLUSIVE: "are inconclusive at this scale",
-    findings_mod.UNMEASURABLE: "cannot be tested on its grid",
-    findings_mod.STALE: "were not scored (databases of another rule set)",
+    evidence.HOLDS: "hold",
+    evidence.FAILS: "do not",
+    evidence.INCONCLUSIVE: "are inconclusive at this scale",
+    evidence.UNMEASURABLE: "cannot be tested on its grid",
+    evidence.STALE: "were not scored (databases of another rule set)",
 }
 
 
-def verdict_sentence(f: findings_mod.Finding) -> str:
+def verdict_sentence(f: evidence.Finding) -> str:
     """The finding's numbers and its verdict, as one passage of prose."""
-    if f.verdict in (findings_mod.UNMEASURABLE, findings_mod.STALE):
+    if f.verdict in (evidence.UNMEASURABLE, evidence.STALE):
         return f.summary
-    if f.verdict == findings_mod.INCONCLUSIVE:
+    if f.verdict == evidence.INCONCLUSIVE:
         return f"{f.summary} In this build the finding is inconclusive at this scale."
     return f"{f.summary} In this build the study's finding {f.verdict}."
 
 
-def _findings(dbs: dict, results_dir: str | Path) -> dict[str, dict[str, findings_mod.Finding]]:
+def _findings(dbs: dict, results_dir: str | Path) -> dict[str, dict[str, evidence.Finding]]:
     """Every finding under the loss and under Dice; the bootstrap over test images is done once
     per build and kept beside the databases (:func:`findings.cached_image_variances`)."""
     folder = Path(results_dir)
@@ -145,7 +149,7 @@ def _overview(dbs: dict, found: dict, profile: str) -> Numbers:
         count = {v: sum(f.verdict == v for f in found[metric].values()) for v in VERDICT_ORDER}
         parts = [f"{count[v]} {(VERDICT_WORD if count[v] == 1 else VERDICT_WORDS)[v]}"
                  for v in VERDICT_ORDER
-                 if count[v] or v in (findings_mod.HOLDS, findings_mod.FAILS)]  # fmt: skip
+                 if count[v] or v in (evidence.HOLDS, evidence.FAILS)]  # fmt: skip
         return f"{', '.join(parts[:-1])} and {parts[-1]}"
 
     first = next(iter(dbs.values()), None)
@@ -531,7 +535,7 @@ def companion(results_dir: str | Path, reduction: str) -> Numbers:
     gen = generalization_databases(results_dir)
     models = sum(int((ds["status"].values == "ok").sum()) for ds in gen.values())
     nd = companion_numbers(gen, "dice")
-    gaps = {s: by_seed(findings_mod.generalization_gaps, gen[s], "dice") for s in nd}
+    gaps = {s: by_seed(generalization_study.generalization_gaps, gen[s], "dice") for s in nd}
     # the mean in-domain Dice over each series' domains, per seed
     ideal_text = "; ".join(
         f"{s}: {iv(float(np.mean(list(g['ideal'].values()))) for g in gaps[s])}" for s in nd
@@ -560,7 +564,7 @@ def _first_epoch_numbers(gen: dict) -> dict[str, str]:
     seed, with the interval over seeds."""
     first, kept = [], []
     for ds in gen.values():
-        history = ds["history_dice"].sel(stage="pretrain", epoch=findings_mod.EARLY_EPOCH)
+        history = ds["history_dice"].sel(stage="pretrain", epoch=generalization_study.EARLY_EPOCH)
         first.append(on_domain(history, "train_domain").transpose("seed", ...).values)
         final = ds["final_dice"].sel(stage="pretrain")
         kept.append(on_domain(final, "train_domain").transpose("seed", ...).values)
@@ -575,12 +579,11 @@ def _first_epoch_numbers(gen: dict) -> dict[str, str]:
 def heldout_numbers(ds) -> Numbers:
     """The held-out study in words: its models and the Dice on the experimental-like images by
     case (median over variants and seeds)."""
-    from ..results import heldout_table
 
     if ds is None:
         return Numbers(models="no models", before="n/a", after="n/a", biased="n/a", n="n/a",
                        variants="n/a", sizes="n/a", small="n/a")  # fmt: skip
-    table = heldout_table(ds, "dice")
+    table = heldout_study.heldout_table(ds, "dice")
 
     def case(c: str) -> str:  # median over the variants, per seed
         if c not in table["case"].values:
@@ -631,11 +634,11 @@ def findings(results_dir: str | Path) -> Numbers:
                 powers[key] = r["power"]
             table["false_pass"][key], table["power"][key] = pct(r["false_pass"]), pct(r["power"])
             table["false_fail"][key], table["planted"][key] = pct(r["false_fail"]), r["effect"]
-            scale = findings_mod.SCALES[r["scale"]]
+            scale = evidence.SCALES[r["scale"]]
             most = max(power.DETECTABLE_SCALES) * scale.delta
             table["reach"][key] = (
-                findings_mod.effect_text(scale.name, r["reach"]) if math.isfinite(r["reach"])
-                else f"beyond {findings_mod.effect_text(scale.name, most)}"
+                evidence.effect_text(scale.name, r["reach"]) if math.isfinite(r["reach"])
+                else f"beyond {evidence.effect_text(scale.name, most)}"
                 if math.isfinite(r["power"]) else "n/a"
             )  # fmt: skip
     return Numbers(
@@ -643,11 +646,11 @@ def findings(results_dir: str | Path) -> Numbers:
         Fd=found["dice"],
         sha=findings_mod.ruleset_sha(),
         date=findings_mod.RULESET_DATE,
-        delta=findings_mod.pct_change(findings_mod.DELTA),
-        delta_abs=findings_mod.pct_change(findings_mod.DELTA).lstrip("+"),
+        delta=evidence.pct_change(evidence.DELTA),
+        delta_abs=evidence.pct_change(evidence.DELTA).lstrip("+"),
         n_powered=(f"{sum(r >= 0.8 for r in powers.values())} of {len(keys)}" if powers else "n/a"),
-        confidence=f"{findings_mod.CONFIDENCE:.0%}",
-        rho_delta=f"{findings_mod.RHO_DELTA:.1f}",
+        confidence=f"{evidence.CONFIDENCE:.0%}",
+        rho_delta=f"{evidence.RHO_DELTA:.1f}",
         source={r.key: _source_text(r) for r in findings_mod.RULES},
         stamps=_stamps(dbs),
         regime=regime(profile) if profile in PROFILES else "",

@@ -20,8 +20,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from ..database import check_reduction, metric_var, query
 from ..metrics import get_metric
-from ..results import check_reduction, metric_var, query
 from ..series import get_series
 
 # bright = good (low loss, high Dice): the eye goes to the good transfers

@@ -27,18 +27,12 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..findings import EARLY_EPOCH, generalization_gaps
+from ..analysis import deviation_from_ideal, generalization_matrix
+from ..database import metric_var, on_domain
 from ..metrics import get_metric
-from ..results import (
-    HELDOUT_CASES,
-    HELDOUT_TEST,
-    deviation_from_ideal,
-    generalization_matrix,
-    heldout_table,
-    metric_var,
-    on_domain,
-)
 from ..series import GENERALIZATION_SERIES, get_series, match_index
+from ..studies.generalization import EARLY_EPOCH, generalization_gaps
+from ..studies.heldout import HELDOUT_CASES, HELDOUT_TEST, heldout_table
 from ._common import (
     check_metric,
     check_reduce,
@@ -268,9 +262,9 @@ def heldout_bars(
     metric: str = "dice",
 ) -> Figure:
     """One group of bars per synthetic training variant: the metric on the experimental-like
-    validation images (:func:`~hrtem_book.results.heldout_table`) before transfer, after transfer
-    on a few experimental-like images and after transfer on as many images of small particles
-    only; bars ``reduce`` over the selected seeds, dots the seeds."""
+    validation images (:func:`~hrtem_book.studies.heldout.heldout_table`) before transfer, after
+    transfer on a few experimental-like images and after transfer on as many images of small
+    particles only; bars ``reduce`` over the selected seeds, dots the seeds."""
     check_reduce(reduce)
     check_metric(metric)
     sel = clean_select(ds, select)

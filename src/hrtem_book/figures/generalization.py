@@ -30,7 +30,7 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..results import on_domain
+from ..database import on_domain
 from ..series import match_mask
 from ._common import (
     axis_title,

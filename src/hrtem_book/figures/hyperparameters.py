@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-from ..results import on_domain
+from ..database import on_domain
 from ._common import (
     axis_label,
     check_reduce,

@@ -16,8 +16,8 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
+from ..database import on_domain
 from ..metrics import get_metric
-from ..results import on_domain
 from ..series import match_index
 from ..studies import parse_mix
 from ._common import (
