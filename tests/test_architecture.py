@@ -57,6 +57,7 @@ ORDER = (
     "hrtem_book.figures.architecture",
     "hrtem_book.figures.example_images",
     "hrtem_book.widgets",
+    "hrtem_book.book.parameters",  # what a notebook or chapter declares, resolved
     "hrtem_book.book.pages",
     "hrtem_book.book.processes",
     "hrtem_book.book.check",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -424,10 +425,10 @@ def test_shipped_databases_of_an_undefined_profile_are_not_chosen(tmp_path, monk
     `make book` must never pick a name that get_profile rejects."""
     # the book's view of the profiles without the shipped one (PROFILES itself keeps its order:
     # other tests read the order of its names in error messages)
-    from hrtem_book.book import build
+    from hrtem_book.book import parameters
 
     defined = {k: v for k, v in PROFILES.items() if k != book.SHIPPED_PROFILE}
-    monkeypatch.setattr(build, "PROFILES", defined)
+    monkeypatch.setattr(parameters, "PROFILES", defined)
     shipped = Layout(tmp_path, book.SHIPPED_PROFILE).results_dir
     shipped.mkdir(parents=True)
     for study in STUDY_NAMES:
@@ -534,6 +535,27 @@ def test_every_figure_notebook_is_thin_and_labelled():
         labels = book.notebook_labels(nb)
         assert any(label.startswith(("app:", "txt:")) for label in labels), nb.name
         assert all(not c.get("outputs") for c in nbformat.read(nb, 4).cells), f"{nb} has outputs"
+
+
+def test_no_notebook_or_chapter_names_a_profile_the_build_injects_it(tmp_path):
+    """The parameter contract is book.parameters': every parameters cell leaves the profile
+    (and its results folder) to the build, and a notebook run alone resolves the defaults."""
+    literal = re.compile(rf"""["']({"|".join(map(re.escape, PROFILES))})["']""")
+    pages = [*book.figure_notebooks(ROOT), *sorted((ROOT / "chapters").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        assert not literal.search(text), f"{page.name} names a profile: {literal.search(text)[0]}"
+        if "profile = " in text:
+            assert "profile, results_dir = resolve(profile, results_dir)" in text or (
+                "profile = resolve(profile).profile" in text
+            ), page.name
+    assert book.resolve() == (book.DEFAULT_PROFILE, str(Path("..") / "results" / "laptop"))
+    assert book.resolve("smoke", "/r") == ("smoke", "/r")
+    assert book.resolve(None, root=str(tmp_path)).results_dir == str(
+        tmp_path / "results" / book.DEFAULT_PROFILE
+    )
+    with pytest.raises(ValueError, match="unknown profile"):
+        book.resolve("lapptop")
 
 
 # this workplace's offline copy of the MyST book-theme (../shared/tools); elsewhere myst fetches it

@@ -25,17 +25,18 @@ from pathlib import Path
 # that a chapter's `from hrtem_book.book import pages` does not import the build step and,
 # through the sweep, torch (about 2 s of every chapter kernel's start)
 _EXPORTS = {
-    "build": ("BOOK_SOURCES", "DEFAULT_PROFILE", "ENGINES", "SHIPPED_PROFILE", "BuildResult",
-              "build_book", "build_site", "default_profile", "ensure_database",
-              "missing_studies", "stage_book", "theme_unavailable"),
+    "build": ("BOOK_SOURCES", "ENGINES", "BuildResult", "build_book", "build_site",
+              "ensure_database", "stage_book", "theme_unavailable"),
     "check": ("BookCheckError", "check_page", "check_site"),
     "live": ("prepare_live", "serve_live", "voila_command"),
     "notebooks": ("NOTEBOOK_TIMEOUT_S", "chapter_placeholders", "check_placeholders",
                   "declared_parameters", "execute_notebooks", "figure_notebooks",
                   "inject_page_parameters", "notebook_labels"),
+    "parameters": ("DEFAULT_PROFILE", "SHIPPED_PROFILE", "default_profile", "missing_studies",
+                   "resolve"),
 }  # fmt: skip
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = ("browser", "build", "check", "live", "notebooks", "pages", "processes")
+_SUBMODULES = ("browser", "build", "check", "live", "notebooks", "pages", "parameters", "processes")
 
 __all__ = sorted(_HOME)
 
@@ -58,8 +59,9 @@ def __dir__() -> list[str]:
 def _cli_book(args: argparse.Namespace) -> int:
     from ..layout import Layout, myst_build_dir
     from ..profiles import get_profile
-    from .build import build_book, default_profile
+    from .build import build_book
     from .check import BookCheckError, check_site
+    from .parameters import default_profile
 
     root = Path(args.root).resolve()
     profile = get_profile(args.profile or default_profile(root))
@@ -108,8 +110,8 @@ def _cli_book(args: argparse.Namespace) -> int:
 
 def _cli_live(args: argparse.Namespace) -> int:
     from ..profiles import get_profile
-    from .build import default_profile
     from .live import serve_live
+    from .parameters import default_profile
 
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}; allowed: a TCP port 1..65535")
@@ -119,8 +121,9 @@ def _cli_live(args: argparse.Namespace) -> int:
 
 def register_cli(subparsers) -> None:
     from ..database import REDUCTIONS
-    from .build import DEFAULT_PROFILE, ENGINES
+    from .build import ENGINES
     from .notebooks import NOTEBOOK_TIMEOUT_S
+    from .parameters import DEFAULT_PROFILE
 
     p = subparsers.add_parser(
         "book",

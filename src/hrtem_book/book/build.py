@@ -38,12 +38,11 @@ from ..layout import (
     GENERATED_FOLDERS,
     Layout,
     analysis_cache,
-    database_file,
     myst_build_dir,
     myst_execution_cache,
     theme_dir,
 )
-from ..profiles import PROFILES, Profile
+from ..profiles import Profile
 from ..studies import STUDY_NAMES
 from .check import BookCheckError, check_site
 from .notebooks import (
@@ -55,10 +54,9 @@ from .notebooks import (
     inject_page_parameters,
 )
 from .pages import prepare as prepare_numbers
+from .parameters import missing_studies
 from .processes import Background, error_rates_beside, jupyter_server
 
-DEFAULT_PROFILE = "laptop"  # runs end to end on a laptop CPU
-SHIPPED_PROFILE = "gpu"  # preferred once defined and its databases are committed under results/
 OFFLINE_CONFIG = "book/myst.offline.yml"
 # what the book is made of, relative to the project root (copied into the staging folder)
 BOOK_SOURCES = ("myst.yml", "refs.bib", "book", "chapters", "figures", "notebooks")
@@ -86,20 +84,6 @@ class BuildResult:
 
 
 # --- profiles and databases ------------------------------------------------------------------
-def default_profile(root: str | Path = ".") -> str:
-    """The shipped profile (``gpu``) when it is a defined profile and its databases are in the
-    repository (``results/gpu/*.nc``), else the laptop profile."""
-    shipped = Layout(root, SHIPPED_PROFILE).results_dir
-    if SHIPPED_PROFILE in PROFILES and not missing_studies(shipped):
-        return SHIPPED_PROFILE
-    return DEFAULT_PROFILE
-
-
-def missing_studies(results_dir: str | Path) -> list[str]:
-    """The studies without a database in the folder ``results_dir``."""
-    return [s for s in STUDY_NAMES if not database_file(results_dir, s).is_file()]
-
-
 def ensure_database(profile: Profile, root: str | Path = ".", log: Log = print) -> Path:
     """``results/<profile>/``, running the sweep (resumably) and collecting it where incomplete."""
     layout = Layout.of(root, profile)

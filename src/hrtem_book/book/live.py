@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..layout import Layout
 from ..profiles import Profile
-from .build import link_shared, missing_studies, relative_to_notebooks
+from .build import link_shared, relative_to_notebooks
 from .notebooks import (
     _FIGURE_BLOCK,
     chapter_placeholders,
@@ -21,6 +21,7 @@ from .notebooks import (
     figure_notebooks,
     notebook_labels,
 )
+from .parameters import missing_studies
 from .processes import stop_process
 
 VOILA_TEMPLATE = "hrtem-offline"  # book/jupyter/voila/templates/hrtem-offline
