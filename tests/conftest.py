@@ -1,4 +1,5 @@
-"""Shared test settings: one torch thread per process (two cores, several processes), GPU skip,
+"""Shared test settings: one torch thread per process (two cores, several processes), the CPU
+kernels the CPU profiles pin (set before torch is imported, as the command line does), GPU skip,
 the smoke profile's simulated series and its in-process sweep (each made once per session and
 test worker)."""
 
@@ -8,6 +9,10 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HRTEM_BOOK_THREADS", "1")
+
+from hrtem_book.profiles import get_profile, pin_cpu  # noqa: E402  (pure Python: no torch)
+
+pin_cpu(get_profile("smoke"))
 
 from pathlib import Path  # noqa: E402
 

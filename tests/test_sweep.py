@@ -379,6 +379,9 @@ def test_slurm_cluster_job_script_runs_single_threaded_workers():
         cluster.close()
     assert "#SBATCH -p gpu" in script and "#SBATCH -t 01:00:00" in script
     assert "export OMP_NUM_THREADS=1" in script and "--nworkers 4" in script
+    # the CPU kernels this process is pinned to (conftest, as the command line does)
+    assert "export ATEN_CPU_CAPABILITY=avx2" in script
+    assert "export ONEDNN_MAX_CPU_ISA=AVX2" in script
 
 
 def test_cli_reports_bad_input_with_status_2(tmp_path, capsys):

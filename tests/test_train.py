@@ -8,6 +8,7 @@ HRTEM phase contrast through focus, so the domains differ and transfer is meanin
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -19,10 +20,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from conftest import smoke_project
 
 from hrtem_book import checkpoints, runs, train
 from hrtem_book.cli import main as cli_main
 from hrtem_book.config import (
+    CPU_ISA_VARS,
     MixtureConfig,
     PretrainConfig,
     StageConfig,
@@ -456,6 +459,59 @@ def test_cpu_profiles_train_in_fp32_and_bf16_is_an_opt_in_variant(tmp_path):
     assert get_profile("gpu").precisions == ("bf16",)
     pre = pretrain_cfg()
     assert config_hash(pre) != config_hash(replace(pre, stage=replace(STAGE, precision="bf16")))
+    # and their kernels pinned to AVX2 (the bf16 variants and the gpu profile: the device's own)
+    for name in ("smoke", "laptop", "paper"):
+        profile = get_profile(name)
+        assert {profile.stage.cpu_isa, profile.transfer.cpu_isa} == {"avx2"}
+        assert profile.cpu_env == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        assert get_profile(f"{name}-bf16").cpu_env == {}
+    assert get_profile("gpu").cpu_env == {}
+    assert config_hash(pre) != config_hash(replace(pre, stage=replace(STAGE, cpu_isa="avx2")))
+    with pytest.raises(ValueError, match="cpu_isa='avx512'; allowed: None, avx2"):
+        StageConfig(cpu_isa="avx512")
+    with pytest.raises(ValueError, match="bf16 needs the CPU's own bf16 kernels"):
+        StageConfig(cpu_isa="avx2", precision="bf16")
+
+
+_ISA_PROBE = (
+    "import torch; from hrtem_book import train; "
+    "print(torch.backends.cpu.get_cpu_capability()); print(train.cpu_isa_problem('avx2', 'cpu'))"
+)
+
+
+def _unpinned_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in CPU_ISA_VARS}
+
+
+def test_a_process_not_pinned_to_the_profiles_kernels_is_refused():
+    """Torch reads the pin when it loads: a process that loaded it unpinned on a CPU with wider
+    kernels than AVX2 would compute other numbers and is refused in one line; a pinned one (as
+    this test process: conftest) computes with AVX2 kernels."""
+    pinned = subprocess.run([sys.executable, "-c", _ISA_PROBE], capture_output=True, text=True,
+                            check=True).stdout.split("\n")  # fmt: skip
+    unpinned = subprocess.run([sys.executable, "-c", _ISA_PROBE], capture_output=True, text=True,
+                              check=True, env=_unpinned_env()).stdout.split("\n")  # fmt: skip
+    assert pinned[:2] == ["AVX2", "None"]
+    if unpinned[0].startswith("AVX512"):
+        assert "this process computes with other kernels" in unpinned[1]
+        assert (
+            "ONEDNN_MAX_CPU_ISA=AVX2" in unpinned[1] and "ATEN_CPU_CAPABILITY=avx2" in unpinned[1]
+        )
+    else:  # an AVX2 CPU: its own kernels are the pinned ones
+        assert unpinned[:2] == ["AVX2", "None"]
+
+
+def test_the_command_line_pins_the_kernels_before_torch_loads(smoke_data, tmp_path):
+    """Started without the pin, `hrtem-book train` sets it for itself: the record says AVX2."""
+    root = smoke_project(tmp_path, smoke_data)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hrtem_book.cli", "train", "--series", "defocus", "--pretrain",
+         "-10", "--profile", "smoke", "--root", str(root)],
+        capture_output=True, text=True, timeout=300, env=_unpinned_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (path,) = (root / "results" / "smoke" / "records" / "train").glob("*.json")
+    assert json.loads(path.read_text())["compute"]["cpu_capability"].split()[0] == "AVX2"
 
 
 @pytest.mark.parametrize(

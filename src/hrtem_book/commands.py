@@ -31,7 +31,7 @@ from .config import (
 )
 from .executors import EXECUTORS, connect, load_cluster_config
 from .layout import Layout, check_writable
-from .profiles import Profile, get_profile
+from .profiles import Profile, get_profile, pin_cpu
 from .series import SERIES, get_series
 from .studies import STUDY_GROUPS, STUDY_NAMES, expand_studies
 
@@ -48,6 +48,7 @@ def _simulate(args: argparse.Namespace) -> int:
     _at_least_one("--workers", args.workers)
     check_device_name(args.device)
     out = Path(args.out) if args.out else Layout.of(args.root, profile).data_dir
+    pin_cpu(profile)  # before torch is imported (StageConfig.cpu_isa)
     from .datasets import generate
     from .simulate import check_device
 
@@ -134,6 +135,7 @@ def _train(args: argparse.Namespace) -> int:
     layout = Layout.of(args.root, profile)
     cfg = config_from_args(args, profile)
     check_device_name(args.device)
+    pin_cpu(profile)  # before torch is imported (StageConfig.cpu_isa)
     from .runs import check_compute, train_one
 
     check_compute([cfg], args.device)  # what the machine has (CUDA, bf16), before a folder is made
@@ -172,6 +174,7 @@ def _sweep(args: argparse.Namespace) -> int:
     device = args.device or (cluster_config or {}).get("device", "cpu")
     check_device_name(device)
     layout = Layout.of(args.root, profile)
+    pin_cpu(profile)  # before torch is imported (StageConfig.cpu_isa); workers inherit it
     from .sweep import check_profile_compute, run_sweep
 
     check_profile_compute(profile, device)  # what the machine has, before a folder is made
@@ -266,6 +269,7 @@ def _campaign(args: argparse.Namespace) -> int:
     if args.bench_steps < 0:
         raise ValueError(f"--bench-steps {args.bench_steps}; allowed: 0 (no benchmark) or more")
     _at_least_one("--max-stack", args.max_stack)
+    pin_cpu(profile)  # before torch is imported (StageConfig.cpu_isa)
     from .campaign import run_campaign
     from .sweep import check_profile_compute
 

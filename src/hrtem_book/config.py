@@ -342,6 +342,15 @@ class ModelConfig:
 
 AUGMENTATIONS = ("none", "d4", "d4-random")
 PRECISIONS = ("fp32", "bf16")
+# The CPU kernels a stage may be pinned to, and the environment variables that pin them: torch's
+# own vectorised kernels read ATEN_CPU_CAPABILITY, oneDNN's (convolutions) ONEDNN_MAX_CPU_ISA, each
+# once, when torch first uses them. fp32 is not enough for the same numbers on every x86 CPU: the
+# laptop build in fp32 with AVX-512 kernels (an AVX512-BF16 EPYC) and with AVX2 kernels (an AVX2
+# EPYC) differed in the second digit of its stated numbers and in 2 of 34 verdicts; with these two
+# variables set to AVX2, the AVX-512 machine reproduced the AVX2 machine's numbers, every stated
+# number and verdict alike (README, "Performance").
+CPU_ISAS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+CPU_ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
 
 
 @dataclass(frozen=True)
@@ -359,7 +368,9 @@ class StageConfig:
     D4 augmentation; an epoch is 8 passes), ``"d4-random"`` one random orientation per image and
     epoch (an epoch is one pass), ``"none"`` the images as they are. ``precision``: ``"bf16"``
     runs forward and backward passes under bfloat16 autocast (the loss is computed in float32),
-    ``"fp32"`` in float32 throughout.
+    ``"fp32"`` in float32 throughout. ``cpu_isa``: on a CPU, the instruction set the kernels are
+    pinned to (a key of :data:`CPU_ISAS`: ``"avx2"``), so that every x86 CPU computes the same
+    numbers; None computes with the CPU's best kernels (as a GPU, or bf16, needs).
 
     ``recalibrate_bn``: before every evaluation, the population statistics of the BatchNorm
     layers the stage trains are recomputed from its training images under the current weights
@@ -385,6 +396,7 @@ class StageConfig:
     min_delta: float = 0.0  # relative improvement of the in-domain loss that counts
     min_epochs: int = 1  # epochs before the plateau rule may stop the stage
     precision: str = "fp32"
+    cpu_isa: str | None = None
     recalibrate_bn: bool = False  # exact BatchNorm statistics before every evaluation
     # the training images those statistics are computed from: the first this many (None: all)
     recalibrate_images: int | None = None
@@ -398,6 +410,13 @@ class StageConfig:
             raise ValueError(f"augment={self.augment!r}; allowed: {', '.join(AUGMENTATIONS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision={self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.cpu_isa is not None and self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"cpu_isa={self.cpu_isa!r}; allowed: None, {', '.join(CPU_ISAS)}")
+        if self.cpu_isa is not None and self.precision != "fp32":
+            raise ValueError(
+                f"cpu_isa={self.cpu_isa!r} with precision={self.precision!r}: bf16 needs the "
+                "CPU's own bf16 kernels; allowed: cpu_isa=None with bf16, or precision='fp32'"
+            )
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience={self.patience}; allowed: None or >= 1")
         if not 1 <= self.min_epochs <= self.max_epochs:

@@ -29,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import RunConfig, config_hash
+from .config import CPU_ISA_VARS, RunConfig, config_hash
 from .layout import Layout, storage_failure
 from .records import RECORD_STATUSES
 
@@ -345,7 +345,10 @@ def make_cluster(cfg: dict, workers: int = 2, *, scale: bool = True):
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
         malloc = [f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()]
-        kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1", *malloc])
+        # the CPU kernels this process is pinned to (profiles.pin_cpu): local workers inherit
+        # them, a SLURM job starts from its own environment
+        pins = [f"export {k}={os.environ[k]}" for k in CPU_ISA_VARS if k in os.environ]
+        kwargs.setdefault("job_script_prologue", ["export OMP_NUM_THREADS=1", *malloc, *pins])
         environ = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
         dask.config.set({"distributed.nanny.pre-spawn-environ": {**environ, **WORKER_MALLOC_ENV}})
         cluster = SLURMCluster(**kwargs)

@@ -7,9 +7,18 @@ measurements on a 2-core machine (see README, "Performance").
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
-from .config import DataConfig, MeasuredImaging, ModelConfig, SimulationConfig, StageConfig
+from .config import (
+    CPU_ISA_VARS,
+    CPU_ISAS,
+    DataConfig,
+    MeasuredImaging,
+    ModelConfig,
+    SimulationConfig,
+    StageConfig,
+)
 from .series import GENERALIZATION_SERIES
 
 
@@ -45,6 +54,28 @@ class Profile:
     def precisions(self) -> tuple[str, ...]:
         """The arithmetic of its training stages (``StageConfig.precision``), without repeats."""
         return tuple(dict.fromkeys((self.stage.precision, self.transfer.precision)))
+
+    @property
+    def cpu_env(self) -> dict[str, str]:
+        """The environment that pins the CPU kernels of its stages (``StageConfig.cpu_isa``;
+        empty when none is pinned): set it before torch is imported (:func:`pin_cpu`)."""
+        out: dict[str, str] = {}
+        for isa in dict.fromkeys((self.stage.cpu_isa, self.transfer.cpu_isa)):
+            out.update(CPU_ISAS.get(isa, {}))
+        return out
+
+
+def pin_cpu(profile: Profile) -> None:
+    """Set this process's environment (which the workers it starts inherit) to the CPU kernels
+    of ``profile``'s stages: their pin, or none (the CPU's own kernels, as bf16 needs).
+    Effective only before torch is imported; a run checks it
+    (:func:`hrtem_book.train.check_cpu_isa`)."""
+    env = profile.cpu_env
+    for var in CPU_ISA_VARS:
+        if var in env:
+            os.environ[var] = env[var]
+        else:
+            os.environ.pop(var, None)
 
 
 # --- simulation and datasets -------------------------------------------------------------
@@ -149,14 +180,15 @@ NARROW_MODEL = ModelConfig(
 # --- training stages -----------------------------------------------------------------------
 # Every stage trains to a plateau of its in-domain validation loss (train.py) and keeps its
 # best epoch. Paper: the published recipe (Adam, ×0.99 per epoch, batch 16, D4) with that rule.
-# Precision: the CPU profiles train and evaluate in fp32, the same arithmetic on every x86 CPU.
+# Precision: the CPU profiles train and evaluate in fp32 with their kernels pinned to AVX2
+# (StageConfig.cpu_isa; config.CPU_ISAS says why): the same numbers on every x86 CPU with AVX2.
 # bf16 autocast is fast only where the CPU has bf16 units (AVX512-BF16, AMX); elsewhere oneDNN
 # emulates it, measured 96× slower for a 3×3 convolution and 9× slower for the laptop U-Net on
 # an AVX2 EPYC (shared/README). bf16 is therefore the gpu profile's and an opt-in on the CPU:
 # the "-bf16" variants below, refused on a CPU without native bf16 (train.check_precision).
 PAPER_STAGE = StageConfig(
     max_epochs=30, batch_size=16, lr_decay=0.99, augment="d4", patience=3, min_delta=0.01,
-    min_epochs=3,
+    min_epochs=3, cpu_isa="avx2",
 )  # fmt: skip
 # Laptop (measured on 2-core CPUs, see README "Performance"; the budget: `make book` in 20 minutes
 # on two AVX2 cores in fp32). An epoch is the unit of the stopping rule, so it should hold a similar
@@ -185,7 +217,7 @@ PAPER_STAGE = StageConfig(
 # compare like with like.
 LAPTOP_STAGE = StageConfig(
     max_epochs=40, batch_size=16, augment="d4-random", n_eval=16, n_eval_ood=4, patience=3,
-    min_delta=0.01, min_epochs=3, recalibrate_bn=True, recalibrate_images=32,
+    min_delta=0.01, min_epochs=3, recalibrate_bn=True, recalibrate_images=32, cpu_isa="avx2",
 )  # fmt: skip
 # Transfer starts from a trained model and settles within a few epochs (with patience 3: median
 # kept epoch 3 of 6 run, over 396 laptop transfers), and an epoch of 16 images in all 8
@@ -199,22 +231,23 @@ LAPTOP_STAGE = StageConfig(
 # higher there: not taken.
 LAPTOP_TRANSFER = StageConfig(
     max_epochs=30, batch_size=8, augment="d4", n_eval=16, n_eval_ood=4, patience=1,
-    min_delta=0.01, recalibrate_bn=True,
+    min_delta=0.01, recalibrate_bn=True, cpu_isa="avx2",
 )  # fmt: skip
 # GPU: the laptop's stopping rules; batches of 16 and all validation images (the stacked engine
 # evaluates every model of a stack on one shared pass, so fewer images would save little)
 GPU_STAGE = replace(
-    LAPTOP_STAGE, n_eval=None, n_eval_ood=None, precision="bf16", recalibrate_images=None
-)
+    LAPTOP_STAGE, n_eval=None, n_eval_ood=None, precision="bf16", recalibrate_images=None,
+    cpu_isa=None,
+)  # fmt: skip
 GPU_TRANSFER = replace(
-    LAPTOP_TRANSFER, batch_size=16, n_eval=None, n_eval_ood=None, precision="bf16"
+    LAPTOP_TRANSFER, batch_size=16, n_eval=None, n_eval_ood=None, precision="bf16", cpu_isa=None
 )
 
 # smoke: two fixed epochs, enough to exercise every code path in seconds
 # (no BatchNorm recalibration: from 4-8 untrained images its statistics are so ill-conditioned
 # that float rounding between the stacked and the plain engine moves a loss by ~8 %; the engines
 # agree on it in tests/test_stacked.py)
-SMOKE_STAGE = StageConfig(max_epochs=2, batch_size=4, augment="none")
+SMOKE_STAGE = StageConfig(max_epochs=2, batch_size=4, augment="none", cpu_isa="avx2")
 
 PROFILES: dict[str, Profile] = {
     "paper": Profile(
@@ -398,9 +431,10 @@ PROFILES: dict[str, Profile] = {
 def with_precision(profile: Profile, precision: str) -> Profile:
     """``profile`` with every training stage in ``precision``, named ``<name>-<precision>``: a
     variant that reads the same simulated data and keeps its results apart (its runs hash
-    differently: precision is part of every stage config)."""
-    stage = replace(profile.stage, precision=precision)
-    transfer = replace(profile.transfer, precision=precision)
+    differently: precision is part of every stage config). Its kernels are the CPU's own
+    (``cpu_isa=None``): bf16 needs the CPU's bf16 units."""
+    stage = replace(profile.stage, precision=precision, cpu_isa=None)
+    transfer = replace(profile.transfer, precision=precision, cpu_isa=None)
     return replace(
         profile,
         name=f"{profile.name}-{precision}",

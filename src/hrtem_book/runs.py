@@ -339,8 +339,9 @@ def check_compute(cfgs: list[RunConfig], device: str) -> None:
     """A one-line ValueError if this machine cannot train ``cfgs`` on ``device`` (no such
     device, or bf16 on a CPU without native bf16)."""
     check_device(device)
-    precisions = [s.precision for c in cfgs for s in stage_configs(c)]
-    train.check_precision(precisions, device, what="run")
+    stages = [s for c in cfgs for s in stage_configs(c)]
+    train.check_precision([s.precision for s in stages], device, what="run")
+    train.check_cpu_isa([s.cpu_isa for s in stages], device, what="run")
 
 
 def _check_domains(cfg: RunConfig, ds: xr.Dataset) -> None:

@@ -40,7 +40,7 @@ from .executors import (
     StackedExecutor,
 )
 from .layout import FileClaim, Layout, remove_stale_locks, remove_stale_tmp
-from .profiles import PROFILES, Profile
+from .profiles import PROFILES, Profile, pin_cpu
 from .records import failure_record, read_record, write_record
 from .simulate import check_device
 from .studies import STUDIES, build_grid, expand_studies
@@ -121,11 +121,13 @@ def plan(studies: Iterable[str], profile: Profile, layout: Layout) -> list[_Task
 
 def check_profile_compute(profile: Profile, device: str) -> None:
     """One-line ValueError before any work if ``device`` cannot train ``profile`` here (an
-    unknown device, or bf16 on a CPU without native bf16)."""
+    unknown device, or bf16 on a CPU without native bf16); the CPU kernels of its stages are
+    pinned for this process's workers (:func:`~hrtem_book.profiles.pin_cpu`)."""
     check_device(device)
     fp32 = [p.name for p in PROFILES.values() if p.precisions == ("fp32",)]
     allowed = f"the fp32 profiles ({', '.join(fp32)})"
     check_precision(profile.precisions, device, what=f"--profile {profile.name}", allowed=allowed)
+    pin_cpu(profile)
 
 
 @dataclass

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import xarray as xr
 
 from . import metrics
-from .config import StageConfig, config_hash
+from .config import CPU_ISAS, StageConfig, config_hash
 from .datasets import domain_tensors
 
 EVAL_BATCH = 128  # images per forward pass when evaluating (no gradients)
@@ -163,6 +163,38 @@ def check_precision(
         problem = precision_problem(precision, device)
         if problem:
             raise ValueError(f"{what}: {problem}; allowed here: {allowed}")
+
+
+def cpu_isa_problem(isa: str | None, device: str | torch.device) -> str | None:
+    """Why this process cannot compute a stage pinned to ``isa`` (``StageConfig.cpu_isa``) on
+    ``device`` (None: it can). Torch reads the pin when it loads: a process that imported torch
+    unpinned on a CPU with wider kernels would compute other numbers, and is refused. A CPU
+    without the pinned kernels computes with its own, and its records say which."""
+    if isa is None or torch.device(device).type != "cpu":
+        return None
+    env = CPU_ISAS[isa]
+    if not getattr(torch.cpu, f"_is_{isa}_supported", lambda: False)():
+        return None  # nothing to pin to: the record's cpu_capability says what computed
+    capability = torch.backends.cpu.get_cpu_capability()
+    wide = getattr(torch.cpu, "_is_avx512_supported", lambda: False)()
+    pinned = capability.lower() == env["ATEN_CPU_CAPABILITY"] and (
+        not wide or os.environ.get("ONEDNN_MAX_CPU_ISA") == env["ONEDNN_MAX_CPU_ISA"]
+    )
+    if pinned:
+        return None
+    pin = " ".join(f"{k}={v}" for k, v in env.items())
+    return (
+        f"cpu_isa {isa} on this CPU ({cpu_capability()}): this process computes with other "
+        f"kernels, whose numbers differ; start it with {pin} (hrtem-book sets them itself)"
+    )
+
+
+def check_cpu_isa(isas, device: str | torch.device, what: str = "run") -> None:
+    """ValueError (one line) if this process cannot compute stages pinned to ``isas``."""
+    for isa in dict.fromkeys(isas):
+        problem = cpu_isa_problem(isa, device)
+        if problem:
+            raise ValueError(f"{what}: {problem}")
 
 
 def compute_provenance(device: str | torch.device) -> dict[str, str]:

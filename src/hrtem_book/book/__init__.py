@@ -58,13 +58,17 @@ def __dir__() -> list[str]:
 # --- command line --------------------------------------------------------------------------
 def _cli_book(args: argparse.Namespace) -> int:
     from ..layout import Layout, myst_build_dir
-    from ..profiles import get_profile
-    from .build import build_book
-    from .check import BookCheckError, check_site
+    from ..profiles import get_profile, pin_cpu
     from .parameters import default_profile
 
     root = Path(args.root).resolve()
     profile = get_profile(args.profile or default_profile(root))
+    pin_cpu(
+        profile
+    )  # before torch is imported (StageConfig.cpu_isa); the sweep's workers inherit it
+    from .build import build_book
+    from .check import BookCheckError, check_site
+
     if args.check_only:
         site = myst_build_dir(Layout.of(root, profile).book_stage) / "site"
         if not (site / "content").is_dir():
