@@ -28,7 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import psutil  # noqa: E402
 
 from hrtem_book.layout import Layout  # noqa: E402
-from hrtem_book.profiles import get_profile  # noqa: E402
+from hrtem_book.profiles import get_profile, pin_cpu  # noqa: E402
 from hrtem_book.results import collect  # noqa: E402
 from hrtem_book.studies import STUDY_NAMES  # noqa: E402
 from hrtem_book.sweep import prepare_data, run_sweep  # noqa: E402
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if (root / "results" / profile.name).exists() or (root / "data" / profile.name).exists():
         parser.error(f"{root} already holds {profile.name} data or results; use an empty folder")
 
+    pin_cpu(profile)  # the profile's CPU kernels for the workers (this process loaded torch)
     with PeakRSS() as rss:
         t0, c0 = time.perf_counter(), cpu_s()
         prepare_data(STUDY_NAMES, profile, Layout(root, profile.name), workers=args.sim_workers)

@@ -7,7 +7,8 @@ against a plain fp32 loop.
     python benchmarks/bench_train.py --device cuda                    # GPU part (paper settings)
 
 CPU part, all rates in images per second of this process's CPU time (one thread), measured in
-the same run and headed by the CPU capability (``train.cpu_capability()``: the vector ISA and
+the same run, with the kernels the CPU profiles pin (AVX2; ``--native-kernels``: the CPU's own)
+and headed by the CPU capability (``train.cpu_capability()``: the vector ISA and
 any native bf16 units): (1) the laptop U-Net at 64², channels_last, in fp32 with batches of 4
 (the laptop stage before the convergence change) and of 16 (the current CPU engine), and with
 bf16 autocast (native only on AVX512-BF16 or AMX; elsewhere emulated and ~10× slower), training
@@ -37,16 +38,24 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+from hrtem_book.profiles import get_profile, pin_cpu
 
-from hrtem_book import runs, train
-from hrtem_book.config import PretrainConfig, StageConfig, TransferConfig
-from hrtem_book.datasets import load_series, series_path
-from hrtem_book.layout import Layout
-from hrtem_book.models import build_model, count_parameters
-from hrtem_book.profiles import BASE_PROFILES, PROFILES
-from hrtem_book.testing import random_series
+# the kernels the CPU profiles compute with (StageConfig.cpu_isa), pinned before torch loads;
+# `--native-kernels` measures the CPU's own instead (and runs the laptop stages unpinned)
+NATIVE_KERNELS = "--native-kernels" in sys.argv
+if not NATIVE_KERNELS:
+    pin_cpu(get_profile("laptop"))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from hrtem_book import runs, train  # noqa: E402
+from hrtem_book.config import PretrainConfig, StageConfig, TransferConfig  # noqa: E402
+from hrtem_book.datasets import load_series, series_path  # noqa: E402
+from hrtem_book.layout import Layout  # noqa: E402
+from hrtem_book.models import build_model, count_parameters  # noqa: E402
+from hrtem_book.profiles import BASE_PROFILES, PROFILES  # noqa: E402
+from hrtem_book.testing import random_series  # noqa: E402
 
 PREVIOUS_BATCH = 4  # the laptop stage before training to convergence: fp32, batches of 4
 
@@ -127,7 +136,8 @@ def engine_comparison(args) -> None:
 def cpu_part(args) -> None:
     capability = train.cpu_capability()
     native = "native bf16" if train.native_bf16(capability) else "no native bf16: emulated"
-    print(f"CPU capability {capability} ({native}); torch {torch.__version__}, "
+    kernels = "the CPU's own kernels" if NATIVE_KERNELS else "kernels pinned as the CPU profiles'"
+    print(f"CPU capability {capability} ({native}; {kernels}); torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")  # fmt: skip
     if not args.skip_models:
@@ -181,8 +191,10 @@ def laptop_run(args) -> None:
     profile = PROFILES["laptop"]
     data, source = _laptop_data(args)
     doms = profile.data.domains("defocus")
-    pre = _pretrain(profile, profile.data, -10.0, 0, profile.stage)
     st, tst = profile.stage, profile.transfer
+    if NATIVE_KERNELS:  # the same stages on the CPU's own kernels
+        st, tst = replace(st, cpu_isa=None), replace(tst, cpu_isa=None)
+    pre = _pretrain(profile, profile.data, -10.0, 0, st)
     print(f"\nlaptop run ({source}, {len(doms)} eval domains × n_eval={st.n_eval}; pretraining "
           f"≤ {st.max_epochs} epochs, {st.augment}; transfer ≤ {tst.max_epochs} epochs, "
           f"{tst.augment}; both to a plateau, {st.precision})")  # fmt: skip
@@ -225,11 +237,14 @@ def precision_check(args) -> None:
     for precision in ("fp32", "bf16"):
         rows = []
         for seed in range(args.precision_check):
-            st = replace(profile.stage, precision=precision)
+            # bf16 computes with the CPU's own kernels (its bf16 units), as the -bf16 profiles do
+            isa = None if precision == "bf16" or NATIVE_KERNELS else profile.stage.cpu_isa
+            st = replace(profile.stage, precision=precision, cpu_isa=isa)
             pre = _pretrain(profile, profile.data, -10.0, seed, st)
             cfg = TransferConfig(
-                pre, 0.0, 16, 1e-3, "none", replace(profile.transfer, precision=precision)
-            )
+                pre, 0.0, 16, 1e-3, "none",
+                replace(profile.transfer, precision=precision, cpu_isa=isa),
+            )  # fmt: skip
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.process_time()
                 rec = runs.run(cfg, Layout(Path(tmp), profile.name), data=data)
@@ -318,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-models", action="store_true", help="only the laptop run")
     parser.add_argument("--data-root", type=Path, default=None, help="e.g. data/laptop")
     parser.add_argument("--gpu-images", type=int, default=1024)
+    parser.add_argument(
+        "--native-kernels", action="store_true",
+        help="the CPU's own kernels, not the profiles' AVX2 pin (read at import)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     train.set_threads_from_env()
     if args.device == "cuda":
