@@ -99,11 +99,23 @@ def axis_spreads(table: xr.DataArray, a: str, b: str) -> xr.DataArray:
         return spread(t.mean(b, skipna=True), a) - spread(t.mean(a, skipna=True), b)
 
 
+def in_domain_ideal(da: xr.DataArray, test_dim: str = "eval_domain") -> xr.DataArray:
+    """Per test domain (along ``test_dim``), the value of the models trained on that domain
+    itself (``train_domain`` equal to it): the in-domain ideal, the diagonal of the companion's
+    tables; NaN where no model trained on the test domain. Other dims (seed) are kept."""
+    trains = da["train_domain"].values
+    idx = np.array([match_index(trains, t) for t in da[test_dim].values.tolist()])
+    take = xr.DataArray(np.clip(idx, 0, None), dims=test_dim)
+    ideal = da.isel(train_domain=take).drop_vars("train_domain")
+    return ideal.where(xr.DataArray(idx >= 0, dims=test_dim))
+
+
 def gaps(ds: xr.Dataset, metric: str) -> dict[tuple, xr.DataArray]:
     """Per (training, test) pair of distinct domains that are both trained and tested: the log
     error on ``test`` of the models trained on ``training`` minus that of the models trained on
-    ``test`` itself (the in-domain ideal), per seed."""
+    ``test`` itself (:func:`in_domain_ideal`), per seed."""
     err = log_final(ds, "pretrain", metric)  # train_domain, seed, eval_domain
+    above = err - in_domain_ideal(err)
     trains = ds["train_domain"].values.tolist()
     tests = err["eval_domain"].values
     out = {}
@@ -111,10 +123,9 @@ def gaps(ds: xr.Dataset, metric: str) -> dict[tuple, xr.DataArray]:
         j = match_index(tests, u)
         if j < 0:
             continue
-        ideal = err.sel(train_domain=u).isel(eval_domain=j)
         for t in trains:
             if t != u:
-                out[(t, u)] = err.sel(train_domain=t).isel(eval_domain=j) - ideal
+                out[(t, u)] = above.sel(train_domain=t).isel(eval_domain=j)
     return out
 
 
@@ -169,13 +180,7 @@ def generalization_matrix(
 
 def deviation_from_ideal(matrix: xr.DataArray) -> xr.DataArray:
     """Each cell of a :func:`generalization_matrix` minus the cell on its column's diagonal
-    (the model trained on the test domain itself); NaN for a test domain no model trained on.
-    For Dice a negative deviation is a loss of overlap against the ideal."""
-    trains = matrix["train_domain"].values
-    ideal = np.array(
-        [
-            matrix.values[i, j] if (i := match_index(trains, t)) >= 0 else np.nan
-            for j, t in enumerate(matrix["test_domain"].values.tolist())
-        ]
-    )
-    return matrix - xr.DataArray(ideal, dims="test_domain")
+    (:func:`in_domain_ideal`: the model trained on the test domain itself); NaN for a test
+    domain no model trained on. For Dice a negative deviation is a loss of overlap against the
+    ideal."""
+    return matrix - in_domain_ideal(matrix, "test_domain")
