@@ -22,7 +22,7 @@ from ..database import on_domain
 from ..evidence import Contrast, NotMeasurable, Rule
 from ..series import match_index
 from .defocus import PAPER_PRETRAIN_DEFOCI_NM
-from .grid import MIXTURE, PAPER_SEEDS, StudySpec
+from .grid import MIXTURE, PAPER_SEEDS, StudySpec, parse_mix
 
 # the rules' code is hashed into the rule set (findings.ruleset_sha) and names the shared
 # analysis as it did when the rule set was fixed
@@ -65,7 +65,7 @@ def _transfer_matches_mixture(dbs, metric):
                 continue
             diffs = []  # one per mixture holding as many b images as a transfer size
             for mix in base["mix"].values.tolist():
-                n_b = int(str(mix).split(":")[1])
+                n_b = parse_mix(mix)[1]
                 if n_b not in sizes:
                     continue
                 m = mix_err.sel(domain_a=a, domain_b=b, mix=mix)
