@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hrtem_book import evidence, findings, power
+from hrtem_book import evidence, findings, power, studies
 from hrtem_book.profiles import get_profile
 from hrtem_book.studies import STUDY_NAMES, build_grid, generalization
 
@@ -42,7 +42,7 @@ def test_error_rates_by_simulation_on_the_laptop_grid(key):
 def _simulated(key: str, profile: str, scale: float, n_draws: int = 1, seed: int = 1) -> dict:
     rule = findings.get_rule(key)
     grids = {s: build_grid(s, get_profile(profile)) for s in rule.studies}
-    nulls, alternative = power._scenarios(key, {s: g.coords for s, g in grids.items()})
+    nulls, alternative = studies.scenarios(key, {s: g.coords for s, g in grids.items()})
     rng = np.random.default_rng(seed)
     scenario = alternative if scale else nulls[0]
     return power.simulate_rule(grids, scenario, n_draws, rng, scale or 1.0)
@@ -187,7 +187,7 @@ def test_test_images_are_a_unit_only_where_contrasts_compare_different_images():
     from hrtem_book.testing import with_test_images
 
     g = build_grid("defocus", get_profile("laptop"))
-    ds = power.simulate("defocus", g.coords, g.eval_domains, power._zero, 1,
+    ds = power.simulate("defocus", g.coords, g.eval_domains, evidence.no_plant, 1,
                         np.random.default_rng(1))  # fmt: skip
     flat = findings.image_variances({"defocus": with_test_images(ds, 16, 0.0)})
     assert flat and all(v[0] < 1e-20 and v[1] == 16 for v in flat.values())
@@ -210,7 +210,7 @@ def test_the_image_bootstrap_is_cached_beside_the_databases(tmp_path):
     from hrtem_book.testing import with_test_images
 
     g = build_grid("defocus", get_profile("laptop"))
-    ds = power.simulate("defocus", g.coords, g.eval_domains, power._zero, 1,
+    ds = power.simulate("defocus", g.coords, g.eval_domains, evidence.no_plant, 1,
                         np.random.default_rng(1))  # fmt: skip
     dbs = {"defocus": with_test_images(ds, 16, 0.3)}
     path, lines = tmp_path / ".cache-x.json", []

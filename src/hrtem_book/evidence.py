@@ -313,3 +313,37 @@ def rank_z(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):
             rho[cols] = np.where(norm > 0, (rx * ry).sum(axis=1) / norm, np.nan)
     return np.arctanh(np.clip(rho, -0.999, 0.999))
+
+
+# --- what a rule's error rates are measured against (hrtem_book.power) ------------------------
+# a plant: (cell {axis: value}, stage, eval_domain, delta) -> log error added to that score
+Plant = Callable[[dict, str, Any, float], float]
+
+
+def no_plant(cell, stage, ev, d) -> float:
+    """Nothing planted."""
+    return 0.0
+
+
+def centred(values, value) -> float:
+    """Unit-sd (ddof 1) centred score of ``value`` among ``values``."""
+    values = list(values)
+    if len(values) < 2 or value not in values:
+        return 0.0
+    v = np.arange(len(values), dtype=float)
+    return float(((v - v.mean()) / v.std(ddof=1))[values.index(value)])
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What the simulated databases of a rule's error rates hold (:mod:`hrtem_book.power`): a
+    description and the planted effect, in units of the rule's δ; ``first_epoch`` = (target,
+    sign): the models' first-epoch errors relate to their ``target`` score ("own", "gap") with
+    ``sign`` × the smallest claimed rank correlation (the dynamics rules), None: not simulated."""
+
+    what: str
+    plant: Plant
+    first_epoch: tuple[str, float] | None = None
+
+
+NO_EFFECT = Scenario("no effect", no_plant)

@@ -3,7 +3,8 @@
 For each rule of :mod:`hrtem_book.findings` and a profile's grid, databases are simulated many
 times over — the profile's axes and seeds, seed noise at the level measured on a laptop build,
 and either **no effect** or the **smallest effect the claim means** (:data:`evidence.DELTA`, a
-10 % relative change of the error) planted where the claim puts it — and the rule is run on each.
+10 % relative change of the error) planted where the claim puts it (the ``scenarios`` of the
+rule's study module, :func:`hrtem_book.studies.scenarios`) — and the rule is run on each.
 The share of draws that *hold* with no effect is the rule's **false-pass rate**; with the
 smallest effect, its **power**; the share that *does not hold* with that effect, its
 **false-fail rate**. A rule with several contrasts has one null per contrast family (e.g. F3:
@@ -52,8 +53,8 @@ from .analysis import domain_name, quiet
 from .layout import cached_json
 from .profiles import get_profile
 from .results import empty_database
-from .series import match_index, split_structure_domain
-from .studies import build_grid, get_study
+from .series import match_index
+from .studies import build_grid, get_study, scenarios
 from .studies.generalization import EARLY_EPOCH, first_epoch_table
 
 SIGMA_MODEL = 0.10  # sd of a model's log error shared by all its scores
@@ -72,46 +73,11 @@ EARLY_ERROR = 0.5  # error level after the first epoch (between ln 2 at the star
 SIGMA_EARLY = 0.2  # its sd across models (log error)
 _MODEL_AXES = ("pretrain_domain", "pretrain_lr", "seed")  # what a pretraining depends on
 
-# a plant: (cell {axis: value}, stage, eval_domain, delta) -> added log error
-Plant = Callable[[dict, str, object, float], float]
-
-
-def _zero(cell, stage, ev, d) -> float:
-    return 0.0
-
-
-def _centred(values, value) -> float:
-    """Unit-sd (ddof 1) centred score of ``value`` among ``values``."""
-    values = list(values)
-    if len(values) < 2 or value not in values:
-        return 0.0
-    v = np.arange(len(values), dtype=float)
-    return float(((v - v.mean()) / v.std(ddof=1))[values.index(value)])
-
 
 def _as_metrics(error):
     """A simulated error (the loss) as each metric's value: loss, Dice = 1 − error and IoU =
     Dice / (2 − Dice); numbers and arrays alike."""
     return {"loss": error, "dice": 1.0 - error, "iou": (1.0 - error) / (1.0 + error)}
-
-
-def _size(name) -> str:
-    return split_structure_domain(name)[1]
-
-
-def _lattice(name) -> str:
-    return split_structure_domain(name)[0]
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """What a simulated database holds: a description and its planted effect; ``after``
-    (databases, effect in units of the rule's δ, rng) completes the databases in place (the
-    dynamics rules' first epochs)."""
-
-    what: str
-    plant: Plant
-    after: Callable[[dict, float, np.random.Generator], None] | None = None
 
 
 def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator) -> None:
@@ -141,117 +107,7 @@ def plant_first_epoch(dbs: dict, target: str, z: float, rng: np.random.Generator
                 ds[f"history_{m}"].loc[at] = value
 
 
-def _transfer(stage) -> bool:
-    return stage == "transfer"
-
-
-def _scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scenario]:
-    """The null scenarios of a rule and its smallest claimed effect, on ``coords`` (study →
-    axis values). A plant returns the log error added to (cell, stage, evaluation domain)."""
-    none = Scenario("no effect", _zero)
-    defocus, dose = coords.get("defocus", {}), coords.get("dose", {})
-    structure = coords.get("structure", {})
-
-    def first_epoch(target: str, sign: float):
-        def after(dbs: dict, scale: float, rng: np.random.Generator) -> None:
-            z = sign * scale * evidence.SCALES["correlation"].delta
-            plant_first_epoch(dbs, target, z, rng)
-
-        return after
-
-    def f1(cell, st, ev, d):
-        return d * (_transfer(st) and ev == 0.0)
-
-    def f2(cell, st, ev, d):
-        return (
-            d * _centred(defocus["pretrain_domain"], cell["pretrain_domain"]) * (st == "pretrain")
-        )
-
-    def f3_null(cell, st, ev, d):
-        return d * {"encoder": 2.0, "decoder": 1.0, "none": 0.0}[cell["freeze"]] * _transfer(st)
-
-    def f3(cell, st, ev, d):
-        return d * (cell["freeze"] == "encoder") * _transfer(st)
-
-    def f4(cell, st, ev, d):
-        if not _transfer(st):
-            return 0.0
-        sizes = list(defocus["n_transfer"])
-        out = d * (len(sizes) - 1 - sizes.index(cell["n_transfer"]))
-        if cell["n_transfer"] == sizes[0]:
-            pairs = [(p, t) for p in defocus["pretrain_domain"] for t in defocus["target_domain"]]
-            out += d * _centred(pairs, (cell["pretrain_domain"], cell["target_domain"]))
-        return out
-
-    def f5(cell, st, ev, d):
-        doses = list(dose["pretrain_domain"])
-        if st == "pretrain":
-            return d * (cell["pretrain_domain"] == min(doses))
-        return d * _centred(doses, ev) if ev == cell["target_domain"] else 0.0
-
-    def f6_null(cell, st, ev, d):
-        return d * (st == "mixture")
-
-    def f7(cell, st, ev, d):
-        return d * (_transfer(st) and cell["target_domain"] == 0.0)
-
-    def f8(cell, st, ev, d):
-        if _transfer(st):
-            targets = list(structure["target_domain"])
-            return d * _centred(targets, ev) if ev == cell["target_domain"] else 0.0
-        return d * (_lattice(cell["pretrain_domain"]) != _lattice(ev))
-
-    def f9(cell, st, ev, d):
-        return d * (ev == 0.0 and cell["train_domain"] != 0.0)
-
-    def off_domain(cell, st, ev, d):
-        return d * (ev != cell["train_domain"])
-
-    def g2(cell, st, ev, d):
-        return off_domain(cell, st, ev, d) * (_size(cell["train_domain"]) == "large")
-
-    def g4(cell, st, ev, d):
-        return d * (st == "pretrain" and cell["pretrain_domain"] in ("fixed-support", "large"))
-
-    def g5(cell, st, ev, d):
-        return -d * _transfer(st)
-
-    def g6(cell, st, ev, d):
-        return d * (_transfer(st) and cell["target_domain"] == "experimental-small")
-
-    table = {
-        "F1": ([none], Scenario("the 0 nm target δ harder", f1)),
-        "F2": ([none], Scenario("before transfer the pretraining defoci differ by sd δ, after "
-                                "transfer not at all", f2)),
-        "F3": ([none, Scenario("decoder costs δ, encoder 2δ", f3_null)],
-               Scenario("encoder costs δ, decoder nothing", f3)),
-        "F4": ([none], Scenario("each smaller transfer set δ worse; at the smallest the "
-                                "configurations differ by sd δ", f4)),
-        "F5": ([none], Scenario("the lowest pretraining dose δ worse; after transfer the "
-                                "target doses differ by sd δ", f5)),
-        "F6": ([Scenario("the mixture δ worse than transfer", f6_null)], none),
-        "F7": ([none], Scenario("transfer to 0 nm δ worse than from 0 nm", f7)),
-        "F8": ([none], Scenario("after transfer the target sets differ by sd δ; before, another "
-                                "lattice δ worse", f8)),
-        "F9": ([none], Scenario("models trained off focus δ worse on 0 nm", f9)),
-        "G1": ([none], Scenario("every other pixel size δ worse than the ideal", off_domain)),
-        "G2": ([none], Scenario("large-particle models δ worse off their domain", g2)),
-        "G3": ([none], Scenario("every other domain δ worse than the ideal", off_domain)),
-        "G4": ([none], Scenario("fixed support and large particles each δ worse", g4)),
-        "G5": ([none], Scenario("every variant δ better after transfer", g5)),
-        "G6": ([none], Scenario("the size-biased transfer δ worse", g6)),
-        **{key: ([Scenario("first epoch unrelated", _zero, first_epoch(target, 0.0))],
-                 Scenario(f"a rank correlation of {evidence.RHO_DELTA:g} with the {what}",
-                          _zero, first_epoch(target, 1.0)))
-           for key, target, what in (("D1", "gap", "gap away from home"),
-                                     ("D2", "own", "error at home"))},
-    }  # fmt: skip
-    if key not in table:
-        raise ValueError(f"rule {key!r}; allowed: {', '.join(findings.RULE_KEYS)}")
-    return table[key]
-
-
-def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
+def simulate(study: str, coords: dict, eval_domains, plant: evidence.Plant, n_draws: int,
              rng: np.random.Generator, delta: float = evidence.DELTA,
              offsets: dict[str, np.ndarray] | None = None) -> xr.Dataset:  # fmt: skip
     """``n_draws`` databases of ``study`` on ``coords`` as one, seeds stacked (module doc);
@@ -310,7 +166,7 @@ def simulate(study: str, coords: dict, eval_domains, plant: Plant, n_draws: int,
 
 def simulate_rule(
     grids: dict,
-    scenario: Scenario,
+    scenario: evidence.Scenario,
     n_draws: int,
     rng: np.random.Generator,
     scale: float = 1.0,
@@ -322,8 +178,9 @@ def simulate_rule(
     dbs = {s: simulate(s, g.coords, g.eval_domains, scenario.plant, n_draws, rng,
                        evidence.DELTA * scale, (offsets or {}).get(s))
            for s, g in grids.items()}  # fmt: skip
-    if scenario.after is not None:
-        scenario.after(dbs, scale, rng)
+    if scenario.first_epoch is not None:
+        target, sign = scenario.first_epoch
+        plant_first_epoch(dbs, target, sign * scale * evidence.SCALES["correlation"].delta, rng)
     return dbs
 
 
@@ -437,7 +294,7 @@ def _design(key: str, profile: str) -> dict[str, float]:
     contrasts that are differences of means, whose sensitivities do not depend on the data)."""
     rule = findings.get_rule(key)
     grids = {s: build_grid(s, get_profile(profile)) for s in rule.studies}
-    _, alternative = _scenarios(key, {s: g.coords for s, g in grids.items()})
+    _, alternative = scenarios(key, {s: g.coords for s, g in grids.items()})
     rng = np.random.default_rng(DESIGN_SEED)
     offsets = _offsets(grids, N_DESIGN_DRAWS, rng)
     dbs = simulate_rule(grids, alternative, N_DESIGN_DRAWS, rng, 1.0, offsets)
@@ -459,7 +316,7 @@ def error_rates(
     prof = get_profile(profile)
     grids = {s: build_grid(s, prof) for s in rule.studies}
     coords = {s: g.coords for s, g in grids.items()}
-    nulls, alternative = _scenarios(key, coords)
+    nulls, alternative = scenarios(key, coords)
     rng = np.random.default_rng(seed)
     n_seeds = min(len(g.coords["seed"]) for g in grids.values())
     if n_seeds < 2:  # no interval, no verdict: nothing to simulate
@@ -468,7 +325,7 @@ def error_rates(
 
     n_images = prof.data.n_test
 
-    def databases(scenario: Scenario, n: int) -> dict:
+    def databases(scenario: evidence.Scenario, n: int) -> dict:
         offsets = _offsets(grids, n, rng) if images else {}
         return simulate_rule(grids, scenario, n, rng, 1.0 if scenario in nulls else scale, offsets)
 
@@ -476,7 +333,7 @@ def error_rates(
     # unit where the rule's scale does (the dynamics rules' take the seeds alone)
     design = _design(key, profile) if images and evidence.SCALES[rule.scale].images else {}
 
-    def rates(scenario: Scenario) -> np.ndarray:
+    def rates(scenario: evidence.Scenario) -> np.ndarray:
         return _verdicts(rule, databases(scenario, n_draws), n_draws, design, n_images, rng)
 
     def share(verdicts: np.ndarray, verdict: str) -> float:

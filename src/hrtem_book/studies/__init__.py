@@ -32,7 +32,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from types import ModuleType
 
-from ..evidence import Rule
+from ..evidence import Rule, Scenario
 from . import baseline, defocus, dose, generalization, heldout, structure
 from .grid import (
     MIXTURE,
@@ -49,7 +49,7 @@ from .grid import (
 __all__ = [
     "MIXTURE", "PAPER_SEEDS", "PRETRAIN", "RULES", "STUDIES", "STUDY_GROUPS", "STUDY_NAMES",
     "TRANSFER", "StudyGrid", "StudyKind", "StudySpec", "build_grid", "expand_studies",
-    "get_study", "paper_values", "parse_mix", "register", "registered",
+    "get_study", "paper_values", "parse_mix", "register", "registered", "scenarios",
 ]  # fmt: skip
 
 # the book's order: the transfer study's findings (F), the companion's (G), its dynamics (D)
@@ -105,6 +105,16 @@ def registered(module: ModuleType) -> Iterator[ModuleType]:
 for _module in (defocus, baseline, dose, structure, generalization, heldout):
     register(_module)
 STUDY_NAMES = tuple(STUDIES)  # the book's studies, in its order
+
+
+def scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scenario]:
+    """Rule ``key``'s null scenarios and smallest claimed effect on ``coords`` (study → axis
+    values), from the ``scenarios`` of the study module that holds the rule
+    (:mod:`hrtem_book.power` measures its error rates with them)."""
+    for module in _MODULES:
+        if any(r.key == key for r in module.RULES) and hasattr(module, "scenarios"):
+            return module.scenarios(coords)[key]
+    raise ValueError(f"rule {key!r}; allowed: {', '.join(r.key for r in RULES)}")
 
 
 def get_study(name: str) -> StudySpec:

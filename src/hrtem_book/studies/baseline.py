@@ -19,7 +19,7 @@ from ..analysis import quiet as _quiet
 from ..analysis import study_db as _db
 from ..config import DataConfig
 from ..database import on_domain
-from ..evidence import Contrast, NotMeasurable, Rule
+from ..evidence import NO_EFFECT, Contrast, NotMeasurable, Rule, Scenario
 from ..series import match_index
 from .defocus import PAPER_PRETRAIN_DEFOCI_NM
 from .grid import MIXTURE, PAPER_SEEDS, StudySpec, parse_mix
@@ -94,3 +94,15 @@ RULES: tuple[Rule, ...] = (
         _transfer_matches_mixture, ("baseline", "defocus"),
     ),
 )  # fmt: skip
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+
+    def f6_null(cell, st, ev, d):
+        return d * (st == "mixture")
+
+    return {"F6": ([Scenario("the mixture δ worse than transfer", f6_null)], NO_EFFECT)}

@@ -20,7 +20,7 @@ from ..analysis import spread as _spread
 from ..analysis import study_db as _db
 from ..config import FREEZE_OPTIONS, DataConfig
 from ..database import on_domain
-from ..evidence import Contrast, NotMeasurable, Rule
+from ..evidence import NO_EFFECT, Contrast, NotMeasurable, Rule, Scenario, centred
 from ..series import match_index
 from .grid import PAPER_SEEDS, TRANSFER, StudySpec
 
@@ -201,3 +201,49 @@ RULES: tuple[Rule, ...] = (
         _in_focus_pretraining_asymmetry, ("defocus",),
     ),
 )  # fmt: skip
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+    defocus = coords.get("defocus", {})
+
+    def f1(cell, st, ev, d):
+        return d * (st == "transfer" and ev == IN_FOCUS_NM)
+
+    def f2(cell, st, ev, d):
+        return d * centred(defocus["pretrain_domain"], cell["pretrain_domain"]) * (st == "pretrain")
+
+    def f3_null(cell, st, ev, d):
+        return (
+            d * {"encoder": 2.0, "decoder": 1.0, "none": 0.0}[cell["freeze"]] * (st == "transfer")
+        )
+
+    def f3(cell, st, ev, d):
+        return d * (cell["freeze"] == "encoder") * (st == "transfer")
+
+    def f4(cell, st, ev, d):
+        if st != "transfer":
+            return 0.0
+        sizes = list(defocus["n_transfer"])
+        out = d * (len(sizes) - 1 - sizes.index(cell["n_transfer"]))
+        if cell["n_transfer"] == sizes[0]:
+            pairs = [(p, t) for p in defocus["pretrain_domain"] for t in defocus["target_domain"]]
+            out += d * centred(pairs, (cell["pretrain_domain"], cell["target_domain"]))
+        return out
+
+    def f7(cell, st, ev, d):
+        return d * (st == "transfer" and cell["target_domain"] == IN_FOCUS_NM)
+
+    return {
+        "F1": ([NO_EFFECT], Scenario("the 0 nm target δ harder", f1)),
+        "F2": ([NO_EFFECT], Scenario("before transfer the pretraining defoci differ by sd δ, "
+                                     "after transfer not at all", f2)),
+        "F3": ([NO_EFFECT, Scenario("decoder costs δ, encoder 2δ", f3_null)],
+               Scenario("encoder costs δ, decoder nothing", f3)),
+        "F4": ([NO_EFFECT], Scenario("each smaller transfer set δ worse; at the smallest the "
+                                     "configurations differ by sd δ", f4)),
+        "F7": ([NO_EFFECT], Scenario("transfer to 0 nm δ worse than from 0 nm", f7)),
+    }  # fmt: skip

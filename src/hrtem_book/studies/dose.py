@@ -10,7 +10,7 @@ from ..analysis import log_final as _log_stage
 from ..analysis import per_seed
 from ..analysis import study_db as _db
 from ..database import on_domain
-from ..evidence import Contrast, NotMeasurable, Rule
+from ..evidence import NO_EFFECT, Contrast, NotMeasurable, Rule, Scenario, centred
 from .grid import PAPER_TRANSFER_FIXED, TRANSFER, StudySpec
 
 # the rules' code is hashed into the rule set (findings.ruleset_sha) and names the shared
@@ -59,3 +59,20 @@ RULES: tuple[Rule, ...] = (
         _dose_follows_target, ("dose",),
     ),
 )  # fmt: skip
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+    dose = coords.get("dose", {})
+
+    def f5(cell, st, ev, d):
+        doses = list(dose["pretrain_domain"])
+        if st == "pretrain":
+            return d * (cell["pretrain_domain"] == min(doses))
+        return d * centred(doses, ev) if ev == cell["target_domain"] else 0.0
+
+    return {"F5": ([NO_EFFECT], Scenario("the lowest pretraining dose δ worse; after transfer the "
+                                         "target doses differ by sd δ", f5))}  # fmt: skip

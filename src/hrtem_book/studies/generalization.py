@@ -30,7 +30,16 @@ from ..analysis import study_db as _db
 from ..analysis import value as _value
 from ..config import DataConfig
 from ..database import metric_var, on_domain
-from ..evidence import Contrast, NotMeasurable, Rule, rank_z
+from ..evidence import (
+    NO_EFFECT,
+    RHO_DELTA,
+    Contrast,
+    NotMeasurable,
+    Rule,
+    Scenario,
+    no_plant,
+    rank_z,
+)
 from ..series import GENERALIZATION_SERIES, match_index
 from ..series import split_structure_domain as _parts
 from .defocus import IN_FOCUS_NM
@@ -261,4 +270,35 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
         "seed_sd": seed_sd(own),  # NaN from fewer than two seeds
         "mean_gap": float(np.mean(list(gaps.values()))) if gaps else math.nan,
         "ideal": {t: _value(v, metric) for t, v in ideal.items()},
+    }
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+
+    def f9(cell, st, ev, d):
+        return d * (ev == IN_FOCUS_NM and cell["train_domain"] != IN_FOCUS_NM)
+
+    def off_domain(cell, st, ev, d):
+        return d * (ev != cell["train_domain"])
+
+    def g2(cell, st, ev, d):
+        return off_domain(cell, st, ev, d) * (_parts(cell["train_domain"])[1] == "large")
+
+    def first_epoch(target: str, what: str) -> tuple[list[Scenario], Scenario]:
+        null = Scenario("first epoch unrelated", no_plant, (target, 0.0))
+        related = Scenario(f"a rank correlation of {RHO_DELTA:g} with the {what}", no_plant,
+                           (target, 1.0))  # fmt: skip
+        return [null], related
+
+    return {
+        "F9": ([NO_EFFECT], Scenario("models trained off focus δ worse on 0 nm", f9)),
+        "G1": ([NO_EFFECT], Scenario("every other pixel size δ worse than the ideal", off_domain)),
+        "G2": ([NO_EFFECT], Scenario("large-particle models δ worse off their domain", g2)),
+        "G3": ([NO_EFFECT], Scenario("every other domain δ worse than the ideal", off_domain)),
+        "D1": first_epoch("gap", "gap away from home"),
+        "D2": first_epoch("own", "error at home"),
     }

@@ -15,7 +15,7 @@ from ..analysis import per_seed
 from ..analysis import study_db as _db
 from ..config import DataConfig
 from ..database import match_indices, metric_var
-from ..evidence import Contrast, NotMeasurable, Rule
+from ..evidence import NO_EFFECT, Contrast, NotMeasurable, Rule, Scenario
 from ..series import HELDOUT_MEASURED, HELDOUT_SYNTHETIC
 from .grid import PAPER_SEEDS, PAPER_TRANSFER_FIXED, TRANSFER, StudySpec
 
@@ -150,3 +150,25 @@ RULES: tuple[Rule, ...] = (
         _size_bias_hurts_transfer, ("heldout",),
     ),
 )  # fmt: skip
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+
+    def g4(cell, st, ev, d):
+        return d * (st == "pretrain" and cell["pretrain_domain"] in ("fixed-support", "large"))
+
+    def g5(cell, st, ev, d):
+        return -d * (st == "transfer")
+
+    def g6(cell, st, ev, d):
+        return d * (st == "transfer" and cell["target_domain"] == "experimental-small")
+
+    return {
+        "G4": ([NO_EFFECT], Scenario("fixed support and large particles each δ worse", g4)),
+        "G5": ([NO_EFFECT], Scenario("every variant δ better after transfer", g5)),
+        "G6": ([NO_EFFECT], Scenario("the size-biased transfer δ worse", g6)),
+    }

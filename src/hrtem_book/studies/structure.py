@@ -14,7 +14,7 @@ from ..analysis import log_final as _log_stage
 from ..analysis import per_seed
 from ..analysis import study_db as _db
 from ..database import on_domain
-from ..evidence import Contrast, NotMeasurable, Rule
+from ..evidence import NO_EFFECT, Contrast, NotMeasurable, Rule, Scenario, centred
 from ..series import split_structure_domain as _parts
 from .grid import PAPER_TRANSFER_FIXED, TRANSFER, StudySpec
 
@@ -75,3 +75,20 @@ RULES: tuple[Rule, ...] = (
         _structure_follows_target, ("structure",),
     ),
 )  # fmt: skip
+
+
+# --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
+def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
+    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
+    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
+    A plant returns the log error added to (cell, stage, evaluation domain)."""
+    structure = coords.get("structure", {})
+
+    def f8(cell, st, ev, d):
+        if st == "transfer":
+            targets = list(structure["target_domain"])
+            return d * centred(targets, ev) if ev == cell["target_domain"] else 0.0
+        return d * (_parts(cell["pretrain_domain"])[0] != _parts(ev)[0])
+
+    return {"F8": ([NO_EFFECT], Scenario("after transfer the target sets differ by sd δ; before, "
+                                         "another lattice δ worse", f8))}  # fmt: skip
