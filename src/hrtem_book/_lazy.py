@@ -10,8 +10,8 @@ from typing import Any
 
 
 class LazyModule:
-    """Stands for the module ``name``; the first attribute read imports it (then every read is
-    the module's own attribute)."""
+    """Stands for the module ``name``; the first attribute read imports it, and each attribute
+    read is kept, so that later reads are plain lookups."""
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -20,7 +20,9 @@ class LazyModule:
     def __getattr__(self, attr: str) -> Any:
         if self._module is None:
             self._module = importlib.import_module(self._name)
-        return getattr(self._module, attr)
+        value = getattr(self._module, attr)
+        setattr(self, attr, value)
+        return value
 
     def __repr__(self) -> str:
         return f"<module {self._name!r}, imported on first use>"

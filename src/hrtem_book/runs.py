@@ -152,7 +152,7 @@ def train_pretrain(cfg: PretrainConfig, ctx: Context) -> tuple[dict, torch.nn.Mo
     model = ctx.model(cfg.model, cfg.seed)
     train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
     summary, error = ctx.train(
-        model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain", {cfg.domain: 1}
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "pretrain", monitor(cfg)
     )
     record = build_record(cfg, {"pretrain": summary}, error, count_parameters(model))
     record["compute"] = ctx.compute
@@ -183,7 +183,7 @@ def run_transfer(cfg: TransferConfig, layout: Layout, ctx: Context) -> dict:
     freeze(model, cfg.freeze)
     train_set = ctx.tensors(cfg.domain, "train", cfg.n_train)
     stages["transfer"], error = ctx.train(
-        model, train_set, cfg.stage, cfg.lr, cfg.seed, "transfer", {cfg.domain: 1}
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "transfer", monitor(cfg)
     )
     return build_record(cfg, stages, error, count_parameters(model))
 
@@ -192,7 +192,7 @@ def run_mixture(cfg: MixtureConfig, layout: Layout, ctx: Context) -> dict:
     train_set = _mixture_set(cfg, ctx)
     model = ctx.model(cfg.model, cfg.seed)
     summary, error = ctx.train(
-        model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", mixture_monitor(cfg)
+        model, train_set, cfg.stage, cfg.lr, cfg.seed, "mixture", monitor(cfg)
     )
     return build_record(cfg, {"mixture": summary}, error, count_parameters(model))
 
@@ -205,8 +205,8 @@ def _mixture_set(cfg: MixtureConfig, ctx: Context) -> tuple[torch.Tensor, torch.
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def mixture_monitor(cfg: MixtureConfig) -> dict:
-    """The domains that stop a mixture (:attr:`MixtureConfig.monitored`), equally weighted."""
+def monitor(cfg: RunConfig) -> dict:
+    """The domains that stop a run's (last) stage (``cfg.monitored``), equally weighted."""
     return dict.fromkeys(cfg.monitored, 1)
 
 
@@ -250,7 +250,7 @@ def _pretrain_group(cfgs: list[PretrainConfig], layout: Layout, ctx: Context) ->
     if todo:
         models = [ctx.model(c.model, c.seed) for c in todo]
         sets = [ctx.tensors(c.domain, "train", c.n_train) for c in todo]
-        out = _stack_train(ctx, todo, models, sets, [{c.domain: 1} for c in todo], "pretrain")
+        out = _stack_train(ctx, todo, models, sets, [monitor(c) for c in todo], "pretrain")
         for c, model, (summary, error) in zip(todo, models, out, strict=True):
             record = build_record(c, {"pretrain": summary}, error, count_parameters(model))
             record["compute"] = ctx.compute
@@ -278,7 +278,7 @@ def _transfer_group(cfgs: list[TransferConfig], layout: Layout, ctx: Context) ->
     if live:
         group = [cfgs[i] for i in live]
         sets = [ctx.tensors(c.domain, "train", c.n_train) for c in group]
-        out = _stack_train(ctx, group, models, sets, [{c.domain: 1} for c in group], "transfer")
+        out = _stack_train(ctx, group, models, sets, [monitor(c) for c in group], "transfer")
         for i, model, pre, (summary, error) in zip(live, models, pres, out, strict=True):
             stages = {"pretrain": pre, "transfer": summary}
             records[i] = build_record(cfgs[i], stages, error, count_parameters(model))
@@ -287,7 +287,7 @@ def _transfer_group(cfgs: list[TransferConfig], layout: Layout, ctx: Context) ->
 
 def _mixture_group(cfgs: list[MixtureConfig], layout: Layout, ctx: Context) -> list[dict]:
     sets = [_mixture_set(c, ctx) for c in cfgs]
-    monitors = [mixture_monitor(c) for c in cfgs]
+    monitors = [monitor(c) for c in cfgs]
     models = [ctx.model(c.model, c.seed) for c in cfgs]
     out = _stack_train(ctx, cfgs, models, sets, monitors, "mixture")
     return [

@@ -121,13 +121,11 @@ def plan(studies: Iterable[str], profile: Profile, layout: Layout) -> list[_Task
 
 def check_profile_compute(profile: Profile, device: str) -> None:
     """One-line ValueError before any work if ``device`` cannot train ``profile`` here (an
-    unknown device, or bf16 on a CPU without native bf16); the CPU kernels of its stages are
-    pinned for this process's workers (:func:`~hrtem_book.profiles.pin_cpu`)."""
+    unknown device, or bf16 on a CPU without native bf16)."""
     check_device(device)
     fp32 = [p.name for p in PROFILES.values() if p.precisions == ("fp32",)]
     allowed = f"the fp32 profiles ({', '.join(fp32)})"
     check_precision(profile.precisions, device, what=f"--profile {profile.name}", allowed=allowed)
-    pin_cpu(profile)
 
 
 @dataclass
@@ -168,6 +166,18 @@ def resume(
     return Resumed(records, todo, shared, skipped=len(records))
 
 
+def check_executor(executor: str, run_fn: RunFn | None = None) -> None:
+    """One-line ValueError for an executor that is not one of
+    :data:`~hrtem_book.executors.EXECUTORS`, or the stacked engine with a ``run_fn``."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    if executor == "stacked" and run_fn is not None:
+        raise ValueError(
+            "run_fn with executor='stacked': the stacked engine trains groups of runs, not "
+            "one run at a time; allowed: executor 'inprocess' or 'dask'"
+        )
+
+
 def make_executor(
     executor: str,
     layout: Layout,
@@ -180,15 +190,10 @@ def make_executor(
     max_stack: int = 64,
 ):
     """The executor named ``executor`` (:data:`~hrtem_book.executors.EXECUTORS`); ``run_fn``
-    replaces :func:`~hrtem_book.executors.train_run` where runs execute one by one."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r}; allowed: {', '.join(EXECUTORS)}")
+    replaces :func:`~hrtem_book.executors.train_run` where runs execute one by one
+    (:func:`check_executor`)."""
+    check_executor(executor, run_fn)
     if executor == "stacked":
-        if run_fn is not None:
-            raise ValueError(
-                "run_fn with executor='stacked': the stacked engine trains groups of runs, not "
-                "one run at a time; allowed: executor 'inprocess' or 'dask'"
-            )
         return StackedExecutor(layout, device, max_stack=max_stack)
     if executor == "inprocess":
         return InProcessExecutor(layout, device, run_fn)
@@ -405,11 +410,9 @@ def run_sweep(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     studies = expand_studies(studies)
     layout = Layout.of(root, profile)
-    opts = dict(workers=workers, cluster_config=cluster_config,
-                scheduler_address=scheduler_address, max_stack=max_stack)  # fmt: skip
-    if executor not in EXECUTORS or (run_fn is not None and executor == "stacked"):
-        make_executor(executor, layout, device, run_fn, **opts)  # its one-line refusal
+    check_executor(executor, run_fn)
     check_profile_compute(profile, device)
+    pin_cpu(profile)  # the CPU kernels of its stages, for the workers it starts (they inherit it)
     tasks = plan(studies, profile, layout)
     # temporary and lock files of killed processes: records, checkpoints, series being merged
     for folder in {t.path.parent for t in tasks} | {layout.checkpoints_dir, layout.data_dir}:
@@ -422,7 +425,9 @@ def run_sweep(
     resumed = resume(tasks, layout, retry_failed, log)
     summary = SweepSummary(skipped=resumed.skipped)
     # nothing to do: no cluster started for it
-    ex = make_executor(executor if resumed.todo else "inprocess", layout, device, run_fn, **opts)
+    ex = make_executor(executor if resumed.todo else "inprocess", layout, device, run_fn,
+                       workers=workers, cluster_config=cluster_config,
+                       scheduler_address=scheduler_address, max_stack=max_stack)  # fmt: skip
     scheduler = _Scheduler(resumed, layout, summary, retry_failed=retry_failed, log=log,
                            progress=progress)  # fmt: skip
     scheduler.run(ex, t0, deadline_s)

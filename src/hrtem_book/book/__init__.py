@@ -63,9 +63,8 @@ def _cli_book(args: argparse.Namespace) -> int:
 
     root = Path(args.root).resolve()
     profile = get_profile(args.profile or default_profile(root))
-    pin_cpu(
-        profile
-    )  # before torch is imported (StageConfig.cpu_isa); the sweep's workers inherit it
+    # before torch is imported (StageConfig.cpu_isa); the sweep's workers inherit it
+    pin_cpu(profile)
     from .build import build_book
     from .check import BookCheckError, check_site
 

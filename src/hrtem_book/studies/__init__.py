@@ -109,8 +109,10 @@ STUDY_NAMES = tuple(STUDIES)  # the book's studies, in its order
 
 def scenarios(key: str, coords: dict[str, dict]) -> tuple[list[Scenario], Scenario]:
     """Rule ``key``'s null scenarios and smallest claimed effect on ``coords`` (study → axis
-    values), from the ``scenarios`` of the study module that holds the rule
-    (:mod:`hrtem_book.power` measures its error rates with them)."""
+    values), from the ``scenarios(coords)`` of the study module that holds the rule, which maps
+    each of its rules' keys to them; :mod:`hrtem_book.power` plants them in the simulated
+    databases that measure the rule's error rates (a plant returns the log error added to a
+    cell, stage and evaluation domain)."""
     for module in _MODULES:
         if any(r.key == key for r in module.RULES) and hasattr(module, "scenarios"):
             return module.scenarios(coords)[key]

@@ -205,9 +205,7 @@ RULES: tuple[Rule, ...] = (
 
 # --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
 def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
-    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
-    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
-    A plant returns the log error added to (cell, stage, evaluation domain)."""
+    """Its rules' error-rate scenarios on ``coords`` (:func:`hrtem_book.studies.scenarios`)."""
     defocus = coords.get("defocus", {})
 
     def f1(cell, st, ev, d):

@@ -275,9 +275,7 @@ def generalization_gaps(ds: xr.Dataset, metric: str = "dice") -> dict[str, Any]:
 
 # --- the error rates' scenarios (hrtem_book.power) ----------------------------------------------
 def scenarios(coords: dict[str, dict]) -> dict[str, tuple[list[Scenario], Scenario]]:
-    """Per rule of this module: its null scenarios and its smallest claimed effect, planted on
-    the simulated databases of ``coords`` (study → axis values) that measure its error rates.
-    A plant returns the log error added to (cell, stage, evaluation domain)."""
+    """Its rules' error-rate scenarios on ``coords`` (:func:`hrtem_book.studies.scenarios`)."""
 
     def f9(cell, st, ev, d):
         return d * (ev == IN_FOCUS_NM and cell["train_domain"] != IN_FOCUS_NM)
